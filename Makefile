@@ -1,0 +1,25 @@
+# The two commands of the README. Both do all set-up first (venv, installs, base model, data).
+PY := .venv/bin/python
+DATA ?= data/multilingual
+USER ?= nl
+STEPS ?= 150
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup demo test test-all data
+
+setup:
+	scripts/setup.sh
+
+$(DATA)/$(USER)/train.txt.gz:
+	$(PY) -m device_sdk.data build multilingual --out $(DATA)
+
+data: setup $(DATA)/$(USER)/train.txt.gz
+
+# Main job: personalise the offline SmolLM2-135M on one language user and print test perplexity before/after.
+demo: data
+	$(PY) -m device_sdk train-local --data $(DATA)/$(USER) --model smollm2-135m --specialists 1 \
+		--steps $(STEPS) --out runs/demo-$(USER)
+
+# Test suite: tiny in-process models, plus the marked real-model checks (they fit in CI).
+test: setup
+	$(PY) -m pytest -q

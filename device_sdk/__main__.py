@@ -1,0 +1,83 @@
+"""Command line of the device SDK: ``python -m device_sdk train-local ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import LB_MODES, PRECISIONS, AdapterConfig, TrainConfig
+from .errors import SDKError
+from .local import LocalRunConfig, run_local
+
+log = logging.getLogger("device_sdk")
+
+
+def _add_train_local(sub) -> None:
+    p = sub.add_parser("train-local", help="personalise a base model on one user's data (no federation)")
+    p.add_argument("--data", required=True, type=Path, help="user folder with train/valid/test.txt[.gz]")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (offline), tiny-gpt2, tiny-llama, a "
+                   "Hugging Face model folder or hub id")
+    p.add_argument("--out", required=True, type=Path, help="output folder (adapters, metrics.json, curves.png)")
+    p.add_argument("--specialists", type=int, default=None, help="specialists per MLP block (overrides budget)")
+    p.add_argument("--generalists", type=int, default=1, help="generalists per MLP block (default 1)")
+    p.add_argument("--budget-mb", type=float, default=None, help="memory budget; picks the specialist count")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--ctx", type=int, default=128)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak expert learning rate")
+    p.add_argument("--router-lr", type=float, default=2e-3)
+    p.add_argument("--router-period", type=int, default=30, help="tau")
+    p.add_argument("--router-steps", type=int, default=10, help="s")
+    p.add_argument("--lb-weight", type=float, default=0.01)
+    p.add_argument("--lb-mode", choices=LB_MODES, default="switch")
+    p.add_argument("--routing", choices=("auto", "dense", "sparse"), default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps (0: at the end)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="evaluate on the first N test tokens only "
+                   "(default: the whole test set)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="converted models and token caches")
+
+
+def _train_local(args: argparse.Namespace) -> int:
+    adapter = AdapterConfig(rank=args.rank, alpha=args.alpha, n_generalists=args.generalists,
+                            n_specialists=args.specialists if args.specialists is not None else 0,
+                            routing=args.routing)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch, context=args.ctx, lr_experts=args.lr,
+                        lr_router=args.router_lr, lb_weight=args.lb_weight, lb_mode=args.lb_mode,
+                        router_period=args.router_period, router_steps=args.router_steps,
+                        precision=args.precision, seed=args.seed, eval_every=args.eval_every)
+    run = LocalRunConfig(data=args.data, model=args.model, out=args.out, adapter=adapter, train=train,
+                         specialists_from_budget=args.specialists is None, budget_mb=args.budget_mb,
+                         eval_tokens=args.eval_tokens, cache_dir=args.cache_dir)
+    metrics = run_local(run, progress=True)
+    before, after = metrics["test"]["before"]["perplexity"], metrics["test"]["after"]["perplexity"]
+    print(f"\n{metrics['user']}: test perplexity {before:.2f} -> {after:.2f} "
+          f"({metrics['test']['after']['tokens']} tokens, {metrics['adapter']['n_specialists']} specialist(s)); "
+          f"{metrics['train']['tokens_per_second']:.0f} train tokens/s, peak RSS {metrics['peak_rss_mb']:.0f} MiB")
+    print(f"wrote {args.out}/metrics.json, {args.out}/curves.png and adapters in {args.out}/adapters")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m device_sdk", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_local(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _train_local(args)
+    except SDKError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

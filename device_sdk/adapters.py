@@ -1,0 +1,151 @@
+"""Adapter files: one safetensors file per role, with metadata saying what model and shape they belong to.
+
+Layout of a saved adapter folder::
+
+    attention.safetensors   generalist.safetensors   specialist.safetensors   router.safetensors
+
+Keys are the parameters' qualified names in the adapted model. Metadata (all strings): ``format``, ``role``,
+``base_model``, ``rank``, ``alpha``, ``n_generalists``, ``n_specialists``, ``top_k``. Roles without tensors
+(e.g. specialists of a 1-expert device) are not written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from .errors import AdapterFileError
+from .inject import adapter_config
+from .parts import Role, role_parameters, role_state_dict
+
+FORMAT = "device_sdk.adapters/1"
+
+
+def adapter_metadata(model: nn.Module, base_model: str, role: Role) -> dict[str, str]:
+    """The metadata written with a role's tensors."""
+    cfg = adapter_config(model)
+    return {
+        "format": FORMAT, "role": role.value, "base_model": base_model, "rank": str(cfg.rank),
+        "alpha": str(cfg.alpha), "n_generalists": str(cfg.n_generalists), "n_specialists": str(cfg.n_specialists),
+        "top_k": str(cfg.top_k),
+    }
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file so that readers see either the old or the new file, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_adapters(model: nn.Module, folder: Path, base_model: str,
+                  roles: set[Role] | frozenset[Role] = frozenset(Role)) -> list[Path]:
+    """Save the model's adapter tensors, one file per role. Returns the written paths."""
+    written = []
+    for role in Role:
+        if role not in roles:
+            continue
+        tensors = role_state_dict(model, role)
+        if tensors:
+            path = Path(folder) / f"{role.value}.safetensors"
+            atomic_save_safetensors(tensors, path, adapter_metadata(model, base_model, role))
+            written.append(path)
+    return written
+
+
+def read_adapter_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of one adapter file.
+
+    Raises:
+        AdapterFileError: if the file is missing, not safetensors, or not an adapter file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"adapter file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(f"{path} is not a readable safetensors file: {err}") from err
+    if metadata.get("format") != FORMAT:
+        raise AdapterFileError(f"{path} is not a device_sdk adapter file (format {metadata.get('format')!r}, "
+                               f"expected {FORMAT!r})")
+    return tensors, metadata
+
+
+def load_adapters(model: nn.Module, folder: Path, base_model: str,
+                  roles: set[Role] | frozenset[Role] = frozenset(Role)) -> list[Role]:
+    """Load the adapter files in ``folder`` for ``roles`` into ``model`` (files that are absent are skipped).
+
+    Every file is checked against the model first (base model, rank, alpha, key set, shapes, dtypes, finite
+    values); nothing is copied unless all files pass.
+
+    Returns:
+        The roles that were loaded.
+
+    Raises:
+        AdapterFileError: naming the file and the mismatch.
+    """
+    cfg = adapter_config(model)
+    staged: list[tuple[dict[str, nn.Parameter], dict[str, torch.Tensor]]] = []
+    loaded = []
+    for role in Role:
+        path = Path(folder) / f"{role.value}.safetensors"
+        if role not in roles or not path.is_file():
+            continue
+        tensors, meta = read_adapter_file(path)
+        expected = {"role": role.value, "base_model": base_model, "rank": str(cfg.rank), "alpha": str(cfg.alpha)}
+        wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+        if wrong:
+            raise AdapterFileError(f"{path} does not fit this model: " + ", ".join(
+                f"{k} is {got!r}, model has {want!r}" for k, (got, want) in wrong.items()))
+        params = role_parameters(model, role)
+        check_tensors(tensors, {k: p.detach() for k, p in params.items()}, str(path))
+        staged.append((params, tensors))
+        loaded.append(role)
+    with torch.no_grad():
+        for params, tensors in staged:
+            for name, p in params.items():
+                p.copy_(tensors[name])
+    return loaded
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], what: str) -> None:
+    """Check that ``tensors`` has exactly the keys, shapes and dtypes of ``reference`` and only finite values.
+
+    Raises:
+        AdapterFileError: listing the differences.
+    """
+    missing = sorted(set(reference) - set(tensors))
+    extra = sorted(set(tensors) - set(reference))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:2]}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected key(s), e.g. {extra[:2]}")
+    for name in sorted(set(reference) & set(tensors)):
+        t, ref = tensors[name], reference[name]
+        if t.shape != ref.shape:
+            problems.append(f"{name}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        elif t.dtype != ref.dtype:
+            problems.append(f"{name}: dtype {t.dtype}, expected {ref.dtype}")
+        elif not torch.isfinite(t).all():
+            problems.append(f"{name}: contains NaN or Inf")
+    if problems:
+        raise AdapterFileError(f"{what} does not match the model: " + "; ".join(problems[:6]))

@@ -1,0 +1,163 @@
+"""Typed, frozen configurations, validated early (every problem reported at once)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import ConfigError
+
+ROUTING_MODES = ("auto", "dense", "sparse")
+LB_MODES = ("switch", "importance", "none")
+PRECISIONS = ("fp32", "bf16")
+
+
+def _raise_if(problems: list[str], what: str) -> None:
+    if problems:
+        raise ConfigError(f"invalid {what}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Shape of the adapters attached to a base model.
+
+    Attributes:
+        rank: LoRA rank r of every adapter (paper: 8).
+        alpha: LoRA alpha; the update is scaled by ``alpha / sqrt(rank)`` (paper eq. 4, rank-stabilised).
+        n_generalists: generalist experts per MLP block (experts ``0 .. n_generalists-1``; shared across devices).
+        n_specialists: specialist experts per MLP block (after the generalists; never leave the device).
+        top_k: experts mixed per token; the effective k is ``min(top_k, n_experts)``.
+        routing: ``dense`` computes every expert on every token (gated), ``sparse`` runs each expert only on its
+            routed tokens, ``auto`` is sparse from 3 experts on.
+        router_init_std: standard deviation of the router's normal initialisation.
+        attention_targets: attention projections that get one LoRA each (``None``: the family default).
+        mlp_module: name (suffix) of the MLP blocks that become mixtures (``None``: the family default).
+        mlp_targets: projections inside an MLP block that get LoRA experts (``None``: the family default).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    n_generalists: int = 1
+    n_specialists: int = 1
+    top_k: int = 2
+    routing: str = "auto"
+    router_init_std: float = 0.02
+    attention_targets: tuple[str, ...] | None = None
+    mlp_module: str | None = None
+    mlp_targets: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            problems.append(f"rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            problems.append(f"alpha must be > 0, got {self.alpha!r}")
+        if self.n_generalists < 0 or self.n_specialists < 0:
+            problems.append(
+                f"expert counts must be >= 0, got n_generalists={self.n_generalists}, "
+                f"n_specialists={self.n_specialists}"
+            )
+        elif self.n_experts < 1:
+            problems.append("a mixture needs at least one expert (n_generalists + n_specialists >= 1)")
+        if self.top_k < 1:
+            problems.append(f"top_k must be >= 1, got {self.top_k}")
+        if self.routing not in ROUTING_MODES:
+            problems.append(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if self.router_init_std < 0:
+            problems.append(f"router_init_std must be >= 0, got {self.router_init_std}")
+        _raise_if(problems, "AdapterConfig")
+
+    @property
+    def n_experts(self) -> int:
+        return self.n_generalists + self.n_specialists
+
+    @property
+    def k(self) -> int:
+        """Experts mixed per token."""
+        return min(self.top_k, self.n_experts)
+
+    @property
+    def scale(self) -> float:
+        """LoRA scale gamma = alpha / sqrt(r) (paper eq. 4)."""
+        return self.alpha / self.rank**0.5
+
+    @property
+    def sparse(self) -> bool:
+        return self.routing == "sparse" or (self.routing == "auto" and self.n_experts >= 3)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The bi-level local update (Algorithm 1, inner part). Defaults follow the paper (section 4.1.2, appendix B)
+    except the batch size, which is 64 in the paper and 8 here to fit a 2-core CPU.
+
+    Attributes:
+        steps: expert steps in this run.
+        batch_size: sequences per step (training and validation batches alike).
+        context: tokens per sequence (paper: 128).
+        lr_experts: peak learning rate of the expert optimizer (one-cycle cosine schedule).
+        lr_router: constant learning rate of the router optimizer.
+        weight_decay: AdamW weight decay of both optimizers.
+        lb_weight: lambda, weight of the load-balancing loss.
+        lb_mode: ``switch`` (uniform), ``importance`` (generalist-favoured, paper eq. 5) or ``none``.
+        router_period: tau; after every tau-th expert step the router takes ``router_steps`` steps.
+        router_steps: s, router steps per router update, each on a fresh validation batch.
+        schedule_steps: length of the one-cycle schedule (``None``: ``steps``); a federation spans all rounds.
+        warmup_fraction: fraction of the schedule spent warming up.
+        grad_clip: max global gradient norm per optimizer (0 disables).
+        precision: ``bf16`` runs forward/backward under CPU bf16 autocast (adapters stay fp32), ``fp32`` does not.
+        seed: seeds batch sampling and adapter initialisation.
+        log_every: record the training loss every this many steps.
+        eval_every: evaluate validation loss every this many steps (0: only at the end).
+        eval_batches: validation batches per periodic evaluation.
+    """
+
+    steps: int = 100
+    batch_size: int = 8
+    context: int = 128
+    lr_experts: float = 2e-3
+    lr_router: float = 2e-3
+    weight_decay: float = 0.0
+    lb_weight: float = 0.01
+    lb_mode: str = "switch"
+    router_period: int = 30
+    router_steps: int = 10
+    schedule_steps: int | None = None
+    warmup_fraction: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0
+    eval_batches: int = 8
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("steps", "batch_size", "context", "router_period", "log_every", "eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        for name in ("router_steps", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                problems.append(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("lr_experts", "lr_router"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.weight_decay < 0 or self.lb_weight < 0 or self.grad_clip < 0:
+            problems.append("weight_decay, lb_weight and grad_clip must be >= 0")
+        if self.lb_mode not in LB_MODES:
+            problems.append(f"lb_mode must be one of {LB_MODES}, got {self.lb_mode!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.schedule_steps is not None and self.schedule_steps < self.steps:
+            problems.append(f"schedule_steps ({self.schedule_steps}) must be >= steps ({self.steps})")
+        if not 0 < self.warmup_fraction < 1:
+            problems.append(f"warmup_fraction must be in (0, 1), got {self.warmup_fraction}")
+        _raise_if(problems, "TrainConfig")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,146 @@
+"""Attach LoRA (attention) and LoRA-MoE (MLP) adapters to a Hugging Face causal LM, in place."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import InjectionError
+from .lora import LoRALinear, LoRAMoELinear, RoutedMLP, RoutingSlot, linear_dims
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Where adapters go in one model family."""
+
+    attention_targets: tuple[str, ...]
+    mlp_module: str
+    mlp_targets: tuple[str, ...]
+
+
+GPT2 = FamilySpec(("attn.c_attn", "attn.c_proj"), "mlp", ("c_fc", "c_proj"))
+LLAMA = FamilySpec(
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    "mlp",
+    ("gate_proj", "up_proj", "down_proj"),
+)
+FAMILIES: dict[str, FamilySpec] = {"gpt2": GPT2, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA}
+
+ADAPTER_CONFIG_ATTR = "device_sdk_adapter_config"
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def family_spec(model: nn.Module, cfg: AdapterConfig) -> FamilySpec:
+    """The targets for ``model``: the config's explicit targets, else its family's defaults.
+
+    Raises:
+        InjectionError: for an unknown family without explicit targets.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    default = FAMILIES.get(model_type)
+    if default is None and None in (cfg.attention_targets, cfg.mlp_module, cfg.mlp_targets):
+        raise InjectionError(
+            f"no default adapter targets for model type {model_type!r} (known: {sorted(FAMILIES)}); pass "
+            "attention_targets, mlp_module and mlp_targets in AdapterConfig"
+        )
+    return FamilySpec(
+        attention_targets=cfg.attention_targets or default.attention_targets,
+        mlp_module=cfg.mlp_module or default.mlp_module,
+        mlp_targets=cfg.mlp_targets or default.mlp_targets,
+    )
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
+    """Freeze ``model`` and wrap its attention projections with LoRA and its MLP blocks with LoRA-MoE.
+
+    Every MLP block gets one router over ``cfg.n_experts`` experts shared by all its target projections; base
+    weights stay single and frozen (experts add low-rank updates only).
+
+    Args:
+        model: a Hugging Face causal LM (GPT-2 and Llama families, or any model with explicit targets).
+        cfg: adapter shape.
+
+    Returns:
+        The same model object, modified in place, with ``cfg`` recorded on it.
+
+    Raises:
+        InjectionError: if the model already has adapters, or a target list matches no module (the message
+            names what was searched).
+    """
+    if getattr(model, ADAPTER_CONFIG_ATTR, None) is not None:
+        raise InjectionError("this model already has adapters; load a fresh base model to inject again")
+    spec = family_spec(model, cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    names = [name for name, _ in model.named_modules()]
+    attention = [n for n in names if any(_matches(n, t) for t in spec.attention_targets)]
+    mlps = [n for n in names if _matches(n, spec.mlp_module)]
+    if not attention:
+        raise InjectionError(
+            f"attention targets {list(spec.attention_targets)} matched no module; module names look like "
+            f"{names[1:6]}. Pass AdapterConfig(attention_targets=...)"
+        )
+    if not mlps:
+        raise InjectionError(
+            f"MLP module {spec.mlp_module!r} matched no module; module names look like {names[1:6]}. "
+            "Pass AdapterConfig(mlp_module=...)"
+        )
+
+    for name in attention:
+        _set_submodule(model, name, LoRALinear(model.get_submodule(name), cfg.rank, cfg.scale))
+
+    n_projections = 0
+    for mlp_name in mlps:
+        mlp = model.get_submodule(mlp_name)
+        children = [n for n, _ in mlp.named_modules() if n and any(_matches(n, t) for t in spec.mlp_targets)]
+        if not children:
+            raise InjectionError(
+                f"MLP targets {list(spec.mlp_targets)} matched nothing inside {mlp_name!r} (children: "
+                f"{[n for n, _ in mlp.named_children()]}). Pass AdapterConfig(mlp_targets=...)"
+            )
+        slot = RoutingSlot()
+        d_model = linear_dims(mlp.get_submodule(children[0]))[0]
+        for child in children:
+            base = mlp.get_submodule(child)
+            wrapped = LoRAMoELinear(base, cfg.rank, cfg.scale, cfg.n_generalists, cfg.n_specialists, slot,
+                                    cfg.sparse)
+            _set_submodule(mlp, child, wrapped)
+            n_projections += 1
+        routed = RoutedMLP(mlp, d_model, cfg.n_experts, cfg.k, cfg.router_init_std, slot)
+        _set_submodule(model, mlp_name, routed)
+
+    setattr(model, ADAPTER_CONFIG_ATTR, cfg)
+    log.info("injected LoRA into %d attention projections and %d-expert LoRA-MoE into %d MLP projections "
+             "of %d blocks", len(attention), cfg.n_experts, n_projections, len(mlps))
+    return model
+
+
+def adapter_config(model: nn.Module) -> AdapterConfig:
+    """The :class:`AdapterConfig` a model was injected with.
+
+    Raises:
+        InjectionError: if the model has no adapters.
+    """
+    cfg = getattr(model, ADAPTER_CONFIG_ATTR, None)
+    if cfg is None:
+        raise InjectionError("this model has no adapters; call inject_adapters first")
+    return cfg
+
+
+def routed_blocks(model: nn.Module) -> list[RoutedMLP]:
+    """The model's routed MLP blocks, in layer order."""
+    return [m for m in model.modules() if isinstance(m, RoutedMLP)]

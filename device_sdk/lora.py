@@ -1,0 +1,227 @@
+"""LoRA and LoRA-MoE layers. They wrap a frozen base layer and add low-rank updates; nothing is rebuilt.
+
+Shapes: ``B`` batch, ``T`` tokens, ``N = B*T``, ``D_in``/``D_out`` the base layer's features, ``r`` the rank,
+``E`` the number of experts of a mixture, ``k`` experts mixed per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import InjectionError
+from .parts import Role
+
+
+def linear_dims(base: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a supported base layer; the one dispatch point over layer types.
+
+    Raises:
+        InjectionError: for layer types other than ``nn.Linear`` and GPT-2's ``Conv1D``.
+    """
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if isinstance(base, Conv1D):  # weight is (D_in, D_out)
+        return base.weight.shape[0], base.weight.shape[1]
+    raise InjectionError(
+        f"cannot attach LoRA to a {type(base).__name__}: supported base layers are torch.nn.Linear and "
+        "transformers' Conv1D. Choose other target modules."
+    )
+
+
+class LoRAExpert(nn.Module):
+    """One low-rank update ``x -> B(A(x))`` (unscaled). ``role`` says who owns it.
+
+    Parameters follow PEFT's layout: ``lora_A`` is ``(r, D_in)`` (Kaiming-uniform), ``lora_B`` is ``(D_out, r)``
+    (zeros, so a fresh adapter leaves the base model unchanged).
+    """
+
+    def __init__(self, d_in: int, d_out: int, rank: int, role: Role) -> None:
+        super().__init__()
+        self.role = role
+        self.lora_A = nn.Parameter(torch.empty(rank, d_in))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D_in) -> (..., D_out)."""
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+class LoRALinear(nn.Module):
+    """A frozen base layer plus one LoRA: ``y = base(x) + gamma * B(A(x))``."""
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, role: Role = Role.ATTENTION) -> None:
+        super().__init__()
+        d_in, d_out = linear_dims(base)
+        self.base = base
+        self.scale = scale
+        self.lora = LoRAExpert(d_in, d_out, rank, role)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D_in) -> (B, T, D_out)."""
+        return self.base(x) + self.scale * self.lora(x)
+
+
+class Router(nn.Module):
+    """Token router of one MLP block: a linear map of the block input to expert logits (no bias)."""
+
+    def __init__(self, d_model: int, n_experts: int, init_std: float) -> None:
+        super().__init__()
+        self.role = Role.ROUTER
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        nn.init.normal_(self.weight, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> logits (B, T, E)."""
+        return F.linear(x, self.weight)
+
+
+def top_k_gates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select the k largest logits per token and softmax over them (the paper's gating).
+
+    Args:
+        logits: (..., E) router logits.
+        k: experts per token, ``1 <= k <= E``.
+
+    Returns:
+        ``(gates, indices)``: ``gates`` (..., E) dense, zero outside the selected experts and summing to 1;
+        ``indices`` (..., k) the selected experts, largest logit first.
+    """
+    top_values, indices = logits.topk(k, dim=-1)
+    weights = top_values.float().softmax(dim=-1)
+    gates = torch.zeros(logits.shape, dtype=weights.dtype, device=logits.device).scatter(-1, indices, weights)
+    return gates, indices
+
+
+@dataclass
+class Routing:
+    """What a routed MLP block decided for the tokens of the current forward pass.
+
+    Attributes:
+        gates: (B, T, E) dense gate weights.
+        indices: (B, T, k) selected experts.
+    """
+
+    gates: torch.Tensor
+    indices: torch.Tensor
+
+
+class RoutingSlot:
+    """A mutable holder shared by a :class:`RoutedMLP` and its :class:`LoRAMoELinear` projections.
+
+    The block writes the routing before calling its MLP and clears it afterwards; a projection used outside its
+    block raises instead of silently reusing stale gates.
+    """
+
+    def __init__(self) -> None:
+        self.routing: Routing | None = None
+
+
+class LoRAMoELinear(nn.Module):
+    """A frozen base layer plus a mixture of LoRA experts: ``y = base(x) + gamma * sum_e g_e(x) B_e(A_e(x))``.
+
+    Experts are ordered generalists first, then specialists. The gates come from the enclosing block's router
+    through ``slot``. Dense mode computes all experts as one concatenated rank-``E*r`` LoRA with the gates applied
+    on the low-rank activations; sparse mode runs each expert only on the tokens routed to it.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        scale: float,
+        n_generalists: int,
+        n_specialists: int,
+        slot: RoutingSlot,
+        sparse: bool,
+    ) -> None:
+        super().__init__()
+        d_in, d_out = linear_dims(base)
+        self.base = base
+        self.scale = scale
+        self.rank = rank
+        self.sparse = sparse
+        self._slot = slot
+        roles = [Role.GENERALIST] * n_generalists + [Role.SPECIALIST] * n_specialists
+        self.experts = nn.ModuleList(LoRAExpert(d_in, d_out, rank, role) for role in roles)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D_in) -> (B, T, D_out)."""
+        out = self.base(x)
+        if self.n_experts == 1:
+            return out + self.scale * self.experts[0](x)
+        routing = self._slot.routing
+        if routing is None:
+            raise RuntimeError("LoRAMoELinear called outside its RoutedMLP block: no routing available")
+        if self.sparse:
+            return out + self.scale * self._sparse_update(x, routing)
+        return out + self.scale * self._dense_update(x, routing.gates)
+
+    def _dense_update(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        a_cat = torch.cat([e.lora_A for e in self.experts], dim=0)  # (E*r, D_in)
+        b_cat = torch.cat([e.lora_B for e in self.experts], dim=1)  # (D_out, E*r)
+        h = F.linear(x, a_cat)  # (B, T, E*r)
+        h = h.unflatten(-1, (self.n_experts, self.rank)) * gates.to(h.dtype).unsqueeze(-1)  # (B, T, E, r)
+        return F.linear(h.flatten(-2), b_cat)  # (B, T, D_out)
+
+    def _sparse_update(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        flat_x = x.reshape(-1, x.shape[-1])  # (N, D_in)
+        flat_idx = routing.indices.reshape(-1, routing.indices.shape[-1])  # (N, k)
+        flat_gates = routing.gates.reshape(-1, routing.gates.shape[-1])  # (N, E)
+        update = None
+        for e, expert in enumerate(self.experts):
+            tokens = (flat_idx == e).any(dim=-1).nonzero().squeeze(-1)  # (N_e,)
+            if tokens.numel() == 0:
+                continue
+            y = expert(flat_x.index_select(0, tokens))  # (N_e, D_out)
+            y = y * flat_gates.index_select(0, tokens)[:, e : e + 1].to(y.dtype)
+            if update is None:
+                update = torch.zeros(flat_x.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)
+            update = update.index_add(0, tokens, y)
+        if update is None:  # no token routed anywhere: impossible with k >= 1, kept for safety
+            raise RuntimeError("no token was routed to any expert")
+        return update.reshape(*x.shape[:-1], update.shape[-1])
+
+
+class RoutedMLP(nn.Module):
+    """Wraps an MLP block: routes each token with the block's router, then runs the wrapped MLP, whose target
+    projections are :class:`LoRAMoELinear` layers reading the routing.
+
+    After each forward it keeps, for the losses and for routing analysis:
+    ``router_probs`` (N, E) full softmax of the logits and ``gates`` (N, E) top-k gates.
+    """
+
+    def __init__(self, mlp: nn.Module, d_model: int, n_experts: int, k: int, router_init_std: float,
+                 slot: RoutingSlot) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.k = k
+        self.n_experts = n_experts
+        self._slot = slot
+        self.router = Router(d_model, n_experts, router_init_std) if n_experts > 1 else None
+        self.router_probs: torch.Tensor | None = None
+        self.gates: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        if self.router is None:
+            return self.mlp(x, *args, **kwargs)
+        logits = self.router(x)  # (B, T, E)
+        gates, indices = top_k_gates(logits, self.k)
+        self.router_probs = logits.float().softmax(dim=-1).reshape(-1, self.n_experts)
+        self.gates = gates.reshape(-1, self.n_experts)
+        self._slot.routing = Routing(gates=gates, indices=indices)
+        try:
+            return self.mlp(x, *args, **kwargs)
+        finally:
+            self._slot.routing = None

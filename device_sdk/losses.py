@@ -1,0 +1,71 @@
+"""Language-modelling and load-balancing losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import RoutedMLP
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy.
+
+    Args:
+        logits: (B, T, V) predictions for positions ``0..T-1``.
+        targets: (B, T) the tokens that follow each position.
+    """
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def importance_weights(n_experts: int, n_generalists: int) -> torch.Tensor:
+    """Generalist-favoured weights of paper eq. 5, normalised to mean 1 so that 2 experts give uniform weights.
+
+    With one generalist and top-2 routing the minimiser puts router probability 1/2 on the generalist and
+    ``1 / (2 (n-1))`` on each specialist, which is the intent stated in appendix C.4.
+    """
+    if n_generalists != 1 or n_experts < 2:
+        return torch.ones(n_experts)
+    w = torch.full((n_experts,), float(n_experts - 1))
+    w[0] = 1.0
+    return w * n_experts / w.sum()
+
+
+def block_balance_loss(probs: torch.Tensor, gates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Switch-style balance loss of one block: ``E * sum_j w_j f_j P_j``.
+
+    ``P_j`` is the mean router probability of expert j (differentiable) and ``f_j`` the fraction of routed weight
+    that expert j receives (the mean top-k gate, no gradient). With k = 1 the gates are one-hot and this is exactly
+    Switch's dispatch fraction; unlike a count of top-k memberships it still varies when k = E (two experts, top-2),
+    so the loss keeps a gradient there. It equals 1 for perfectly balanced routing with uniform weights.
+
+    Args:
+        probs: (N, E) softmax over all router logits.
+        gates: (N, E) top-k gates, rows summing to 1.
+        weights: (E,) per-expert weights (ones for the uniform loss).
+    """
+    n_experts = probs.shape[-1]
+    p_mean = probs.mean(dim=0)  # (E,)
+    f = gates.detach().mean(dim=0)  # (E,)
+    return n_experts * (weights.to(probs.device) * f * p_mean).sum()
+
+
+def load_balancing_loss(model: nn.Module, mode: str = "switch", n_generalists: int = 1) -> torch.Tensor:
+    """Mean over routed MLP blocks of :func:`block_balance_loss` for the last forward pass (0 without routers).
+
+    Args:
+        model: a model with :class:`RoutedMLP` blocks that has just run a forward pass.
+        mode: ``switch`` (uniform weights), ``importance`` (paper eq. 5) or ``none``.
+        n_generalists: generalists per block (importance weighting needs exactly one).
+    """
+    losses = []
+    if mode != "none":
+        for module in model.modules():
+            if isinstance(module, RoutedMLP) and module.router_probs is not None:
+                e = module.n_experts
+                w = importance_weights(e, n_generalists) if mode == "importance" else torch.ones(e)
+                losses.append(block_balance_loss(module.router_probs, module.gates, w))
+    if not losses:
+        return torch.zeros(())
+    return torch.stack(losses).mean()

@@ -1,0 +1,197 @@
+"""The bi-level local update of Algorithm 1 (inner part).
+
+Expert parameters (attention LoRA, generalists, specialists) step on the training set; after every tau-th expert
+step the routers take s steps on the validation set. Both objectives are LM loss + lambda * load-balancing loss
+(eq. 2 and 3). Two optimizers over disjoint parameter sets: during an expert step the routers do not require
+gradients (and vice versa), and both optimizers' gradients are cleared at every switch, so no gradient of one
+objective reaches the other's update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .data import UserData, sample_batch
+from .evaluate import autocast, evaluate
+from .inject import adapter_config, routed_blocks
+from .losses import lm_loss, load_balancing_loss
+from .parts import EXPERT_ROLES, Role, check_every_trainable_has_a_role, role_parameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """What persists across calls to :func:`train_local` (e.g. across federated rounds).
+
+    Attributes:
+        expert_opt: AdamW over attention LoRA, generalists and specialists.
+        router_opt: AdamW over routers (``None`` without routers).
+        schedule: one-cycle cosine schedule of ``expert_opt``.
+        step: expert steps taken so far (the tau counter runs on it).
+        generator: batch-sampling random state.
+    """
+
+    expert_opt: torch.optim.Optimizer
+    router_opt: torch.optim.Optimizer | None
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    step: int
+    generator: torch.Generator
+
+
+@dataclass
+class TrainResult:
+    """Curves and throughput of one :func:`train_local` call."""
+
+    train: list[dict] = field(default_factory=list)  # {step, loss, lm, lb, lr}
+    router: list[dict] = field(default_factory=list)  # {step, loss, lm, lb} per router step
+    valid: list[dict] = field(default_factory=list)  # {step, loss}
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(role_parameters(model, EXPERT_ROLES).values())
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(role_parameters(model, Role.ROUTER).values())
+
+
+def init_train_state(model: nn.Module, cfg: TrainConfig) -> TrainState:
+    """Fresh optimizers, schedule (spanning ``cfg.schedule_steps or cfg.steps``) and sampler for ``model``."""
+    experts, routers = expert_parameters(model), router_parameters(model)
+    expert_opt = torch.optim.AdamW(experts, lr=cfg.lr_experts, weight_decay=cfg.weight_decay)
+    router_opt = torch.optim.AdamW(routers, lr=cfg.lr_router, weight_decay=cfg.weight_decay) if routers else None
+    total = cfg.schedule_steps or cfg.steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        expert_opt, lambda step: one_cycle_cosine(step, total, cfg.warmup_fraction))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return TrainState(expert_opt, router_opt, schedule, step=0, generator=generator)
+
+
+def one_cycle_cosine(step: int, total: int, warmup_fraction: float, start: float = 0.04,
+                     end: float = 1e-3) -> float:
+    """Learning-rate multiplier of a one-cycle cosine schedule: a linear warm-up from ``start`` to 1 over
+    ``warmup_fraction`` of ``total`` steps (at least one step), then a cosine decay to ``end`` at ``total``;
+    constant at ``end`` past the end."""
+    warmup = max(1, round(warmup_fraction * total))
+    if step < warmup:
+        return start + (1 - start) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _set_trainable(params: list[nn.Parameter], trainable: bool) -> None:
+    for p in params:
+        p.requires_grad_(trainable)
+
+
+def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
+    """LM loss + lambda * load-balancing loss on one batch (eq. 2 / eq. 3).
+
+    Args:
+        x, y: (B, T) inputs and next-token targets.
+
+    Returns:
+        ``(total, lm, lb)`` scalars.
+    """
+    with autocast(cfg.precision):
+        logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
+    lm = lm_loss(logits, y)
+    lb = load_balancing_loss(model, cfg.lb_mode, adapter_config(model).n_generalists)
+    for block in routed_blocks(model):  # drop references into the autograd graph
+        block.router_probs = block.gates = None
+    return lm + cfg.lb_weight * lb, lm, lb
+
+
+def _step(model: nn.Module, train: list[nn.Parameter], frozen: list[nn.Parameter], opt: torch.optim.Optimizer,
+          x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> dict:
+    """One optimizer step on ``train`` with ``frozen`` excluded from autograd; all gradients cleared first."""
+    _set_trainable(frozen, False)
+    _set_trainable(train, True)
+    for p in train + frozen:
+        p.grad = None
+    total, lm, lb = objective(model, x, y, cfg)
+    total.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(train, cfg.grad_clip)
+    opt.step()
+    return {"loss": total.item(), "lm": lm.item(), "lb": float(lb.detach())}
+
+
+def expert_step(model: nn.Module, state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> dict:
+    """One step of the expert optimizer on a training batch; routers stay untouched."""
+    stats = _step(model, expert_parameters(model), router_parameters(model), state.expert_opt, x, y, cfg)
+    stats["lr"] = state.schedule.get_last_lr()[0]
+    state.schedule.step()
+    state.step += 1
+    return stats
+
+
+def router_step(model: nn.Module, state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> dict:
+    """One step of the router optimizer on a validation batch; experts stay untouched."""
+    return _step(model, router_parameters(model), expert_parameters(model), state.router_opt, x, y, cfg)
+
+
+def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: TrainState | None = None,
+                progress: bool = False) -> tuple[TrainResult, TrainState]:
+    """Run ``cfg.steps`` expert steps with router updates every ``cfg.router_period`` steps.
+
+    Args:
+        model: a model with adapters (see :func:`device_sdk.inject.inject_adapters`).
+        data: the user's token streams; training batches come from ``train``, router batches from ``valid``.
+        state: optimizers and counters to continue from (``None``: start fresh).
+        progress: show a progress bar.
+
+    Returns:
+        The curves of this call and the state to continue from.
+    """
+    check_every_trainable_has_a_role(model)
+    state = state or init_train_state(model, cfg)
+    result = TrainResult()
+    model.train()
+    steps = range(cfg.steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="train", unit="step")
+    start = time.perf_counter()
+    for _ in steps:
+        x, y = sample_batch(data.train, cfg.batch_size, cfg.context, state.generator)
+        stats = expert_step(model, state, x, y, cfg)
+        result.tokens += x.numel()
+        if state.step % cfg.log_every == 0:
+            result.train.append({"step": state.step, **stats})
+        if state.router_opt is not None and state.step % cfg.router_period == 0:
+            for _ in range(cfg.router_steps):
+                vx, vy = sample_batch(data.valid, cfg.batch_size, cfg.context, state.generator)
+                result.router.append({"step": state.step, **router_step(model, state, vx, vy, cfg)})
+        if cfg.eval_every and state.step % cfg.eval_every == 0:
+            result.valid.append({"step": state.step, "loss": valid_loss(model, data.valid, cfg)})
+        if progress:
+            steps.set_postfix(loss=f"{stats['lm']:.3f}", lr=f"{stats['lr']:.1e}")
+    result.seconds = time.perf_counter() - start
+    _set_trainable(expert_parameters(model) + router_parameters(model), True)
+    if not result.valid or result.valid[-1]["step"] != state.step:
+        result.valid.append({"step": state.step, "loss": valid_loss(model, data.valid, cfg)})
+    model.eval()
+    return result, state
+
+
+def valid_loss(model: nn.Module, tokens: np.ndarray, cfg: TrainConfig) -> float:
+    """Loss on the first ``cfg.eval_batches * cfg.batch_size`` non-overlapping validation windows (fixed set)."""
+    max_tokens = cfg.eval_batches * cfg.batch_size * cfg.context
+    return evaluate(model, tokens, cfg.context, cfg.batch_size, cfg.precision, max_tokens=max_tokens).loss

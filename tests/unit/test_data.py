@@ -1,0 +1,85 @@
+"""User data: reading, caching, sampling, deterministic evaluation windows, OOD mixtures, bad input."""
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from device_sdk.data import eval_windows, load_user_data, load_users, ood_mixture, sample_batch
+from device_sdk.errors import DataError
+from device_sdk.tokenizer import ByteTokenizer
+
+
+def test_documents_are_separated_by_eos_and_cached(tiny_user, tmp_path):
+    tok = ByteTokenizer()
+    data = load_user_data(tiny_user, tok, cache_dir=tmp_path / "cache")
+    assert (data.train == tok.eos_token_id).sum() == 40
+    cached = list((tmp_path / "cache" / "tokens").glob("*.npy"))
+    assert len(cached) == 3
+    again = load_user_data(tiny_user, tok, cache_dir=tmp_path / "cache")
+    assert np.array_equal(again.test, data.test)
+    (tiny_user / "test.txt").write_text("changed text\n")
+    changed = load_user_data(tiny_user, tok, cache_dir=tmp_path / "cache")
+    assert tok.decode(changed.test.tolist()) == "changed text"
+
+
+def test_gzip_files_are_read(tmp_path):
+    folder = tmp_path / "u"
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        with gzip.open(folder / f"{split}.txt.gz", "wt") as f:
+            f.write(f"{split} paragraph one\nparagraph two\n\nsecond document\n")
+    data = load_user_data(folder, ByteTokenizer())
+    assert ByteTokenizer().decode(data.valid.tolist()) == "valid paragraph one\nparagraph twosecond document"
+
+
+def test_eval_windows_predict_every_token_exactly_once():
+    tokens = np.arange(1000, dtype=np.int64)
+    targets = torch.cat([y.flatten() for _, y in eval_windows(tokens, context=64, batch_size=4)])
+    assert torch.equal(targets, torch.arange(1, 1000))
+    for x, y in eval_windows(tokens, 64, 4):
+        assert torch.equal(x[:, 1:], y[:, :-1])
+    capped = torch.cat([y.flatten() for _, y in eval_windows(tokens, 64, 4, max_tokens=100)])
+    assert torch.equal(capped, torch.arange(1, 101))
+
+
+def test_sample_batch_is_seeded_and_shifted():
+    tokens = np.arange(500, dtype=np.uint16)
+    x1, y1 = sample_batch(tokens, 4, 32, torch.Generator().manual_seed(3))
+    x2, _ = sample_batch(tokens, 4, 32, torch.Generator().manual_seed(3))
+    assert torch.equal(x1, x2) and x1.shape == (4, 32) and torch.equal(y1, x1 + 1)
+
+
+def test_ood_mixture_takes_an_equal_share_from_each_user(tmp_path):
+    tok = ByteTokenizer()
+    for name, letter, n in (("a", "a", 30), ("b", "b", 60)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for split in ("train", "valid", "test"):
+            (folder / f"{split}.txt").write_text((letter * 9 + " ") * n)
+    users = load_users(tmp_path, tok, ood=True)
+    mixed = users[0].test
+    assert np.array_equal(mixed, users[1].test)
+    assert (mixed == ord("a")).sum() == (mixed == ord("b")).sum() > 0
+    assert np.array_equal(users[1].train, load_users(tmp_path, tok)[1].train)
+    assert len(ood_mixture(load_users(tmp_path, tok), "valid")) == 2 * (301 // 2)
+
+
+def test_bad_data_fails_clearly(tmp_path, tiny_user):
+    tok = ByteTokenizer()
+    with pytest.raises(DataError, match="does not exist"):
+        load_user_data(tmp_path / "nowhere", tok)
+    (tiny_user / "valid.txt").unlink()
+    with pytest.raises(DataError, match="has no valid.txt or valid.txt.gz"):
+        load_user_data(tiny_user, tok)
+    (tiny_user / "valid.txt").write_text("\n\n  \n")
+    with pytest.raises(DataError, match="is empty"):
+        load_user_data(tiny_user, tok)
+    (tiny_user / "valid.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DataError, match="UTF-8"):
+        load_user_data(tiny_user, tok)
+    with pytest.raises(DataError, match="fewer than one window"):
+        sample_batch(np.arange(10), 2, 64, torch.Generator())
+    with pytest.raises(DataError, match="holds no user folders"):
+        load_users(tmp_path / "empty", tok)
