@@ -1,7 +1,7 @@
 # The two commands of the README. Both do all set-up first (venv, installs, base model, data).
 PY := .venv/bin/python
 DATA ?= data/multilingual
-USER ?= nl
+DEMO_USER ?= nl
 STEPS ?= 150
 export HF_HUB_OFFLINE ?= 1
 
@@ -10,15 +10,15 @@ export HF_HUB_OFFLINE ?= 1
 setup:
 	scripts/setup.sh
 
-$(DATA)/$(USER)/train.txt.gz:
+$(DATA)/$(DEMO_USER)/train.txt.gz:
 	$(PY) -m device_sdk.data build multilingual --out $(DATA)
 
-data: setup $(DATA)/$(USER)/train.txt.gz
+data: setup $(DATA)/$(DEMO_USER)/train.txt.gz
 
 # Main job: personalise the offline SmolLM2-135M on one language user and print test perplexity before/after.
 demo: data
-	$(PY) -m device_sdk train-local --data $(DATA)/$(USER) --model smollm2-135m --specialists 1 \
-		--steps $(STEPS) --out runs/demo-$(USER)
+	$(PY) -m device_sdk train-local --data $(DATA)/$(DEMO_USER) --model smollm2-135m --specialists 1 \
+		--steps $(STEPS) --eval-every 25 --out runs/demo-$(DEMO_USER)
 
 # Test suite: tiny in-process models, plus the marked real-model checks (they fit in CI).
 test: setup

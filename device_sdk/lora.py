@@ -34,6 +34,10 @@ def linear_dims(base: nn.Module) -> tuple[int, int]:
     )
 
 
+#: Token counts routed to an expert are padded to a multiple of this in sparse mode.
+SPARSE_BUCKET = 64
+
+
 class LoRAExpert(nn.Module):
     """One low-rank update ``x -> B(A(x))`` (unscaled). ``role`` says who owns it.
 
@@ -178,18 +182,20 @@ class LoRAMoELinear(nn.Module):
         flat_x = x.reshape(-1, x.shape[-1])  # (N, D_in)
         flat_idx = routing.indices.reshape(-1, routing.indices.shape[-1])  # (N, k)
         flat_gates = routing.gates.reshape(-1, routing.gates.shape[-1])  # (N, E)
-        update = None
+        update = torch.zeros(flat_x.shape[0], self.experts[0].lora_B.shape[0], dtype=x.dtype, device=x.device)
         for e, expert in enumerate(self.experts):
             tokens = (flat_idx == e).any(dim=-1).nonzero().squeeze(-1)  # (N_e,)
             if tokens.numel() == 0:
                 continue
-            y = expert(flat_x.index_select(0, tokens))  # (N_e, D_out)
-            y = y * flat_gates.index_select(0, tokens)[:, e : e + 1].to(y.dtype)
-            if update is None:
-                update = torch.zeros(flat_x.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)
-            update = update.index_add(0, tokens, y)
-        if update is None:  # no token routed anywhere: impossible with k >= 1, kept for safety
-            raise RuntimeError("no token was routed to any expert")
+            weight = flat_gates.index_select(0, tokens)[:, e : e + 1]  # (N_e, 1)
+            # Pad N_e up to a multiple of SPARSE_BUCKET with zero-weight copies of token 0: a handful of distinct
+            # matmul shapes instead of a new one per call (CPU kernels are specialised and cached per shape).
+            pad = -tokens.numel() % SPARSE_BUCKET
+            if pad:
+                tokens = torch.cat([tokens, tokens.new_zeros(pad)])
+                weight = torch.cat([weight, weight.new_zeros(pad, 1)])
+            y = expert(flat_x.index_select(0, tokens)) * weight.to(x.dtype)  # (N_e + pad, D_out)
+            update = update.index_add(0, tokens, y.to(update.dtype))
         return update.reshape(*x.shape[:-1], update.shape[-1])
 
 

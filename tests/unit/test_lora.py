@@ -122,3 +122,10 @@ def test_moe_projection_outside_its_block_fails_clearly():
     moe = next(m for m in model.modules() if isinstance(m, LoRAMoELinear))
     with pytest.raises(RuntimeError, match="outside its RoutedMLP"):
         moe(torch.randn(1, 3, 64))
+
+
+def test_auto_routing_is_dense_until_the_concatenated_rank_gets_large():
+    assert not AdapterConfig(n_specialists=3).sparse
+    assert not AdapterConfig(n_specialists=31).sparse  # 32 experts x rank 8 = 256
+    assert AdapterConfig(n_specialists=32).sparse
+    assert AdapterConfig(n_specialists=1, routing="sparse").sparse

@@ -1,0 +1,125 @@
+"""Training-step cost of our LoRA-MoE against PEFT LoRA on the same base, measured alternately in one process.
+
+Variants (all rank 8, alpha 16 with the rank-stabilised scale, the same attention + MLP targets, the same batch):
+  peft        PEFT LoRA: one adapter per projection
+  1G1S        ours: attention LoRA + 2-expert LoRA-MoE per MLP projection, top-2 router (expert step)
+  1G1S-router ours: one router step (validation batch); amortised at tau=30, s=10 it adds s/tau of this per step
+  1G3S-sparse ours, 4 experts, each expert only on its routed tokens
+  1G3S-dense  ours, 4 experts, gated concatenated rank-E*r update on every token
+
+Each round runs one step of every variant in turn; times are medians over rounds, memory is the peak RSS of the
+step above the RSS just before it (kernel high-water mark reset before every step).
+
+    .venv/bin/python benchmarks/train_step.py [--model smollm2-135m] [--rounds 6] [--batch 8] [--ctx 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import table, write_json  # noqa: E402
+from device_sdk.config import AdapterConfig, TrainConfig  # noqa: E402
+from device_sdk.evaluate import autocast  # noqa: E402
+from device_sdk.inject import LLAMA, inject_adapters  # noqa: E402
+from device_sdk.memory import current_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
+from device_sdk.models import load_base_model  # noqa: E402
+from device_sdk.train import expert_step, init_train_state, router_step  # noqa: E402
+
+
+def peft_step_fn(model_name: str, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_base_model(model_name).model
+    targets = [t.split(".")[-1] for t in LLAMA.attention_targets] + list(LLAMA.mlp_targets)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, use_rslora=True, lora_dropout=0.0,
+                                            target_modules=targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr_experts, weight_decay=0.0)
+    model.train()
+
+    def step(x, y):
+        for p in params:
+            p.grad = None
+        with autocast(cfg.precision):
+            logits = model(input_ids=x, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+
+    return step, sum(p.numel() for p in params)
+
+
+def ours_step_fn(model_name: str, cfg: TrainConfig, n_specialists: int, routing: str, router: bool = False):
+    base = load_base_model(model_name).model
+    model = inject_adapters(base, AdapterConfig(n_specialists=n_specialists, routing=routing))
+    state = init_train_state(model, TrainConfig(**{**cfg.to_dict(), "steps": 10_000}))
+    model.train()
+    fn = router_step if router else expert_step
+    trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "router" in n)
+    return (lambda x, y: fn(model, state, x, y, cfg)), trainable
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--ctx", type=int, default=128)
+    parser.add_argument("--precision", default="bf16")
+    args = parser.parse_args()
+    cfg = TrainConfig(batch_size=args.batch, context=args.ctx, precision=args.precision)
+    variants = {
+        "peft": peft_step_fn(args.model, cfg),
+        "1G1S": ours_step_fn(args.model, cfg, 1, "auto"),
+        "1G1S-router": ours_step_fn(args.model, cfg, 1, "auto", router=True),
+        "1G3S-sparse": ours_step_fn(args.model, cfg, 3, "sparse"),
+        "1G3S-dense": ours_step_fn(args.model, cfg, 3, "dense"),
+    }
+    g = torch.Generator().manual_seed(0)
+    times = {k: [] for k in variants}
+    mems = {k: [] for k in variants}
+    for r in range(args.warmup + args.rounds):
+        x = torch.randint(0, 49152, (args.batch, args.ctx + 1), generator=g)
+        for name, (step, _) in variants.items():
+            resident = current_rss_mb()
+            reset_peak_rss()
+            start = time.perf_counter()
+            step(x[:, :-1], x[:, 1:])
+            elapsed = time.perf_counter() - start
+            if r >= args.warmup:
+                times[name].append(elapsed)
+                mems[name].append(peak_rss_mb() - resident)
+        print(f"round {r + 1}/{args.warmup + args.rounds}: " + ", ".join(
+            f"{k} {times[k][-1]:.2f}s" for k in variants if times[k]), flush=True)
+    tokens = args.batch * args.ctx
+    rows = []
+    t_peft, m_peft = statistics.median(times["peft"]), statistics.median(mems["peft"])
+    for name, (_, trainable) in variants.items():
+        t, m = statistics.median(times[name]), statistics.median(mems[name])
+        rows.append({"variant": name, "trainable_params": trainable, "step_s": t, "tokens_per_s": tokens / t,
+                     "step_peak_mb": m, "time_vs_peft": t / t_peft, "mem_vs_peft": m / m_peft})
+    t_amortised = statistics.median(times["1G1S"]) + 10 / 30 * statistics.median(times["1G1S-router"])
+    rows.append({"variant": "1G1S + routers (tau=30, s=10), per expert step", "step_s": t_amortised,
+                 "tokens_per_s": tokens / t_amortised, "time_vs_peft": t_amortised / t_peft})
+    sparse, dense = statistics.median(times["1G3S-sparse"]), statistics.median(times["1G3S-dense"])
+    summary = {"sparse_vs_dense_time": sparse / dense,
+               "sparse_vs_dense_mem": statistics.median(mems["1G3S-sparse"]) / statistics.median(mems["1G3S-dense"])}
+    print(table(rows, ["variant", "trainable_params", "step_s", "tokens_per_s", "step_peak_mb", "time_vs_peft",
+                       "mem_vs_peft"]))
+    print(summary)
+    path = write_json("train_step", {"args": vars(args), "rows": rows, "summary": summary,
+                                     "raw_times": times, "raw_mem": mems})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
