@@ -1,7 +1,8 @@
-"""Measure peak RSS of training steps on a real base model and fit the memory model of device_sdk/budget.py.
+"""Measure peak RSS and step time of training on a real base model; fit the budget models of device_sdk/budget.py.
 
 Each configuration runs in a fresh process (peak RSS is per process): load the model, inject 1 generalist and
-E-1 specialists, run 3 expert steps and 1 router step at batch B x T, report VmHWM. The fitted coefficients
+E-1 specialists, run 4 expert steps and 1 router step at batch B x T, report VmHWM and the fastest of the last
+three expert steps (step time depends on the machine and its load: calibrate on the device class you target). The fitted coefficients
 are written to device_sdk/calibration/memory.json with the measurements and the worst fit error.
 
     .venv/bin/python benchmarks/calibrate_memory.py [--model smollm2-135m] [--quick]
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "device_sdk" / "calibration" / "memory.json"
 
 CHILD = r"""
-import json, sys, torch
+import json, sys, time, torch
 from device_sdk.budget import model_shape
 from device_sdk.config import AdapterConfig, TrainConfig
 from device_sdk.inject import inject_adapters
@@ -35,15 +36,18 @@ model_name, experts, batch, ctx, precision = sys.argv[1], int(sys.argv[2]), int(
 base = load_base_model(model_name)
 shape = model_shape(base.model)
 model = inject_adapters(base.model, AdapterConfig(n_specialists=experts - 1))
-cfg = TrainConfig(steps=3, batch_size=batch, context=ctx, precision=precision)
+cfg = TrainConfig(steps=4, batch_size=batch, context=ctx, precision=precision)
 state = init_train_state(model, cfg)
 g = torch.Generator().manual_seed(0)
-for i in range(3):
+times = []
+for i in range(4):
     x = torch.randint(0, shape.vocab, (batch, ctx + 1), generator=g)
+    start = time.perf_counter()
     expert_step(model, state, x[:, :-1], x[:, 1:], cfg)
+    times.append(time.perf_counter() - start)
 if experts > 1:
     router_step(model, state, x[:, :-1], x[:, 1:], cfg)
-print(json.dumps({"peak_mb": peak_rss_mb(), "shape": shape.__dict__}))
+print(json.dumps({"peak_mb": peak_rss_mb(), "step_s": min(times[1:]), "shape": shape.__dict__}))
 """
 
 
@@ -75,11 +79,30 @@ def fit(points: list[dict], shape: dict) -> dict:
             "max_abs_error_mb": float(np.abs(errors).max())}
 
 
+def fit_time(points: list[dict]) -> dict:
+    """Least squares for step seconds = s_step + tokens * (s_token + experts * s_expert_token)."""
+    rows = np.array([[1.0, p["tokens"], p["tokens"] * p["experts"]] for p in points], dtype=float)
+    target = np.array([p["step_s"] for p in points])
+    coef, *_ = np.linalg.lstsq(rows, target, rcond=None)
+    for p, t in zip(points, rows @ coef):
+        p["predicted_step_s"] = float(t)
+    return {"s_step": float(coef[0]), "s_token": float(coef[1]), "s_expert_token": float(coef[2])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quick", action="store_true", help="fewer configurations")
+    parser.add_argument("--refit", action="store_true", help="refit the stored measurements, measure nothing")
     args = parser.parse_args()
+    if args.refit:
+        result = json.loads(CALIBRATION.read_text())
+        for precision, points in result["points"].items():
+            result["models"][precision].update({**fit(points, result["shape"]), **fit_time(points)})
+            print(table(points, ["experts", "batch", "ctx", "peak_mb", "predicted_mb", "step_s", "predicted_step_s"]))
+            print(precision, result["models"][precision])
+        CALIBRATION.write_text(json.dumps(result, indent=1))
+        return
     grids = {
         "bf16": [(e, b, t) for e in (1, 2, 4, 8) for b, t in ((2, 128), (8, 128), (16, 128))],
         "fp32": [(e, b, t) for e in (1, 2, 4) for b, t in ((4, 128), (8, 128))],
@@ -93,13 +116,16 @@ def main() -> None:
         for experts, batch, ctx in grid:
             m = measure(args.model, experts, batch, ctx, precision)
             points.append({"experts": experts, "batch": batch, "ctx": ctx, "tokens": batch * ctx,
-                           "peak_mb": m["peak_mb"]})
-            print(f"{precision} E={experts} {batch}x{ctx}: peak {m['peak_mb']:.0f} MiB", flush=True)
-        coefficients = fit(points, m["shape"])
+                           "peak_mb": m["peak_mb"], "step_s": m["step_s"]})
+            print(f"{precision} E={experts} {batch}x{ctx}: peak {m['peak_mb']:.0f} MiB, step {m['step_s']:.2f} s",
+                  flush=True)
+        coefficients = {**fit(points, m["shape"]), **fit_time(points)}
         result["models"][precision] = {**coefficients, "fitted_on": f"{args.model}, {len(points)} runs"}
         result["points"][precision] = points
-        print(table(points, ["experts", "batch", "ctx", "peak_mb", "predicted_mb"]))
+        print(table(points, ["experts", "batch", "ctx", "peak_mb", "predicted_mb", "step_s", "predicted_step_s"]))
         print(f"{precision}: {coefficients}")
+    result["base_params"] = m["shape"]["base_params"]
+    result["shape"] = m["shape"]
     CALIBRATION.write_text(json.dumps(result, indent=1))
     print(f"wrote {CALIBRATION} and {write_json('calibrate_memory', result)}")
 

@@ -24,6 +24,8 @@ def _add_train_local(sub) -> None:
     p.add_argument("--specialists", type=int, default=None, help="specialists per MLP block (overrides budget)")
     p.add_argument("--generalists", type=int, default=1, help="generalists per MLP block (default 1)")
     p.add_argument("--budget-mb", type=float, default=None, help="memory budget; picks the specialist count")
+    p.add_argument("--budget-step-s", type=float, default=None,
+                   help="with --budget-mb: also fit this many seconds per expert step")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--ctx", type=int, default=128)
@@ -54,6 +56,7 @@ def _train_local(args: argparse.Namespace) -> int:
                         precision=args.precision, seed=args.seed, eval_every=args.eval_every)
     run = LocalRunConfig(data=args.data, model=args.model, out=args.out, adapter=adapter, train=train,
                          specialists_from_budget=args.specialists is None, budget_mb=args.budget_mb,
+                         budget_step_s=args.budget_step_s,
                          eval_tokens=args.eval_tokens, cache_dir=args.cache_dir)
     metrics = run_local(run, progress=True)
     before, after = metrics["test"]["before"]["perplexity"], metrics["test"]["after"]["perplexity"]

@@ -1,16 +1,22 @@
 """Hardware budget -> number of specialists.
 
-A memory model predicts the peak RSS of one training step from the base model's size, the batch shape and the
-number of experts; its coefficients are fitted to measured peak RSS (``benchmarks/calibrate_memory.py`` writes
-``calibration/memory.json``). The device gets the largest specialist count whose prediction fits its budget.
+A budget model predicts the peak RSS (and, optionally, the time) of one training step from the base model's
+size, the batch shape and the number of experts; its coefficients are fitted to measurements of the real base
+model (``benchmarks/calibrate_memory.py`` writes ``calibration/memory.json``). The device gets the largest
+specialist count whose predictions fit its budget.
 
-Model (MiB)::
+Memory (MiB)::
 
     peak = runtime + base_weights + experts * expert_mb * c_expert + tokens * unit * c_token
     unit = layers * (d_model + d_ff) + vocab            (activation elements per token, up to a constant)
     expert_mb = LoRA-MoE parameters of one expert (all MLP projections) * 16 bytes (param, grad, AdamW m and v)
 
-``c_token`` and ``c_expert`` are fitted per precision; ``runtime`` is the interpreter and library footprint.
+Time (seconds per expert step, on the calibration machine)::
+
+    step = (s_step + tokens * (s_token + experts * s_expert_token)) * (base_params / calibrated base_params)
+
+``c_token``, ``c_expert``, ``s_step``, ``s_token`` and ``s_expert_token`` are fitted per precision; ``runtime`` is the
+interpreter and library footprint. Time depends on the processor: calibrate on the device class you target.
 """
 
 from __future__ import annotations
@@ -73,12 +79,16 @@ def model_shape(model: nn.Module, cfg: AdapterConfig | None = None) -> ModelShap
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """Fitted coefficients of the peak-RSS model (see the module docstring)."""
+    """Fitted coefficients of the peak-RSS and step-time models (see the module docstring)."""
 
     runtime_mb: float
     c_token: float
     c_expert: float
     precision: str
+    s_step: float = 0.0
+    s_token: float | None = None
+    s_expert_token: float | None = None
+    calibrated_base_params: int | None = None
     fitted_on: str = "uncalibrated"
     max_abs_error_mb: float | None = None
 
@@ -88,12 +98,21 @@ class MemoryModel:
         experts = n_experts * shape.expert_params(rank) * 16 / MIB
         return self.runtime_mb + base + self.c_expert * experts + self.c_token * tokens * shape.unit / MIB
 
+    def predict_step_s(self, shape: ModelShape, n_experts: int, tokens: int) -> float | None:
+        """Predicted seconds per expert step on the calibration machine (``None`` if time is not calibrated)."""
+        if self.s_token is None or self.s_expert_token is None:
+            return None
+        size = shape.base_params / (self.calibrated_base_params or shape.base_params)
+        return (self.s_step + tokens * (self.s_token + n_experts * self.s_expert_token)) * size
+
 
 def load_memory_model(precision: str = "bf16") -> MemoryModel:
-    """The calibrated memory model for ``precision`` (``fp32`` or ``bf16``)."""
+    """The calibrated budget model for ``precision`` (``fp32`` or ``bf16``)."""
     text = resources.files("device_sdk").joinpath("calibration/memory.json").read_text()
-    entry = json.loads(text)["models"][precision]
-    return MemoryModel(precision=precision, **entry)
+    data = json.loads(text)
+    entry = data["models"][precision]
+    fields = {k: v for k, v in entry.items() if k in MemoryModel.__dataclass_fields__}
+    return MemoryModel(precision=precision, calibrated_base_params=data.get("base_params"), **fields)
 
 
 @dataclass(frozen=True)
@@ -104,24 +123,28 @@ class BudgetDecision:
     predicted_mb: float
     budget_mb: float
     predictions_mb: dict[int, float]
+    predicted_step_s: float | None = None
 
 
 def specialists_for_budget(shape: ModelShape, budget_mb: float, tokens: int, rank: int = 8, n_generalists: int = 1,
                            precision: str = "bf16", memory_model: MemoryModel | None = None,
-                           max_specialists: int = MAX_SPECIALISTS) -> BudgetDecision:
-    """The largest number of specialists whose predicted peak RSS fits ``budget_mb``.
+                           max_specialists: int = MAX_SPECIALISTS,
+                           max_step_s: float | None = None) -> BudgetDecision:
+    """The largest number of specialists whose predicted peak RSS fits ``budget_mb`` (and whose predicted step
+    time fits ``max_step_s``, if given).
 
     Args:
         shape: the base model's shape (:func:`model_shape`).
         budget_mb: memory the device grants to training, in MiB.
         tokens: tokens per step (batch size x context).
+        max_step_s: seconds the device grants to one expert step (``None``: no time limit).
 
     Raises:
-        BudgetError: if even the generalists alone do not fit; the message gives the smallest budget that does
-            and what to change.
+        BudgetError: if even the generalists alone do not fit; the message says what to change.
     """
     mm = memory_model or load_memory_model(precision)
     predictions = {s: mm.predict_mb(shape, n_generalists + s, tokens, rank) for s in range(max_specialists + 1)}
+    times = {s: mm.predict_step_s(shape, n_generalists + s, tokens) for s in predictions}
     fitting = [s for s, mb in predictions.items() if mb <= budget_mb]
     if not fitting:
         raise BudgetError(
@@ -129,6 +152,17 @@ def specialists_for_budget(shape: ModelShape, budget_mb: float, tokens: int, ran
             f"{n_generalists} generalist(s) and no specialist at {tokens} tokens per step; raise --budget-mb, lower "
             "--batch or --ctx, or use --precision bf16"
         )
+    if max_step_s is not None:
+        if times[0] is None:
+            raise BudgetError("the budget model has no step-time calibration; run benchmarks/calibrate_memory.py "
+                              "or drop the time budget")
+        fitting = [s for s in fitting if times[s] <= max_step_s]
+        if not fitting:
+            raise BudgetError(
+                f"a time budget of {max_step_s:.2f} s per step is below the predicted {times[0]:.2f} s with no "
+                f"specialist at {tokens} tokens per step; raise the time budget or lower --batch or --ctx"
+            )
     best = max(fitting)
-    log.info("budget %.0f MiB -> %d specialist(s) (predicted peak %.0f MiB)", budget_mb, best, predictions[best])
-    return BudgetDecision(best, predictions[best], budget_mb, predictions)
+    log.info("budget %.0f MiB%s -> %d specialist(s) (predicted peak %.0f MiB, step %s s)", budget_mb,
+             "" if max_step_s is None else f", {max_step_s:.2f} s/step", best, predictions[best], times[best])
+    return BudgetDecision(best, predictions[best], budget_mb, predictions, times[best])

@@ -43,6 +43,7 @@ class LocalRunConfig:
     train: TrainConfig
     specialists_from_budget: bool = False
     budget_mb: float | None = None
+    budget_step_s: float | None = None
     eval_tokens: int | None = None
     cache_dir: Path | None = None
 
@@ -50,6 +51,8 @@ class LocalRunConfig:
         problems = []
         if self.budget_mb is not None and self.budget_mb <= 0:
             problems.append(f"budget_mb must be > 0, got {self.budget_mb}")
+        if self.budget_step_s is not None and (self.budget_step_s <= 0 or self.budget_mb is None):
+            problems.append("budget_step_s must be > 0 and goes with budget_mb")
         if self.eval_tokens is not None and self.eval_tokens < 1:
             problems.append(f"eval_tokens must be >= 1, got {self.eval_tokens}")
         if problems:
@@ -71,7 +74,8 @@ def run_local(run: LocalRunConfig, progress: bool = False) -> dict:
         else:
             tokens = run.train.batch_size * run.train.context
             budget = specialists_for_budget(model_shape(base.model, adapter), run.budget_mb, tokens, adapter.rank,
-                                            adapter.n_generalists, run.train.precision)
+                                            adapter.n_generalists, run.train.precision,
+                                            max_step_s=run.budget_step_s)
             adapter = replace(adapter, n_specialists=budget.n_specialists)
     data = load_user_data(run.data, base.tokenizer, cache_dir=cache)
     torch.manual_seed(run.train.seed)
@@ -99,7 +103,9 @@ def run_local(run: LocalRunConfig, progress: bool = False) -> dict:
         "model_source": base.source,
         "adapter": adapter.to_dict(),
         "train_config": {k: v for k, v in run.train.to_dict().items() if k != "extra"},
-        "budget": None if budget is None else {"budget_mb": budget.budget_mb, "predicted_mb": budget.predicted_mb},
+        "budget": None if budget is None else {"budget_mb": budget.budget_mb, "predicted_mb": budget.predicted_mb,
+                                               "budget_step_s": run.budget_step_s,
+                                               "predicted_step_s": budget.predicted_step_s},
         "parameters": count_parameters(model),
         "tokens": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
         "test": {

@@ -39,14 +39,14 @@ def test_calibration_reproduces_the_measured_peaks(smollm2_shape, precision):
 
 def test_more_memory_never_means_fewer_specialists(smollm2_shape):
     counts = [specialists_for_budget(smollm2_shape, mb, tokens=1024).n_specialists
-              for mb in range(2500, 12000, 250)]
+              for mb in range(3150, 3600, 10)]
     assert counts == sorted(counts) and counts[0] < counts[-1]
 
 
 def test_larger_batches_leave_room_for_fewer_specialists(smollm2_shape):
-    small = specialists_for_budget(smollm2_shape, 5000, tokens=512).n_specialists
-    large = specialists_for_budget(smollm2_shape, 5000, tokens=4096).n_specialists
-    assert large <= small
+    small = specialists_for_budget(smollm2_shape, 3300, tokens=256).n_specialists
+    large = specialists_for_budget(smollm2_shape, 3300, tokens=1024).n_specialists
+    assert large < small
 
 
 def test_a_budget_below_one_expert_fails_with_what_to_do(smollm2_shape):
@@ -58,3 +58,16 @@ def test_shape_of_gpt2_family_is_read_from_conv1d_layers():
     shape = model_shape(load_base_model("tiny-gpt2").model)
     assert (shape.layers, shape.d_model, shape.d_ff, shape.vocab) == (2, 64, 256, 257)
     assert shape.mlp_in_out == ((64, 256), (256, 64))
+
+
+def test_a_time_budget_limits_the_specialists(smollm2_shape):
+    model = load_memory_model("bf16")
+    if model.s_token is None:
+        pytest.skip("calibration has no step times")
+    unlimited = specialists_for_budget(smollm2_shape, 100_000, tokens=1024)
+    t1 = model.predict_step_s(smollm2_shape, 2, 1024)
+    limited = specialists_for_budget(smollm2_shape, 100_000, tokens=1024, max_step_s=t1 * 1.0001)
+    assert limited.n_specialists == 1 < unlimited.n_specialists
+    assert limited.predicted_step_s <= t1 * 1.0001
+    with pytest.raises(BudgetError, match="time budget"):
+        specialists_for_budget(smollm2_shape, 100_000, tokens=1024, max_step_s=1e-6)
