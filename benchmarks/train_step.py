@@ -7,8 +7,10 @@ Variants (all rank 8, alpha 16 with the rank-stabilised scale, the same attentio
   1G3S-sparse ours, 4 experts, each expert only on its routed tokens
   1G3S-dense  ours, 4 experts, gated concatenated rank-E*r update on every token
 
-Each round runs one step of every variant in turn; times are medians over rounds, memory is the peak RSS of the
-step above the RSS just before it (kernel high-water mark reset before every step).
+Each round runs one step of every variant in turn; times are medians over rounds. Peak memory cannot be told
+apart inside one process (the allocator keeps freed pages, so a later step reuses an earlier one's memory), so
+each variant's peak RSS is measured in a fresh process of its own (load, 3 steps, kernel high-water mark), right
+after the timing rounds.
 
     .venv/bin/python benchmarks/train_step.py [--model smollm2-135m] [--rounds 6] [--batch 8] [--ctx 128]
 """
@@ -28,7 +30,7 @@ from benchmarks._common import table, write_json  # noqa: E402
 from device_sdk.config import AdapterConfig, TrainConfig  # noqa: E402
 from device_sdk.evaluate import autocast  # noqa: E402
 from device_sdk.inject import LLAMA, inject_adapters  # noqa: E402
-from device_sdk.memory import current_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
+from device_sdk.memory import peak_rss_mb  # noqa: E402
 from device_sdk.models import load_base_model  # noqa: E402
 from device_sdk.train import expert_step, init_train_state, router_step  # noqa: E402
 
@@ -67,6 +69,30 @@ def ours_step_fn(model_name: str, cfg: TrainConfig, n_specialists: int, routing:
     return (lambda x, y: fn(model, state, x, y, cfg)), trainable
 
 
+def build(name: str, model: str, cfg: TrainConfig):
+    if name == "peft":
+        return peft_step_fn(model, cfg)
+    n_specialists = 3 if name.startswith("1G3S") else 1
+    routing = "sparse" if name.endswith("sparse") else "dense" if name.endswith("dense") else "auto"
+    return ours_step_fn(model, cfg, n_specialists, routing, router=name.endswith("router"))
+
+
+VARIANTS = ("peft", "1G1S", "1G1S-router", "1G3S-sparse", "1G3S-dense")
+
+
+def child_peak(name: str, args) -> float:
+    """Peak RSS (MiB) of a fresh process that loads one variant and runs 3 steps."""
+    import json
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", name, "--model", args.model, "--batch", str(args.batch), "--ctx",
+         str(args.ctx), "--precision", args.precision], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -75,49 +101,53 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--ctx", type=int, default=128)
     parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     cfg = TrainConfig(batch_size=args.batch, context=args.ctx, precision=args.precision)
-    variants = {
-        "peft": peft_step_fn(args.model, cfg),
-        "1G1S": ours_step_fn(args.model, cfg, 1, "auto"),
-        "1G1S-router": ours_step_fn(args.model, cfg, 1, "auto", router=True),
-        "1G3S-sparse": ours_step_fn(args.model, cfg, 3, "sparse"),
-        "1G3S-dense": ours_step_fn(args.model, cfg, 3, "dense"),
-    }
+    if args.child:
+        import json
+
+        step, _ = build(args.child, args.model, cfg)
+        x = torch.randint(0, 49152, (args.batch, args.ctx + 1), generator=torch.Generator().manual_seed(0))
+        for _ in range(3):
+            step(x[:, :-1], x[:, 1:])
+        print(json.dumps({"peak_mb": peak_rss_mb()}))
+        return
+    variants = {name: build(name, args.model, cfg) for name in VARIANTS}
+    params = {name: trainable for name, (_, trainable) in variants.items()}
     g = torch.Generator().manual_seed(0)
     times = {k: [] for k in variants}
-    mems = {k: [] for k in variants}
     for r in range(args.warmup + args.rounds):
         x = torch.randint(0, 49152, (args.batch, args.ctx + 1), generator=g)
         for name, (step, _) in variants.items():
-            resident = current_rss_mb()
-            reset_peak_rss()
             start = time.perf_counter()
             step(x[:, :-1], x[:, 1:])
             elapsed = time.perf_counter() - start
             if r >= args.warmup:
                 times[name].append(elapsed)
-                mems[name].append(peak_rss_mb() - resident)
         print(f"round {r + 1}/{args.warmup + args.rounds}: " + ", ".join(
             f"{k} {times[k][-1]:.2f}s" for k in variants if times[k]), flush=True)
+    del variants
+    mems = {name: child_peak(name, args) for name in VARIANTS}
     tokens = args.batch * args.ctx
     rows = []
-    t_peft, m_peft = statistics.median(times["peft"]), statistics.median(mems["peft"])
-    for name, (_, trainable) in variants.items():
-        t, m = statistics.median(times[name]), statistics.median(mems[name])
-        rows.append({"variant": name, "trainable_params": trainable, "step_s": t, "tokens_per_s": tokens / t,
-                     "step_peak_mb": m, "time_vs_peft": t / t_peft, "mem_vs_peft": m / m_peft})
+    t_peft, m_peft = statistics.median(times["peft"]), mems["peft"]
+    for name in VARIANTS:
+        t, m = statistics.median(times[name]), mems[name]
+        rows.append({"variant": name, "trainable_params": params[name], "step_s": t, "tokens_per_s": tokens / t,
+                     "peak_rss_mb": m, "time_vs_peft": t / t_peft, "mem_vs_peft": m / m_peft})
     t_amortised = statistics.median(times["1G1S"]) + 10 / 30 * statistics.median(times["1G1S-router"])
     rows.append({"variant": "1G1S + routers (tau=30, s=10), per expert step", "step_s": t_amortised,
                  "tokens_per_s": tokens / t_amortised, "time_vs_peft": t_amortised / t_peft})
     sparse, dense = statistics.median(times["1G3S-sparse"]), statistics.median(times["1G3S-dense"])
-    summary = {"sparse_vs_dense_time": sparse / dense,
-               "sparse_vs_dense_mem": statistics.median(mems["1G3S-sparse"]) / statistics.median(mems["1G3S-dense"])}
-    print(table(rows, ["variant", "trainable_params", "step_s", "tokens_per_s", "step_peak_mb", "time_vs_peft",
+    summary = {"sparse_vs_dense_time": sparse / dense, "sparse_vs_dense_mem": mems["1G3S-sparse"] / mems["1G3S-dense"],
+               "1G1S_vs_peft_time": statistics.median(times["1G1S"]) / t_peft,
+               "1G1S_vs_peft_mem": mems["1G1S"] / m_peft}
+    print(table(rows, ["variant", "trainable_params", "step_s", "tokens_per_s", "peak_rss_mb", "time_vs_peft",
                        "mem_vs_peft"]))
     print(summary)
     path = write_json("train_step", {"args": vars(args), "rows": rows, "summary": summary,
-                                     "raw_times": times, "raw_mem": mems})
+                                     "raw_times": times, "peak_rss_mb": mems})
     print(f"wrote {path}")
 
 

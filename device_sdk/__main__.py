@@ -67,16 +67,93 @@ def _train_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_join(sub) -> None:
+    p = sub.add_parser("join", help="take part in a federation (Algorithm 1) through an aggregator")
+    p.add_argument("--server", required=True, help="aggregator URL, e.g. http://127.0.0.1:8700")
+    p.add_argument("--data", required=True, type=Path, help="user folder with train/valid/test.txt[.gz]")
+    p.add_argument("--state", type=Path, default=None, help="credentials and checkpoints (default: "
+                   "./device-state/<data folder name>); restart with the same folder to resume")
+    p.add_argument("--enroll-secret", default=None, help="the admin's enrollment secret (first start only)")
+    p.add_argument("--budget-mb", type=float, default=None, help="memory budget; picks the specialist count")
+    p.add_argument("--specialists", type=int, default=None, help="overrides --budget-mb")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--local-steps", type=int, default=10, help="expert steps per round (paper: 10)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--name", default=None)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--ctx", type=int, default=128)
+    p.add_argument("--router-period", type=int, default=30)
+    p.add_argument("--router-steps", type=int, default=10)
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    p.add_argument("--eval-tokens", type=int, default=0, help="test tokens for per-round perplexity "
+                   "(0: skip, -1: whole test set)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", type=Path, default=None)
+
+
+def _join(args: argparse.Namespace) -> int:
+    from .device import Device, DeviceConfig
+
+    train = TrainConfig(steps=args.local_steps, batch_size=args.batch, context=args.ctx,
+                        router_period=args.router_period, router_steps=args.router_steps, precision=args.precision)
+    cfg = DeviceConfig(server=args.server, data=args.data, state_dir=args.state or Path("device-state") / args.data.name,
+                       enroll_secret=args.enroll_secret, model=args.model, name=args.name or args.data.name,
+                       train=train, rounds=args.rounds, n_specialists=args.specialists, budget_mb=args.budget_mb,
+                       eval_tokens=None if args.eval_tokens < 0 else args.eval_tokens, seed=args.seed,
+                       cache_dir=args.cache_dir)
+    device = Device(cfg)
+    log.info("device %d: %d specialist(s), %d round(s) done of %d", device.device_id, device.adapter.n_specialists,
+             device.completed_rounds, cfg.rounds)
+    for report in device.run():
+        ppl = "" if report.test_perplexity is None else f"  test ppl {report.test_perplexity:.2f}"
+        print(f"[{args.data.name}] round {report.round}: {'uploaded' if report.accepted else 'late'}  "
+              f"train loss {report.train_loss:.3f}  valid loss {report.valid_loss:.3f}{ppl}", flush=True)
+    print(f"[{args.data.name}] done: synced to global version {device.global_version}", flush=True)
+    return 0
+
+
+def _add_init_federation(sub) -> None:
+    p = sub.add_parser("init-federation", help="(admin) create a federation and upload its initial shared tensors")
+    p.add_argument("--server", required=True)
+    p.add_argument("--admin-token", required=True)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--min-devices", type=int, default=1)
+    p.add_argument("--deadline-s", type=float, default=600.0)
+    p.add_argument("--aggregation", choices=("mean", "token_weighted"), default="mean")
+    p.add_argument("--enroll-secret", default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _init_federation(args: argparse.Namespace) -> int:
+    from .client import AggregatorClient
+    from .device import initial_shared_tensors
+
+    client = AggregatorClient(args.server, args.admin_token)
+    created = client.create_federation({"base_model": args.model, "rank": args.rank, "alpha": args.alpha,
+                                        "min_devices": args.min_devices, "round_deadline_s": args.deadline_s,
+                                        "aggregation": args.aggregation}, args.enroll_secret)
+    client.set_initial(initial_shared_tensors(args.model, args.rank, args.alpha, args.seed))
+    print(json.dumps({"enroll_secret": created["enroll_secret"]}))
+    return 0
+
+
+COMMANDS = {"train-local": _train_local, "join": _join, "init-federation": _init_federation}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m device_sdk", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_local(sub)
+    _add_join(sub)
+    _add_init_federation(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return _train_local(args)
+        return COMMANDS[args.command](args)
     except SDKError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

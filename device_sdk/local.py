@@ -65,7 +65,7 @@ def run_local(run: LocalRunConfig, progress: bool = False) -> dict:
     Writes ``out/adapters/*.safetensors``, ``out/metrics.json`` and ``out/curves.png``.
     """
     cache = run.cache_dir or default_cache_dir()
-    base = load_base_model(run.model, cache_dir=cache, seed=run.train.seed)
+    base = load_base_model(run.model, cache_dir=cache)
     adapter = run.adapter
     budget = None
     if run.specialists_from_budget:

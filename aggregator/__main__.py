@@ -1,0 +1,37 @@
+"""``python -m aggregator serve [--data-dir DIR] [--host H] [--port P]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aggregator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the aggregator HTTP server")
+    serve.add_argument("--data-dir", type=Path, default=None, help="database and blobs (AGGREGATOR_DATA_DIR)")
+    serve.add_argument("--host", default=None, help="AGGREGATOR_HOST, default 127.0.0.1")
+    serve.add_argument("--port", type=int, default=None, help="AGGREGATOR_PORT, default 8700 (0: any free port)")
+    serve.add_argument("--max-upload-mb", type=float, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from .app import create_app
+    from .settings import Settings
+
+    overrides = {k: v for k, v in {"data_dir": args.data_dir, "host": args.host, "port": args.port,
+                                   "max_upload_mb": args.max_upload_mb}.items() if v is not None}
+    settings = Settings(**overrides)
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    server = uvicorn.Server(config)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

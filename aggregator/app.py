@@ -1,0 +1,90 @@
+"""The FastAPI application: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from .errors import AggregatorError
+from .routes import admin, devices, status
+from .service import Federation
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def admin_token(settings: Settings) -> str:
+    """The configured admin token, else the one stored in ``data_dir/admin_token`` (created on first start)."""
+    if settings.admin_token:
+        return settings.admin_token
+    path = settings.data_dir / "admin_token"
+    if path.is_file():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(24)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    log.warning("generated an admin token in %s", path)
+    return token
+
+
+async def _tick(federation: Federation, every: float) -> None:
+    """Close rounds whose deadline passed."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await run_in_threadpool(federation.maybe_close)
+        except Exception:  # keep ticking; the next tick retries
+            log.exception("closing a round failed")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the aggregator app. State (database, blobs) opens in the lifespan and survives restarts."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.data_dir)
+        federation = Federation(store)
+        await run_in_threadpool(federation.recover)
+        app.state.settings = settings
+        app.state.federation = federation
+        app.state.admin_token = admin_token(settings)
+        ticker = asyncio.create_task(_tick(federation, settings.tick_s))
+        try:
+            yield
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            store.close()
+
+    app = FastAPI(title="CoMiGS aggregator", version="0.1.0", lifespan=lifespan,
+                  description="Collects generalist (shared) adapter tensors from devices and serves their average.")
+
+    @app.exception_handler(AggregatorError)
+    async def domain_error(request: Request, err: AggregatorError) -> JSONResponse:
+        return JSONResponse(status_code=err.status, content={"error": err.code, "detail": err.message,
+                                                             "extra": err.details})
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"error": "invalid_request", "detail": str(err.errors()[:3]),
+                                                      "extra": {}})
+
+    app.include_router(status.router)
+    app.include_router(admin.router)
+    app.include_router(devices.router)
+    return app

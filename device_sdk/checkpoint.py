@@ -1,0 +1,127 @@
+"""Atomic device checkpoints: adapters, optimizer states, schedule, sampler and round counter.
+
+Layout of a checkpoint folder::
+
+    LATEST                 name of the newest complete checkpoint (replaced atomically)
+    ckpt-000003/           adapters/*.safetensors, optim.safetensors, state.json
+
+A new checkpoint is written into a fresh folder, fsynced, and only then named in ``LATEST``; older folders are
+removed afterwards. A crash at any moment leaves ``LATEST`` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .adapters import atomic_save_safetensors, load_adapters, save_adapters
+from .errors import SDKError
+from .train import TrainState, expert_parameters, router_parameters
+
+LATEST = "LATEST"
+
+
+class CheckpointError(SDKError):
+    """A checkpoint folder is missing or does not fit the model."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _optimizer_tensors(model: nn.Module, state: TrainState) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {"generator": state.generator.get_state()}
+    for prefix, opt in (("expert", state.expert_opt), ("router", state.router_opt)):
+        if opt is None:
+            continue
+        for p, s in opt.state.items():
+            for key, value in s.items():
+                out[f"{prefix}/{names[id(p)]}/{key}"] = torch.as_tensor(value).detach().clone()
+    return out
+
+
+def save_checkpoint(folder: Path, model: nn.Module, state: TrainState, base_model: str, info: dict) -> Path:
+    """Write a new checkpoint and make it the latest. ``info`` (JSON) must hold at least ``round``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{int(info['round']):06d}-{state.step:08d}"
+    target = folder / name
+    tmp = folder / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_adapters(model, tmp / "adapters", base_model)
+    atomic_save_safetensors(_optimizer_tensors(model, state), tmp / "optim.safetensors", {"format": "optim/1"})
+    meta = {**info, "step": state.step, "schedule_epoch": state.schedule.last_epoch,
+            "lr_experts": state.expert_opt.param_groups[0]["lr"], "base_model": base_model}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    with open(tmp / "state.json", "rb") as f:
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    latest_tmp = folder / f".{LATEST}.tmp"
+    latest_tmp.write_text(name)
+    with open(latest_tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(latest_tmp, folder / LATEST)
+    _fsync_dir(folder)
+    for old in folder.glob("ckpt-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint folder, or ``None`` if there is none."""
+    pointer = Path(folder) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(folder) / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def load_checkpoint(path: Path, model: nn.Module, state: TrainState, base_model: str) -> dict:
+    """Restore adapters and training state from a checkpoint folder into ``model`` / ``state``; returns its info.
+
+    Raises:
+        CheckpointError: if the checkpoint does not fit the model.
+    """
+    path = Path(path)
+    info = json.loads((path / "state.json").read_text())
+    if info.get("base_model") != base_model:
+        raise CheckpointError(f"checkpoint {path} was made for base model {info.get('base_model')!r}, "
+                              f"not {base_model!r}")
+    load_adapters(model, path / "adapters", base_model)
+    tensors = load_file(str(path / "optim.safetensors"))
+    state.generator.set_state(tensors.pop("generator"))
+    names = dict(model.named_parameters())
+    for prefix, opt, params in (("expert", state.expert_opt, expert_parameters(model)),
+                                ("router", state.router_opt, router_parameters(model))):
+        if opt is None:
+            continue
+        ids = {id(p) for p in params}
+        for key, value in tensors.items():
+            if not key.startswith(prefix + "/"):
+                continue
+            _, pname, field = key.split("/", 2)
+            p = names.get(pname)
+            if p is None or id(p) not in ids:
+                raise CheckpointError(f"checkpoint {path} has optimizer state for unknown parameter {pname}")
+            opt.state[p][field] = value
+    state.step = int(info["step"])
+    state.schedule.last_epoch = int(info["schedule_epoch"])
+    for group in state.expert_opt.param_groups:
+        group["lr"] = float(info["lr_experts"])
+    state.schedule._last_lr = [g["lr"] for g in state.expert_opt.param_groups]
+    return info

@@ -1,0 +1,178 @@
+"""Algorithm 1 end to end: a real aggregator and real device processes with tiny models; crashes on both sides."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from device_sdk.adapters import read_adapter_file
+from device_sdk.checkpoint import latest_checkpoint
+
+from .server import ADMIN_TOKEN, ROOT, Server
+
+SHARED = ROOT.parent / "shared" / "data" / "multilingual"
+
+
+def make_users(root: Path, names=("de", "fr", "nl")) -> list[Path]:
+    """Small user folders: slices of the real per-user text when ../shared is there, generated text otherwise."""
+    folders = []
+    for i, name in enumerate(names):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for split in ("train", "valid", "test"):
+            source = SHARED / name / f"{split}.txt.gz"
+            if source.is_file():
+                text = gzip.open(source, "rt", encoding="utf-8").read(40_000 if split == "train" else 8_000)
+            else:
+                words = [f"w{i}{j}" for j in range(40)]
+                text = "\n".join(" ".join(words[(k * 7 + j) % 40] for j in range(12)) for k in range(300))
+            (folder / f"{split}.txt").write_text(text)
+        folders.append(folder)
+    return folders
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+def init_federation(url: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "device_sdk", "init-federation", "--server", url, "--admin-token",
+                           ADMIN_TOKEN, "--model", "tiny-llama", "--min-devices", "3"], env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["enroll_secret"]
+
+
+def start_device(url: str, secret: str, data: Path, state: Path, specialists: int, cache: Path, rounds: int = 3,
+                 steps: int = 4, seed: int = 0) -> subprocess.Popen:
+    log = open(state.parent / f"{state.name}.log", "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "device_sdk", "join", "--server", url, "--data", str(data), "--state", str(state),
+         "--enroll-secret", secret, "--specialists", str(specialists), "--rounds", str(rounds), "--local-steps",
+         str(steps), "--model", "tiny-llama", "--batch", "4", "--ctx", "32", "--router-period", "2",
+         "--router-steps", "1", "--precision", "fp32", "--seed", str(seed), "--cache-dir", str(cache)],
+        env=env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_all(procs: list[subprocess.Popen], states: list[Path], timeout: float = 300) -> None:
+    for proc, state in zip(procs, states):
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        assert code == 0, (state.parent / f"{state.name}.log").read_text()[-3000:]
+
+
+def status(url: str) -> dict:
+    return httpx.get(url + "/status", timeout=10).json()
+
+
+def shared_of_checkpoint(state: Path) -> dict[str, torch.Tensor]:
+    ckpt = latest_checkpoint(state / "checkpoints")
+    out = {}
+    for role in ("attention", "generalist"):
+        out.update(read_adapter_file(ckpt / "adapters" / f"{role}.safetensors")[0])
+    return out
+
+
+def check_federation(server: Server, states: list[Path], rounds: int) -> None:
+    """Every closed round's global is the exact mean of its stored uploads; devices hold the last global; uploads
+    hold shared tensors only; specialists and routers stay different per device."""
+    data = server.data_dir
+    history = status(server.url)["history"]
+    closed = [h for h in history if h["status"] == "closed"]
+    assert [h["round"] for h in closed] == list(range(1, rounds + 1))
+    assert all(sorted(h["participants"]) == [1, 2, 3] for h in closed)
+    spec_keys = set(load_file(str(data / "blobs" / "globals" / "v000000.safetensors")))
+    assert not any(".experts.1." in k or "router" in k for k in spec_keys)
+    for h in closed:
+        uploads = sorted((data / "blobs" / "updates" / f"r{h['round']:06d}").glob("*.safetensors"))
+        assert len(uploads) == 3
+        tensors = [load_file(str(p)) for p in uploads]
+        assert all(set(t) == spec_keys for t in tensors)  # nothing but shared tensors ever reached the server
+        glob = load_file(str(data / "blobs" / "globals" / f"v{h['round']:06d}.safetensors"))
+        for k in spec_keys:
+            expected = (sum(t[k].double() for t in tensors) / 3).float()
+            assert torch.equal(glob[k], expected), k
+    last = load_file(str(data / "blobs" / "globals" / f"v{rounds:06d}.safetensors"))
+    for state in states:
+        held = shared_of_checkpoint(state)
+        assert held.keys() == last.keys() and all(torch.equal(held[k], last[k]) for k in last), state
+    spec2 = read_adapter_file(latest_checkpoint(states[1] / "checkpoints") / "adapters" / "specialist.safetensors")[0]
+    spec4 = read_adapter_file(latest_checkpoint(states[2] / "checkpoints") / "adapters" / "specialist.safetensors")[0]
+    key = next(k for k in spec2 if ".experts.1.lora_B" in k)
+    assert not torch.equal(spec2[key], spec4[key])
+    assert not (latest_checkpoint(states[0] / "checkpoints") / "adapters" / "specialist.safetensors").exists()
+
+
+@pytest.fixture
+def federation(tmp_path):
+    server = Server(tmp_path / "agg").start()
+    users = make_users(tmp_path / "users")
+    secret = init_federation(server.url)
+    states = [tmp_path / f"state-{u.name}" for u in users]
+    yield server, users, secret, states
+    server.stop()
+
+
+def test_three_devices_with_1_2_4_experts_run_three_rounds(federation, tmp_path):
+    server, users, secret, states = federation
+    procs = [start_device(server.url, secret, u, s, n, tmp_path / "cache", seed=i)
+             for i, (u, s, n) in enumerate(zip(users, states, (0, 1, 3)))]
+    wait_all(procs, states)
+    check_federation(server, states, rounds=3)
+
+
+def _wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_server_sigkill_mid_round_loses_nothing(federation, tmp_path):
+    server, users, secret, states = federation
+    procs = [start_device(server.url, secret, u, s, n, tmp_path / "cache", seed=i)
+             for i, (u, s, n) in enumerate(zip(users, states, (0, 1, 3)))]
+    _wait_until(lambda: (status(server.url)["current_round"] or {}).get("round", 0) >= 2
+                and status(server.url)["current_round"]["reported"] >= 1, 240, "a report in round 2")
+    accepted_before = [h for h in status(server.url)["history"] if h["participants"]]
+    server.kill()
+    time.sleep(1.0)
+    server.start()
+    after = status(server.url)["history"]
+    for h in accepted_before:  # every accepted upload and closed round survived
+        match = next(x for x in after if x["round"] == h["round"])
+        assert set(h["participants"]) <= set(match["participants"])
+    wait_all(procs, states)
+    check_federation(server, states, rounds=3)
+
+
+def test_device_sigkill_mid_training_resumes(federation, tmp_path):
+    server, users, secret, states = federation
+    slow = start_device(server.url, secret, users[2], states[2], 3, tmp_path / "cache", steps=40, seed=2)
+    procs = [start_device(server.url, secret, u, s, n, tmp_path / "cache", seed=i)
+             for i, (u, s, n) in enumerate(zip(users[:2], states[:2], (0, 1)))]
+    _wait_until(lambda: latest_checkpoint(states[2] / "checkpoints") is not None, 240, "the slow device's checkpoint")
+    first = latest_checkpoint(states[2] / "checkpoints")
+    time.sleep(1.0)  # now training round 2
+    slow.send_signal(signal.SIGKILL)
+    slow.wait()
+    assert latest_checkpoint(states[2] / "checkpoints") == first  # the kill left the checkpoint intact
+    resumed = start_device(server.url, secret, users[2], states[2], 3, tmp_path / "cache", steps=40, seed=2)
+    wait_all(procs + [resumed], states[:2] + [states[2]])
+    check_federation(server, states, rounds=3)
+    log = (states[2].parent / f"{states[2].name}.log").read_text()
+    assert "resumed from" in log

@@ -1,0 +1,48 @@
+"""The store and the federation rules on a real database file, without HTTP."""
+
+import json
+
+import torch
+from safetensors.torch import save as st_save
+
+from aggregator.schemas import Capabilities, FederationConfig
+from aggregator.service import Federation
+from aggregator.store import Store
+
+
+def _payload(value: float) -> bytes:
+    return st_save({"w": torch.full((2, 2), value)}, metadata={"tokens": "10", "metrics": json.dumps({"loss": value})})
+
+
+def test_an_interrupted_aggregation_is_redone_on_start(tmp_path):
+    fed = Federation(Store(tmp_path))
+    fed.create(FederationConfig(base_model="tiny-llama", min_devices=2), "secret-secret")
+    fed.set_initial(st_save({"w": torch.zeros(2, 2)}))
+    devices = [fed.enroll("secret-secret", f"d{i}", Capabilities(n_specialists=1, rank=8)) for i in range(2)]
+    for (device_id, token), value in zip(devices, (1.0, 3.0)):
+        fed.upload(fed.authenticate(token), 1, _payload(value))
+    assert fed.store.mark_aggregating(1)  # the server dies here, before the new global is stored
+    fed.store.close()
+
+    restarted = Federation(Store(tmp_path))
+    assert restarted.store.round(1).status == "aggregating"
+    restarted.recover()
+    assert restarted.store.round(1).status == "closed"
+    assert restarted.store.current_round().round == 2
+    path, _ = restarted.store.global_blob(1)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(path))["w"], torch.full((2, 2), 2.0))
+    assert restarted.store.round(1).summary["mean_metrics"] == {"loss": 2.0}
+
+
+def test_round_waits_for_min_devices_even_after_its_deadline(tmp_path):
+    fed = Federation(Store(tmp_path))
+    fed.create(FederationConfig(base_model="m", min_devices=2, round_deadline_s=0.01), "secret-secret")
+    fed.set_initial(st_save({"w": torch.zeros(2, 2)}))
+    _, token = fed.enroll("secret-secret", "d", Capabilities(n_specialists=0, rank=8))
+    fed.upload(fed.authenticate(token), 1, _payload(1.0))
+    assert fed.maybe_close(now=1e12) is None  # one report, two needed
+    _, token2 = fed.enroll("secret-secret", "d2", Capabilities(n_specialists=3, rank=8))
+    fed.upload(fed.authenticate(token2), 1, _payload(5.0))
+    assert fed.maybe_close() == 1
