@@ -5,7 +5,7 @@ DEMO_USER ?= nl
 STEPS ?= 150
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-all data
+.PHONY: setup demo demo-local test data
 
 setup:
 	scripts/setup.sh
@@ -15,8 +15,14 @@ $(DATA)/$(DEMO_USER)/train.txt.gz:
 
 data: setup $(DATA)/$(DEMO_USER)/train.txt.gz
 
-# Main job: personalise the offline SmolLM2-135M on one language user and print test perplexity before/after.
+# Main job: a federation on loopback, four SmolLM2 devices (de, fr, it, nl) with 3, 2, 1, 0 specialists.
+ROUNDS ?= 3
 demo: data
+	$(PY) examples/federation_demo.py --data $(DATA) --specialists de=3,fr=2,it=1,nl=0 --rounds $(ROUNDS) \
+		--out runs/federation
+
+# Single device: personalise SmolLM2 on one language user, test perplexity before/after.
+demo-local: data
 	$(PY) -m device_sdk train-local --data $(DATA)/$(DEMO_USER) --model smollm2-135m --specialists 1 \
 		--steps $(STEPS) --eval-every 25 --out runs/demo-$(DEMO_USER)
 

@@ -147,6 +147,7 @@ class Federation:
         Streams the updates one file and one tensor at a time; redone from scratch after a crash.
         """
         with self._aggregate_lock:
+            start = time.perf_counter()
             current = self.store.round(number)
             if current is None or current.status != "aggregating":
                 return
@@ -161,7 +162,8 @@ class Federation:
                 del tensors
             result = mean.result()
             summary = {"participants": [u.device_id for u in updates], "tokens": sum(u.tokens for u in updates),
-                       "mean_metrics": _mean_metrics([u.metrics for u in updates]), "rule": config.aggregation}
+                       "mean_metrics": _mean_metrics([u.metrics for u in updates]), "rule": config.aggregation,
+                       "aggregation_s": time.perf_counter() - start}
             self.store.close_round(number, to_bytes(result, {"round": str(number)}), summary, config.round_deadline_s)
             log.info("round %d closed with %d update(s); global version %d", number, len(updates), number)
 

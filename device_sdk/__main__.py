@@ -104,6 +104,8 @@ def _join(args: argparse.Namespace) -> int:
     device = Device(cfg)
     log.info("device %d: %d specialist(s), %d round(s) done of %d", device.device_id, device.adapter.n_specialists,
              device.completed_rounds, cfg.rounds)
+    if cfg.eval_tokens != 0 and device.completed_rounds == 0:
+        print(f"[{args.data.name}] round 0: base model  test ppl {device.test_perplexity():.2f}", flush=True)
     for report in device.run():
         ppl = "" if report.test_perplexity is None else f"  test ppl {report.test_perplexity:.2f}"
         print(f"[{args.data.name}] round {report.round}: {'uploaded' if report.accepted else 'late'}  "
