@@ -8,6 +8,28 @@ import sys
 from pathlib import Path
 
 
+def limit_malloc_fragmentation() -> None:
+    """Keep the server's memory flat under many concurrent ~10 MB uploads (glibc only; a no-op elsewhere).
+
+    glibc gives every thread its own arena and raises the mmap threshold after large frees, so request bodies
+    handled in the thread pool end up fragmenting many heaps: measured, peak RSS grew from 966 to 1210 MiB between
+    50 and 400 uploads. Two arenas and a fixed 1 MiB mmap threshold (large buffers go back to the OS on free)
+    keep it at 884 -> 963 MiB (benchmarks/aggregator_load.py).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aggregator")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -17,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=None, help="AGGREGATOR_PORT, default 8700 (0: any free port)")
     serve.add_argument("--max-upload-mb", type=float, default=None)
     args = parser.parse_args(argv)
+    limit_malloc_fragmentation()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn

@@ -78,13 +78,21 @@ class RunningMean:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
-        """Add one validated update with ``weight`` (> 0)."""
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: float = 1.0, check_values: bool = True) -> None:
+        """Add one update with ``weight`` (> 0).
+
+        Args:
+            check_values: run the full :func:`validate` (shapes, dtypes, finite values). Updates the store accepted
+                were validated on upload; re-reading them only needs the key set checked.
+        """
         if not weight > 0:
             raise InvalidUpdate(f"aggregation weight must be > 0, got {weight}")
-        validate(tensors, self.spec)
+        if check_values:
+            validate(tensors, self.spec)
+        elif tensors.keys() != self.spec.keys():
+            raise InvalidUpdate("a stored update does not have the federation's key set")
         for name, t in tensors.items():
-            self.sums[name].add_(t.to(torch.float64), alpha=weight)
+            self.sums[name].add_(t, alpha=weight)  # float32 into float64, no intermediate copy
         self.total_weight += weight
         self.count += 1
 

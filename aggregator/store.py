@@ -222,6 +222,9 @@ class Store:
         return None if row is None else Update(row[0], row[1], row[2], self.data_dir / row[3], row[4],
                                                json.loads(row[5]))
 
+    def count_updates(self, number: int) -> int:
+        return self._one("SELECT COUNT(*) FROM updates WHERE round = ?", (number,))[0]
+
     def updates(self, number: int) -> list[Update]:
         rows = self._all("SELECT round, device_id, sha256, path, tokens, metrics FROM updates WHERE round = ? "
                          "ORDER BY device_id", (number,))

@@ -55,11 +55,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def peak_rss_mb(pid: int) -> float:
+def status_mb(pid: int, field: str = "VmHWM") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class RssSampler:
+    """Samples a process's RSS every few milliseconds and keeps the maximum per phase."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid, self.phase, self.peaks = pid, "start", {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                rss = status_mb(self.pid, "VmRSS")
+            except OSError:
+                return
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
+            time.sleep(0.005)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
 
 
 async def upload_all(url: str, tokens: list[str], payloads: list[bytes], concurrency: int) -> list[float]:
@@ -101,9 +127,12 @@ def run(n: int, shapes: dict, payloads: list[bytes], tensor_sets: list[dict], co
             tokens = [c.post(url + "/enroll", json={"enroll_secret": created["enroll_secret"], "name": f"d{i}",
                                                     "capabilities": {"n_specialists": 1, "rank": 8}}).json()["token"]
                       for i in range(n)]
+        sampler = RssSampler(server.pid)
+        sampler.phase = "uploads"
         start = time.perf_counter()
         done_at = asyncio.run(upload_all(url, tokens, payloads, concurrency))
         last = max(done_at)
+        sampler.phase = "aggregation"
         while True:
             status = httpx.get(url + "/status", timeout=60).json()
             if status["current_round"]["round"] == 2:
@@ -116,7 +145,8 @@ def run(n: int, shapes: dict, payloads: list[bytes], tensor_sets: list[dict], co
         aggregation_s = json.loads(db.execute("SELECT summary FROM rounds WHERE round = 1").fetchone()[0])[
             "aggregation_s"]
         db.close()
-        rss = peak_rss_mb(server.pid)
+        rss = status_mb(server.pid)
+        phases = sampler.stop()
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
@@ -132,7 +162,8 @@ def run(n: int, shapes: dict, payloads: list[bytes], tensor_sets: list[dict], co
     return {"devices": n, "uploads_per_s": n / upload_s, "upload_wall_s": upload_s,
             "last_upload_to_global_s": new_global - last, "aggregation_s": aggregation_s,
             "plain_sum_s": plain_sum_s, "aggregation_vs_plain_sum": aggregation_s / plain_sum_s,
-            "server_peak_rss_mb": rss}
+            "server_peak_rss_mb": rss, "server_rss_uploads_mb": phases.get("uploads"),
+            "server_rss_aggregation_mb": phases.get("aggregation"), "server_rss_idle_mb": phases.get("start")}
 
 
 def main() -> None:
@@ -155,7 +186,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(table(rows, ["devices", "uploads_per_s", "last_upload_to_global_s", "aggregation_s", "plain_sum_s",
-                       "aggregation_vs_plain_sum", "server_peak_rss_mb"]))
+                       "aggregation_vs_plain_sum", "server_peak_rss_mb", "server_rss_uploads_mb",
+                       "server_rss_aggregation_mb"]))
     print(f"wrote {write_json('aggregator_load', {'args': vars(args), 'upload_mb': size_mb, 'rows': rows})}")
 
 
