@@ -106,7 +106,7 @@ def _join(args: argparse.Namespace) -> int:
              device.completed_rounds, cfg.rounds)
     if cfg.eval_tokens != 0 and device.completed_rounds == 0:
         print(f"[{args.data.name}] round 0: base model  test ppl {device.test_perplexity():.2f}", flush=True)
-    for report in device.run():
+    for report in device.rounds():
         ppl = "" if report.test_perplexity is None else f"  test ppl {report.test_perplexity:.2f}"
         print(f"[{args.data.name}] round {report.round}: {'uploaded' if report.accepted else 'late'}  "
               f"train loss {report.train_loss:.3f}  valid loss {report.valid_loss:.3f}{ppl}", flush=True)
@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     try:
         return COMMANDS[args.command](args)
     except SDKError as err:

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .client import AggregatorClient, RetryPolicy, ServerRejected
 from .config import AdapterConfig, TrainConfig
 from .data import UserData, load_user_data
-from .errors import ConfigError, SDKError
+from .errors import ConfigError
 from .evaluate import evaluate
 from .inject import inject_adapters
 from .models import default_cache_dir, load_base_model
@@ -180,11 +181,13 @@ class Device:
             self.global_version = version
 
     def _wait_for_new_round(self) -> dict:
+        delay = self.cfg.poll_s
         while True:
             current = self.client.current_round()
             if current["round"] > self.last_round and not current["you_reported"]:
                 return current
-            time.sleep(self.cfg.poll_s)
+            time.sleep(delay)
+            delay = min(2.0, delay * 1.5)
 
     def checkpoint(self) -> None:
         save_checkpoint(self.state_dir / "checkpoints", self.model, self.state, self.base_name,
@@ -218,13 +221,15 @@ class Device:
 
     def final_sync(self) -> int:
         """Wait for the round this device last reported to close and load the resulting global version."""
+        delay = self.cfg.poll_s
         while True:
             current = self.client.current_round()
             if current["round"] > self.last_round:
                 self.sync(current["base_version"])
                 self.checkpoint()
                 return current["base_version"]
-            time.sleep(self.cfg.poll_s)
+            time.sleep(delay)
+            delay = min(2.0, delay * 1.5)
 
     def test_perplexity(self) -> float:
         tokens = None if self.cfg.eval_tokens in (None, 0) else self.cfg.eval_tokens
@@ -233,17 +238,19 @@ class Device:
 
     def run(self, progress: bool = False) -> list[RoundReport]:
         """Take part until ``cfg.rounds`` rounds are done (counting rounds done before a restart), then sync."""
-        reports = []
+        return list(self.rounds(progress))
+
+    def rounds(self, progress: bool = False) -> Iterator[RoundReport]:
+        """Like :meth:`run`, yielding each round's report as soon as the round is done."""
         while self.completed_rounds < self.cfg.rounds:
             report = self.run_round(progress)
             if self.cfg.eval_tokens != 0:
                 report.test_perplexity = self.test_perplexity()
-            reports.append(report)
             log.info("round %d: %s, train loss %.3f, valid loss %.3f%s", report.round,
                      "uploaded" if report.accepted else "late", report.train_loss, report.valid_loss,
                      "" if report.test_perplexity is None else f", test ppl {report.test_perplexity:.2f}")
+            yield report
         self.final_sync()
-        return reports
 
 
 def initial_shared_tensors(model_name: str, rank: int = 8, alpha: float = 16.0, seed: int = 0,
@@ -255,4 +262,4 @@ def initial_shared_tensors(model_name: str, rank: int = 8, alpha: float = 16.0, 
     return role_state_dict(model, SHARED_ROLES)
 
 
-__all__ = ["Device", "DeviceConfig", "RoundReport", "SDKError", "initial_shared_tensors"]
+__all__ = ["Device", "DeviceConfig", "RoundReport", "initial_shared_tensors"]

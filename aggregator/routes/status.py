@@ -32,6 +32,6 @@ def status(federation: FederationDep) -> Status:
     state = None
     if current is not None:
         state = RoundState(round=current.round, status=current.status, base_version=current.base_version,
-                           deadline=current.deadline, reported=len(store.updates(current.round)),
+                           deadline=current.deadline, reported=store.count_updates(current.round),
                            expected=federation.expected_devices())
     return Status(ready=ready, config=config, devices=len(store.devices()), current_round=state, history=history)
