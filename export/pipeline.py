@@ -1,0 +1,148 @@
+"""Export a device's personalised model: files, tokenizer, manifest, and verification of every file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from device_sdk.data import load_user_data
+from device_sdk.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+from .errors import ExportError
+from .load import Personalized, load_personalized
+from .verify import SAMPLE_TEXT, Tolerance, compare, require
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("pte", "onnx")
+QUANTIZE = ("none",)
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export. ``formats`` from :data:`FORMATS`; ``max_seq`` the longest accepted sequence."""
+
+    formats: tuple[str, ...] = FORMATS
+    quantize: str = "none"
+    max_seq: int = 512
+
+    def __post_init__(self) -> None:
+        problems = []
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            problems.append(f"formats must be a non-empty subset of {FORMATS}, got {list(self.formats)}")
+        if self.quantize not in QUANTIZE:
+            problems.append(f"quantize {self.quantize!r} is not supported; choose from {QUANTIZE}")
+        if not 2 <= self.max_seq <= 8192:
+            problems.append(f"max_seq must be in [2, 8192], got {self.max_seq}")
+        if problems:
+            raise ExportError("invalid export options: " + "; ".join(problems))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_tokenizer(tokenizer: Tokenizer, out: Path) -> list[str]:
+    """Write the tokenizer next to the model: ``tokenizer.json`` (Hugging Face) or a byte-tokenizer description."""
+    if isinstance(tokenizer, HFTokenizer):
+        written = tokenizer.hf.save_pretrained(str(out))
+        return sorted(Path(p).name for p in written if Path(p).is_file())
+    if isinstance(tokenizer, ByteTokenizer):
+        (out / "tokenizer.json").write_text(json.dumps({"type": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+                                                        "eos_token_id": tokenizer.eos_token_id}))
+        return ["tokenizer.json"]
+    raise ExportError(f"cannot save a tokenizer of type {type(tokenizer).__name__}")
+
+
+def verification_tokens(loaded: Personalized, data: Path | None) -> np.ndarray:
+    """The user's test text if ``data`` is given, else the built-in multilingual sample."""
+    if data is not None:
+        return load_user_data(data, loaded.tokenizer).test
+    return np.asarray(loaded.tokenizer.encode(SAMPLE_TEXT), dtype=np.int64)
+
+
+def runner_for(path: Path):
+    if path.suffix == ".pte":
+        from .executorch import PteRunner
+
+        return PteRunner(path)
+    from .onnx import OnnxRunner
+
+    return OnnxRunner(path)
+
+
+def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data: Path | None = None,
+                      tol: Tolerance = Tolerance()) -> dict:
+    """Export, verify and describe a personalised model. Returns the manifest (also written to ``out``).
+
+    Raises:
+        ExportError: bad checkpoint or options, exporter failure. VerificationError: a file does not match
+            PyTorch (the numbers are in the message; the files stay for inspection, no manifest is written).
+    """
+    loaded = load_personalized(checkpoint)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files, exports = [], {}
+    if "pte" in options.formats:
+        from .executorch import export_pte
+
+        exports["pte"] = export_pte(loaded.model, out / "model.pte", options.max_seq)
+        files.append(out / "model.pte")
+    if "onnx" in options.formats:
+        from .onnx import export_onnx
+
+        exports["onnx"] = export_onnx(loaded.model, out / "model.onnx", options.max_seq)
+        files.append(out / "model.onnx")
+    tokens = verification_tokens(loaded, data)
+    seq_lens = tuple(t for t in (16, min(64, options.max_seq)) if t <= options.max_seq)
+    verification = {}
+    for path in files:
+        result = compare(loaded.model, runner_for(path), tokens, path.name, seq_lens=seq_lens, tol=tol)
+        log.info("%s: max |logit diff| %.2e, argmax agreement %.4f, ppl %.4f vs %.4f", path.name,
+                 result.max_abs_logit_diff, result.argmax_agreement, result.ppl_exported, result.ppl_pytorch)
+        require(result, tol)
+        verification[path.name] = result.to_dict()
+    tokenizer_files = save_tokenizer(loaded.tokenizer, out)
+    manifest = {
+        "format": "device_sdk.export/1",
+        "base_model": loaded.base_model,
+        "adapter": loaded.adapter.to_dict(),
+        "roles": ["attention", "generalist", "specialist", "router"],
+        "round": loaded.info.get("round"),
+        "global_version": loaded.info.get("global_version"),
+        "export": {"formats": list(options.formats), "quantize": options.quantize, "max_seq": options.max_seq,
+                   "inputs": {"input_ids": "int64 (batch, seq)"}, "outputs": {"logits": "float32 (batch, seq, vocab)"},
+                   "pte_batch": 1, **{f"{k}_seconds": v["seconds"] for k, v in exports.items()}},
+        "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                  for p in [*files, *(out / f for f in tokenizer_files)]},
+        "verification": verification,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify_export(checkpoint: Path, out: Path, data: Path | None = None, tol: Tolerance = Tolerance()) -> dict:
+    """Re-run the parity checks of an existing export folder against its checkpoint."""
+    loaded = load_personalized(checkpoint)
+    tokens = verification_tokens(loaded, data)
+    results = {}
+    for name in ("model.pte", "model.onnx"):
+        path = Path(out) / name
+        if path.is_file():
+            result = compare(loaded.model, runner_for(path), tokens, name, tol=tol)
+            require(result, tol)
+            results[name] = result.to_dict()
+    if not results:
+        raise ExportError(f"{out} holds no model.pte or model.onnx")
+    return results

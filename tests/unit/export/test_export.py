@@ -1,0 +1,95 @@
+"""Export of tiny personalised models to ExecuTorch and ONNX, checked against PyTorch."""
+
+import json
+
+import pytest
+import torch
+
+from device_sdk.adapters import save_adapters
+from device_sdk.checkpoint import save_checkpoint
+from device_sdk.config import TrainConfig
+from device_sdk.train import init_train_state
+from export.errors import ExportError, VerificationError
+from export.executorch import PteRunner
+from export.load import load_personalized
+from export.onnx import OnnxRunner
+from export.pipeline import ExportOptions, export_checkpoint
+from export.verify import compare, require
+
+from ...conftest import make_model
+
+
+@pytest.fixture(params=["tiny-gpt2", "tiny-llama"])
+def adapters_dir(request, tmp_path):
+    model = make_model(request.param, n_specialists=2)  # random B: every expert and router matters
+    save_adapters(model, tmp_path / "run" / "adapters", request.param)
+    return tmp_path / "run", model
+
+
+def test_both_formats_match_pytorch_at_two_sequence_lengths(adapters_dir, tmp_path):
+    run, model = adapters_dir
+    manifest = export_checkpoint(run, tmp_path / "out", ExportOptions(max_seq=128))
+    assert set(manifest["verification"]) == {"model.pte", "model.onnx"}
+    assert all(v["passed"] and v["seq_lens"] == [16, 64] for v in manifest["verification"].values())
+    assert manifest["adapter"]["n_specialists"] == 2 and manifest["base_model"] in ("tiny-gpt2", "tiny-llama")
+    assert {"model.pte", "model.onnx", "tokenizer.json"} <= set(manifest["files"])
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+
+    model.eval()
+    pte, onnx = PteRunner(tmp_path / "out" / "model.pte"), OnnxRunner(tmp_path / "out" / "model.onnx")
+    for length in (7, 40):
+        x = torch.randint(0, 257, (1, length))
+        with torch.no_grad():
+            ref = model(input_ids=x).logits
+        torch.testing.assert_close(pte(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(onnx(x), ref, rtol=1e-4, atol=1e-4)
+    x = torch.randint(0, 257, (3, 11))  # ONNX keeps a dynamic batch
+    with torch.no_grad():
+        torch.testing.assert_close(onnx(x), model(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_device_state_folder_exports_with_its_round(tmp_path):
+    model = make_model("tiny-llama", n_specialists=1)
+    state = init_train_state(model, TrainConfig(steps=1))
+    save_checkpoint(tmp_path / "dev" / "checkpoints", model, state, "tiny-llama",
+                    {"round": 4, "completed_rounds": 4, "global_version": 4})
+    loaded = load_personalized(tmp_path / "dev")
+    assert loaded.info["round"] == 4 and loaded.adapter.n_specialists == 1
+    manifest = export_checkpoint(tmp_path / "dev", tmp_path / "out", ExportOptions(formats=("onnx",), max_seq=64))
+    assert manifest["round"] == 4 and list(manifest["verification"]) == ["model.onnx"]
+
+
+def test_a_failed_parity_check_raises_with_the_numbers(adapters_dir):
+    run, _ = adapters_dir
+    loaded = load_personalized(run)
+    tokens = torch.randint(0, 257, (200,)).numpy()
+    result = compare(loaded.model, lambda x: loaded.model(x) + 0.5, tokens, "broken")
+    assert not result.passed and result.max_abs_logit_diff == pytest.approx(0.5, rel=1e-3)
+    with pytest.raises(VerificationError, match=r"broken does not match PyTorch: max \|logit diff\| 0.5"):
+        require(result)
+
+
+def test_malformed_checkpoints_fail_clearly(tmp_path):
+    with pytest.raises(ExportError, match="does not exist"):
+        load_personalized(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="no adapter files"):
+        load_personalized(tmp_path / "empty")
+    model = make_model("tiny-llama", n_specialists=2)
+    save_adapters(model, tmp_path / "a", "tiny-llama")
+    (tmp_path / "a" / "specialist.safetensors").unlink()
+    with pytest.raises(ExportError, match=r"lacks \['specialist'\]"):
+        load_personalized(tmp_path / "a")
+    (tmp_path / "a" / "generalist.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ExportError, match="malformed checkpoint"):
+        load_personalized(tmp_path / "a")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"formats": ("tflite",)}, "formats must be"),
+    ({"quantize": "int8"}, "quantize 'int8' is not supported"),
+    ({"max_seq": 1}, "max_seq must be"),
+])
+def test_unsupported_options_fail_clearly(kwargs, message):
+    with pytest.raises(ExportError, match=message):
+        ExportOptions(**kwargs)
