@@ -151,6 +151,7 @@ class LoRAMoELinear(nn.Module):
         self.scale = scale
         self.rank = rank
         self.sparse = sparse
+        self.fused = True  # dense mode: one concatenated matmul (training); False: one per expert (export)
         self._slot = slot
         roles = [Role.GENERALIST] * n_generalists + [Role.SPECIALIST] * n_specialists
         self.experts = nn.ModuleList(LoRAExpert(d_in, d_out, rank, role) for role in roles)
@@ -172,6 +173,13 @@ class LoRAMoELinear(nn.Module):
         return out + self.scale * self._dense_update(x, routing.gates)
 
     def _dense_update(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        if not self.fused:  # every expert's A and B stay separate weights in an exported graph
+            update = None
+            for e, expert in enumerate(self.experts):
+                h = F.linear(x, expert.lora_A) * gates[..., e : e + 1].to(x.dtype)  # (B, T, r)
+                y = F.linear(h, expert.lora_B)  # (B, T, D_out)
+                update = y if update is None else update + y
+            return update
         a_cat = torch.cat([e.lora_A for e in self.experts], dim=0)  # (E*r, D_in)
         b_cat = torch.cat([e.lora_B for e in self.experts], dim=1)  # (D_out, E*r)
         h = F.linear(x, a_cat)  # (B, T, E*r)

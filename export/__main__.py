@@ -13,8 +13,28 @@ from device_sdk.errors import SDKError
 from .pipeline import FORMATS, QUANTIZE, ExportOptions, export_checkpoint, verify_export
 
 
+def update_adapters_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export update-adapters",
+                                     description="replace the adapters data file of an ExecuTorch export after a "
+                                                 "new round, keeping the program and the base data file")
+    parser.add_argument("--program", required=True, type=Path, help="the export folder (model.pte, adapters.ptd)")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="the device's new state or adapters folder")
+    args = parser.parse_args(argv)
+    from .pipeline import update_program_adapters
+
+    try:
+        path = update_program_adapters(args.program, args.checkpoint)
+    except SDKError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"adapters": str(path), "ok": True}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "update-adapters":
+        return update_adapters_main(argv[1:])
     verify = bool(argv) and argv[0] == "verify"
     parser = argparse.ArgumentParser(prog="python -m export" + (" verify" if verify else ""),
                                      description="export a device's personalised model for phone inference")

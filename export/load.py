@@ -17,7 +17,7 @@ from device_sdk.errors import SDKError
 from device_sdk.inject import inject_adapters
 from device_sdk.lora import LoRAMoELinear
 from device_sdk.models import load_base_model
-from device_sdk.parts import Role
+from device_sdk.parts import Role, iter_role_parameters
 from device_sdk.tokenizer import Tokenizer
 
 from .errors import ExportError
@@ -44,6 +44,10 @@ class Personalized:
     adapter: AdapterConfig
     adapters_dir: Path
     info: dict
+
+    def adapter_parameters(self) -> dict:
+        """``{name: parameter}`` of every adapter tensor, named as in the adapter files."""
+        return {name: p for name, p, _ in iter_role_parameters(self.model.model)}
 
 
 def find_adapters(checkpoint: Path) -> tuple[Path, dict]:
@@ -104,5 +108,6 @@ def load_personalized(checkpoint: Path, cache_dir: Path | None = None) -> Person
     for module in model.modules():
         if isinstance(module, LoRAMoELinear):
             module.sparse = False  # dense gate tensor: no data-dependent shapes in the graph
+            module.fused = False  # per-expert weights, so each adapter tensor keeps its own key in the data file
     wrapped = LogitsModel(model).eval()
     return Personalized(wrapped, base.name, base.tokenizer, adapter, folder, info)

@@ -97,7 +97,7 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
     if "pte" in options.formats:
         from .executorch import export_pte
 
-        exports["pte"] = export_pte(loaded.model, out / "model.pte", options.max_seq)
+        exports["pte"] = export_pte(loaded.model, out, options.max_seq, loaded.adapter_parameters())
         files.append(out / "model.pte")
     if "onnx" in options.formats:
         from .onnx import export_onnx
@@ -114,6 +114,7 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
         require(result, tol)
         verification[path.name] = result.to_dict()
     tokenizer_files = save_tokenizer(loaded.tokenizer, out)
+    data_files = exports.get("pte", {}).get("data_files", []) + (["adapter_keys.json"] if "pte" in exports else [])
     manifest = {
         "format": "device_sdk.export/1",
         "base_model": loaded.base_model,
@@ -125,7 +126,7 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
                    "inputs": {"input_ids": "int64 (batch, seq)"}, "outputs": {"logits": "float32 (batch, seq, vocab)"},
                    "pte_batch": 1, **{f"{k}_seconds": v["seconds"] for k, v in exports.items()}},
         "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
-                  for p in [*files, *(out / f for f in tokenizer_files)]},
+                  for p in [*files, *(out / f for f in data_files), *(out / f for f in tokenizer_files)]},
         "verification": verification,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -146,3 +147,34 @@ def verify_export(checkpoint: Path, out: Path, data: Path | None = None, tol: To
     if not results:
         raise ExportError(f"{out} holds no model.pte or model.onnx")
     return results
+
+
+def update_program_adapters(program_dir: Path, checkpoint: Path) -> Path:
+    """Write a checkpoint's adapters into an ExecuTorch export's ``adapters.ptd`` (program and base data stay).
+
+    The new adapters must come from the same base model and adapter shape as the export (checked against the
+    manifest and against every tensor's size).
+    """
+    from device_sdk.adapters import read_adapter_file
+
+    from .executorch import write_adapters
+    from .load import find_adapters
+
+    program_dir = Path(program_dir)
+    manifest_path = program_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise ExportError(f"{program_dir} has no {MANIFEST}: it is not an export of this SDK")
+    manifest = json.loads(manifest_path.read_text())
+    folder, info = find_adapters(checkpoint)
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        file_tensors, meta = read_adapter_file(path)
+        if meta["base_model"] != manifest["base_model"]:
+            raise ExportError(f"{path} is for base model {meta['base_model']!r}, the program for "
+                              f"{manifest['base_model']!r}")
+        tensors.update(file_tensors)
+    written = write_adapters(program_dir, tensors)
+    manifest["round"], manifest["global_version"] = info.get("round"), info.get("global_version")
+    manifest["files"]["adapters.ptd"] = {"sha256": _sha256(written), "bytes": written.stat().st_size}
+    (program_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return written

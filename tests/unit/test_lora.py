@@ -129,3 +129,14 @@ def test_auto_routing_is_dense_until_the_concatenated_rank_gets_large():
     assert not AdapterConfig(n_specialists=31).sparse  # 32 experts x rank 8 = 256
     assert AdapterConfig(n_specialists=32).sparse
     assert AdapterConfig(n_specialists=1, routing="sparse").sparse
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_expert_dense_form_equals_the_fused_one(family):
+    model = make_model(family, seed=2, n_specialists=3, routing="dense")
+    x = torch.randint(0, 257, (2, 13))
+    fused = model(input_ids=x).logits
+    for m in model.modules():
+        if isinstance(m, LoRAMoELinear):
+            m.fused = False
+    torch.testing.assert_close(model(input_ids=x).logits, fused, rtol=1e-5, atol=1e-5)

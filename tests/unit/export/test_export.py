@@ -93,3 +93,47 @@ def test_malformed_checkpoints_fail_clearly(tmp_path):
 def test_unsupported_options_fail_clearly(kwargs, message):
     with pytest.raises(ExportError, match=message):
         ExportOptions(**kwargs)
+
+
+def test_update_adapters_after_a_round_keeps_program_and_base_file(tmp_path):
+    model = make_model("tiny-llama", adapter_seed=1, n_specialists=1)
+    with torch.no_grad():  # zero B matrices are equal tensors: they must still get keys of their own
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B") and ".layers.0." in name:
+                p.zero_()
+    save_adapters(model, tmp_path / "round1", "tiny-llama")
+    export_checkpoint(tmp_path / "round1", tmp_path / "phone", ExportOptions(formats=("pte",), max_seq=64))
+    program = (tmp_path / "phone" / "model.pte").read_bytes()
+    base = (tmp_path / "phone" / "base.ptd").read_bytes()
+    keys = json.loads((tmp_path / "phone" / "adapter_keys.json").read_text())
+    assert len(set(keys.values())) == len(keys)
+
+    newer = make_model("tiny-llama", adapter_seed=2, n_specialists=1)  # the next round's adapters
+    save_adapters(newer, tmp_path / "round2", "tiny-llama")
+    from export.pipeline import update_program_adapters
+
+    update_program_adapters(tmp_path / "phone", tmp_path / "round2")
+    assert (tmp_path / "phone" / "model.pte").read_bytes() == program
+    assert (tmp_path / "phone" / "base.ptd").read_bytes() == base
+    runner = PteRunner(tmp_path / "phone" / "model.pte")
+    x = torch.randint(0, 257, (1, 21))
+    newer.eval()
+    with torch.no_grad():
+        expected = newer(input_ids=x).logits
+    torch.testing.assert_close(runner(x), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(expected, model.eval()(input_ids=x).logits, atol=1e-3)
+
+    export_checkpoint(tmp_path / "round2", tmp_path / "phone2", ExportOptions(formats=("pte",), max_seq=64))
+    assert (tmp_path / "phone2" / "base.ptd").read_bytes() == base  # base data identical across rounds
+
+
+def test_update_adapters_rejects_a_different_shape(tmp_path):
+    save_adapters(make_model("tiny-llama", n_specialists=1), tmp_path / "a", "tiny-llama")
+    export_checkpoint(tmp_path / "a", tmp_path / "phone", ExportOptions(formats=("pte",), max_seq=32))
+    save_adapters(make_model("tiny-llama", n_specialists=2), tmp_path / "b", "tiny-llama")
+    from export.pipeline import update_program_adapters
+
+    before = (tmp_path / "phone" / "adapters.ptd").read_bytes()
+    with pytest.raises(ExportError, match="do not fit the program"):
+        update_program_adapters(tmp_path / "phone", tmp_path / "b")
+    assert (tmp_path / "phone" / "adapters.ptd").read_bytes() == before
