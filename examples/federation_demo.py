@@ -46,6 +46,8 @@ def main() -> int:
     parser.add_argument("--router-steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/federation"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per device process")
+    parser.add_argument("--export", default="de", help="user whose personalised model is exported to .pte and "
+                        ".onnx at the end, and verified against PyTorch ('none' to skip)")
     args = parser.parse_args()
 
     users = sorted(p for p in args.data.iterdir() if p.is_dir()) if args.data.is_dir() else []
@@ -119,13 +121,32 @@ def main() -> int:
         history = httpx.get(url + "/status").json()["history"]
         (args.out / "results.json").write_text(json.dumps({"perplexity": results, "rounds": history}, indent=1))
         print(f"\nwrote {args.out}/results.json")
-        return 0
     finally:
         for _, _, p in procs:
             if p.poll() is None:
                 p.kill()
         server.terminate()
         server.wait(timeout=30)
+    if args.export != "none":
+        return export_device(args, env)
+    return 0
+
+
+def export_device(args: argparse.Namespace, env: dict) -> int:
+    """Export one device's personalised model for a phone and print the verification numbers."""
+    target = args.out / f"export-{args.export}"
+    print(f"\nexporting device {args.export} to {target} (ExecuTorch + ONNX, verified against PyTorch) ...",
+          flush=True)
+    done = subprocess.run([sys.executable, "-m", "export", "--checkpoint", str(args.out / "devices" / args.export),
+                           "--out", str(target), "--format", "all", "--data", str(args.data / args.export)],
+                          env={**env, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True)
+    (args.out / "export.log").write_text(done.stderr)
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        return 1
+    print(done.stdout, end="")
+    print(f"phone stand-in: python examples/phone_inference.py --model-dir {target} --prompt 'Der Zug'")
+    return 0
 
 
 if __name__ == "__main__":
