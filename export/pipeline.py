@@ -20,8 +20,12 @@ from .verify import SAMPLE_TEXT, Tolerance, compare, require
 log = logging.getLogger(__name__)
 
 FORMATS = ("pte", "onnx")
-QUANTIZE = ("none",)
+QUANTIZE = ("none", "int4")
 MANIFEST = "manifest.json"
+#: An int4 model ships only if it stays this close to the fp32 PyTorch model. Perplexity is the quality
+#: criterion; argmax agreement only guards against a broken graph (near-uniform predictions flip argmax easily).
+#: onnxruntime's dynamic int8 on this model family (ppl 16 -> 26-28, argmax 58%) fails both.
+QUANTIZED_TOL = Tolerance(max_abs_logit_diff=float("inf"), min_argmax_agreement=0.70, max_ppl_rel_diff=0.05)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class ExportOptions:
             problems.append(f"formats must be a non-empty subset of {FORMATS}, got {list(self.formats)}")
         if self.quantize not in QUANTIZE:
             problems.append(f"quantize {self.quantize!r} is not supported; choose from {QUANTIZE}")
+        elif self.quantize == "int4" and "onnx" not in self.formats:
+            problems.append("quantize int4 applies to the ONNX export; add the onnx format")
         if not 2 <= self.max_seq <= 8192:
             problems.append(f"max_seq must be in [2, 8192], got {self.max_seq}")
         if problems:
@@ -104,14 +110,21 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
 
         exports["onnx"] = export_onnx(loaded.model, out / "model.onnx", options.max_seq)
         files.append(out / "model.onnx")
+        if options.quantize == "int4":
+            from .onnx import quantize_int4
+
+            small = max(loaded.adapter.rank, loaded.adapter.n_experts)
+            exports["onnx_int4"] = quantize_int4(out / "model.onnx", out / "model.int4.onnx", small)
+            files.append(out / "model.int4.onnx")
     tokens = verification_tokens(loaded, data)
     seq_lens = tuple(t for t in (16, min(64, options.max_seq)) if t <= options.max_seq)
     verification = {}
     for path in files:
-        result = compare(loaded.model, runner_for(path), tokens, path.name, seq_lens=seq_lens, tol=tol)
+        limits = QUANTIZED_TOL if ".int4." in path.name else tol
+        result = compare(loaded.model, runner_for(path), tokens, path.name, seq_lens=seq_lens, tol=limits)
         log.info("%s: max |logit diff| %.2e, argmax agreement %.4f, ppl %.4f vs %.4f", path.name,
                  result.max_abs_logit_diff, result.argmax_agreement, result.ppl_exported, result.ppl_pytorch)
-        require(result, tol)
+        require(result, limits)
         verification[path.name] = result.to_dict()
     tokenizer_files = save_tokenizer(loaded.tokenizer, out)
     data_files = exports.get("pte", {}).get("data_files", []) + (["adapter_keys.json"] if "pte" in exports else [])
@@ -138,11 +151,12 @@ def verify_export(checkpoint: Path, out: Path, data: Path | None = None, tol: To
     loaded = load_personalized(checkpoint)
     tokens = verification_tokens(loaded, data)
     results = {}
-    for name in ("model.pte", "model.onnx"):
+    for name in ("model.pte", "model.onnx", "model.int4.onnx"):
         path = Path(out) / name
         if path.is_file():
-            result = compare(loaded.model, runner_for(path), tokens, name, tol=tol)
-            require(result, tol)
+            limits = QUANTIZED_TOL if ".int4." in name else tol
+            result = compare(loaded.model, runner_for(path), tokens, name, tol=limits)
+            require(result, limits)
             results[name] = result.to_dict()
     if not results:
         raise ExportError(f"{out} holds no model.pte or model.onnx")

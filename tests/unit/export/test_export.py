@@ -137,3 +137,24 @@ def test_update_adapters_rejects_a_different_shape(tmp_path):
     with pytest.raises(ExportError, match="do not fit the program"):
         update_program_adapters(tmp_path / "phone", tmp_path / "b")
     assert (tmp_path / "phone" / "adapters.ptd").read_bytes() == before
+
+
+def test_int4_onnx_quantises_base_matmuls_only_and_holds_quality(tmp_path):
+    model = make_model("tiny-llama", n_specialists=2)
+    save_adapters(model, tmp_path / "a", "tiny-llama")
+    manifest = export_checkpoint(tmp_path / "a", tmp_path / "out",
+                                 ExportOptions(formats=("onnx",), quantize="int4", max_seq=64))
+    import onnx
+
+    from export.onnx import adapter_matmuls
+
+    quantized = onnx.load(str(tmp_path / "out" / "model.int4.onnx"))
+    assert sum(n.op_type == "MatMulNBits" for n in quantized.graph.node) == 2 * (4 + 3)  # base projections
+    kept = adapter_matmuls(quantized, 8)  # attention A/B, 3 experts' A/B on 3 projections, routers: fp32 MatMul
+    assert len(kept) == 2 * 4 * 2 + 2 * 3 * 3 * 2 + 2
+    assert sorted(kept) == sorted(adapter_matmuls(onnx.load(str(tmp_path / "out" / "model.onnx")), 8))
+    check = manifest["verification"]["model.int4.onnx"]
+    assert check["passed"] and check["ppl_rel_diff"] < 0.05
+    assert manifest["files"]["model.int4.onnx"]["bytes"] < manifest["files"]["model.onnx"]["bytes"]
+    with pytest.raises(ExportError, match="add the onnx format"):
+        ExportOptions(formats=("pte",), quantize="int4")
