@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--quantize", default="none", help=f"one of {QUANTIZE}")
         parser.add_argument("--max-seq", type=int, default=512)
     args = parser.parse_args(argv[1:] if verify else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per deduplicated initializer otherwise
+    # Library loggers (executorch logs one line per constant on the root logger) stay at WARNING; ours at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("export", "device_sdk"):
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         if verify:
             results = verify_export(args.checkpoint, args.out, args.data)
