@@ -11,16 +11,15 @@ Keys are the parameters' qualified names in the adapted model. Metadata (all str
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
 from .errors import AdapterFileError
+from .fileio import atomic_write_bytes
 from .inject import adapter_config
 from .parts import Role, role_parameters, role_state_dict
 
@@ -39,18 +38,7 @@ def adapter_metadata(model: nn.Module, base_model: str, role: Role) -> dict[str,
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file so that readers see either the old or the new file, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(Path(path), save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def save_adapters(model: nn.Module, folder: Path, base_model: str,

@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from device_sdk.fileio import atomic_write_bytes
 
 from .errors import ExportError
 
@@ -58,19 +58,6 @@ def _serialize(named: dict[str, tuple[bytes, object]]) -> bytes:
 def read_ptd(path: Path) -> dict[str, tuple[bytes, object]]:
     """``{key: (bytes, tensor_layout)}`` of a .ptd data file (the layout is ``None`` for delegate data)."""
     return read_ptd_bytes(Path(path).read_bytes())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn.Parameter]) -> dict:
@@ -137,10 +124,10 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
         raise ExportError(f"{len(missing)} adapter tensor(s) were not stored in the adapters data file, e.g. "
                           f"{missing[:2]} (folded into other constants during lowering)")
     (out / PROGRAM).write_bytes(et.buffer)
-    _atomic_write(out / BASE_DATA, data["base"])
+    atomic_write_bytes(out / BASE_DATA, data["base"])
     layouts = {name: adapter_blobs[key][1] for name, key in keys.items()}
     (out / ADAPTER_KEYS).write_text(json.dumps(keys, indent=0, sort_keys=True))
-    _atomic_write(out / ADAPTER_DATA, _serialize({key: (adapter_blobs[key][0], layouts[name])
+    atomic_write_bytes(out / ADAPTER_DATA, _serialize({key: (adapter_blobs[key][0], layouts[name])
                                                   for name, key in keys.items()}))
     write_adapters(out, real)
     seconds = time.perf_counter() - start
@@ -184,7 +171,7 @@ def write_adapters(program_dir: Path, tensors: dict[str, torch.Tensor]) -> Path:
                               f"{len(current[key][0]) // 4}")
         blobs[key] = (blob, current[key][1])
     path = program_dir / ADAPTER_DATA
-    _atomic_write(path, _serialize(blobs))
+    atomic_write_bytes(path, _serialize(blobs))
     return path
 
 
@@ -194,7 +181,7 @@ def merged_data_file(program_dir: Path) -> Path:
     program_dir = Path(program_dir)
     merged = {**read_ptd(program_dir / BASE_DATA), **read_ptd(program_dir / ADAPTER_DATA)}
     path = program_dir / ".merged.ptd"
-    _atomic_write(path, _serialize(merged))
+    atomic_write_bytes(path, _serialize(merged))
     return path
 
 

@@ -78,6 +78,7 @@ def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # 1 line/node
     start = time.perf_counter()
     model = onnx.load(str(src))
     exclude = adapter_matmuls(model, max_adapter_dim)

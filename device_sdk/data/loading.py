@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..fileio import atomic_write_bytes
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -97,17 +97,9 @@ def _tokenize_file(path: Path, tokenizer: Tokenizer) -> np.ndarray:
 
 
 def _atomic_save(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def tokenize_cached(path: Path, tokenizer: Tokenizer, cache_dir: Path | None) -> np.ndarray:
