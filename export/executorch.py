@@ -60,7 +60,8 @@ def read_ptd(path: Path) -> dict[str, tuple[bytes, object]]:
     return read_ptd_bytes(Path(path).read_bytes())
 
 
-def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn.Parameter]) -> dict:
+def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn.Parameter],
+               quantized: bool = False) -> dict:
     """Lower ``model`` (input_ids (1, T) -> logits) to ``out/model.pte`` + ``base.ptd`` + ``adapters.ptd``.
 
     Args:
@@ -77,6 +78,9 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
+
+    if quantized:
+        import executorch.kernels.quantized  # noqa: F401  (registers the quantized ops' out variants)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +105,8 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
             delegate_external_constants_pass_unlifted(unlifted, tag)
             program = torch.export.export(unlifted, (example,), dynamic_shapes=dims)
             lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-            et = lowered.to_executorch(ExecutorchBackendConfig(external_constants=tag))
+            et = lowered.to_executorch(ExecutorchBackendConfig(external_constants=tag,
+                                                               do_quant_fusion_and_const_prop=quantized))
             data = {name: bytes(cord) for name, cord in et._tensor_data.items()}
     except ExportError:
         raise
@@ -189,6 +194,7 @@ class PteRunner:
     """Runs an exported program with the ExecuTorch Python runtime: ``(1, T) int64 -> (1, T, V) float32``."""
 
     def __init__(self, program: Path) -> None:
+        import executorch.kernels.quantized  # noqa: F401  (kernels of 8da4w programs)
         from executorch.runtime import Runtime
 
         program = Path(program)

@@ -20,7 +20,7 @@ from .verify import SAMPLE_TEXT, Tolerance, compare, require
 log = logging.getLogger(__name__)
 
 FORMATS = ("pte", "onnx")
-QUANTIZE = ("none", "int4")
+QUANTIZE = ("none", "8da4w", "int4")  # 8da4w: the .pte; int4: an extra model.int4.onnx
 MANIFEST = "manifest.json"
 #: An int4 model ships only if it stays this close to the fp32 PyTorch model. Perplexity is the quality
 #: criterion; argmax agreement only guards against a broken graph (near-uniform predictions flip argmax easily).
@@ -45,6 +45,8 @@ class ExportOptions:
             problems.append(f"quantize {self.quantize!r} is not supported; choose from {QUANTIZE}")
         elif self.quantize == "int4" and "onnx" not in self.formats:
             problems.append("quantize int4 applies to the ONNX export; add the onnx format")
+        elif self.quantize == "8da4w" and "pte" not in self.formats:
+            problems.append("quantize 8da4w applies to the ExecuTorch export; add the pte format")
         if not 2 <= self.max_seq <= 8192:
             problems.append(f"max_seq must be in [2, 8192], got {self.max_seq}")
         if problems:
@@ -103,7 +105,17 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
     if "pte" in options.formats:
         from .executorch import export_pte
 
-        exports["pte"] = export_pte(loaded.model, out, options.max_seq, loaded.adapter_parameters())
+        program_model, adapters = loaded.model, loaded.adapter_parameters()
+        if options.quantize == "8da4w":
+            from device_sdk.parts import iter_role_parameters
+
+            from .quantize import quantize_8da4w
+
+            program_model, counts = quantize_8da4w(loaded.model)
+            adapters = {name: p for name, p, _ in iter_role_parameters(program_model.model)}
+            log.info("8da4w: %d base linears int4/int8, %d embedding(s) int8", counts["linears"], counts["embeddings"])
+        exports["pte"] = export_pte(program_model, out, options.max_seq, adapters,
+                                    quantized=options.quantize == "8da4w")
         files.append(out / "model.pte")
     if "onnx" in options.formats:
         from .onnx import export_onnx
@@ -120,7 +132,8 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
     seq_lens = tuple(t for t in (16, min(64, options.max_seq)) if t <= options.max_seq)
     verification = {}
     for path in files:
-        limits = QUANTIZED_TOL if ".int4." in path.name else tol
+        quantized = ".int4." in path.name or (path.suffix == ".pte" and options.quantize == "8da4w")
+        limits = QUANTIZED_TOL if quantized else tol
         result = compare(loaded.model, runner_for(path), tokens, path.name, seq_lens=seq_lens, tol=limits)
         log.info("%s: max |logit diff| %.2e, argmax agreement %.4f, ppl %.4f vs %.4f", path.name,
                  result.max_abs_logit_diff, result.argmax_agreement, result.ppl_exported, result.ppl_pytorch)
@@ -151,10 +164,13 @@ def verify_export(checkpoint: Path, out: Path, data: Path | None = None, tol: To
     loaded = load_personalized(checkpoint)
     tokens = verification_tokens(loaded, data)
     results = {}
+    manifest = json.loads((Path(out) / MANIFEST).read_text()) if (Path(out) / MANIFEST).is_file() else {}
+    pte_quantized = manifest.get("export", {}).get("quantize") == "8da4w"
     for name in ("model.pte", "model.onnx", "model.int4.onnx"):
         path = Path(out) / name
         if path.is_file():
-            limits = QUANTIZED_TOL if ".int4." in name else tol
+            quantized = ".int4." in name or (name == "model.pte" and pte_quantized)
+            limits = QUANTIZED_TOL if quantized else tol
             result = compare(loaded.model, runner_for(path), tokens, name, tol=limits)
             require(result, limits)
             results[name] = result.to_dict()

@@ -158,3 +158,22 @@ def test_int4_onnx_quantises_base_matmuls_only_and_holds_quality(tmp_path):
     assert manifest["files"]["model.int4.onnx"]["bytes"] < manifest["files"]["model.onnx"]["bytes"]
     with pytest.raises(ExportError, match="add the onnx format"):
         ExportOptions(formats=("pte",), quantize="int4")
+
+
+def test_8da4w_program_shrinks_the_base_file_and_holds_quality(tmp_path):
+    model = make_model("tiny-llama", n_specialists=1)
+    save_adapters(model, tmp_path / "a", "tiny-llama")
+    fp32 = export_checkpoint(tmp_path / "a", tmp_path / "fp32", ExportOptions(formats=("pte",), max_seq=64))
+    q = export_checkpoint(tmp_path / "a", tmp_path / "q", ExportOptions(formats=("pte",), quantize="8da4w",
+                                                                         max_seq=64))
+    assert q["verification"]["model.pte"]["passed"] and q["export"]["quantize"] == "8da4w"
+    assert q["files"]["base.ptd"]["bytes"] < 0.5 * fp32["files"]["base.ptd"]["bytes"]
+    assert q["files"]["adapters.ptd"]["bytes"] == fp32["files"]["adapters.ptd"]["bytes"]  # adapters stay fp32
+    with pytest.raises(ExportError, match="add the pte format"):
+        ExportOptions(formats=("onnx",), quantize="8da4w")
+
+
+def test_8da4w_refuses_gpt2_conv1d_clearly(tmp_path):
+    save_adapters(make_model("tiny-gpt2", n_specialists=1), tmp_path / "g", "tiny-gpt2")
+    with pytest.raises(ExportError, match="GPT-2 uses Conv1D"):
+        export_checkpoint(tmp_path / "g", tmp_path / "out", ExportOptions(formats=("pte",), quantize="8da4w"))

@@ -1,0 +1,42 @@
+"""8da4w for the ExecuTorch program: base linears get int4 weights (groups of 32) with int8 dynamic activations,
+the token embedding int8 weights; adapters and routers stay fp32 (torchao)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .errors import ExportError
+
+
+def quantize_8da4w(model: nn.Module, group_size: int = 32) -> tuple[nn.Module, dict]:
+    """A quantised copy of ``model`` (the original stays fp32 for verification).
+
+    Returns:
+        ``(quantised_model, {"linears": n, "embeddings": m})``.
+
+    Raises:
+        ExportError: if no base projection is an ``nn.Linear`` (GPT-2's Conv1D is not supported) or a width is not
+            a multiple of ``group_size``.
+    """
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    quantised = copy.deepcopy(model)
+    base_linears = [(fqn, m) for fqn, m in quantised.named_modules()
+                    if isinstance(m, nn.Linear) and fqn.endswith(".base")]
+    if not base_linears:
+        raise ExportError("8da4w needs nn.Linear base projections (Llama family); this model's projections are "
+                          "not nn.Linear (GPT-2 uses Conv1D). Export with --quantize none")
+    odd = [fqn for fqn, m in base_linears if m.in_features % group_size]
+    if odd:
+        raise ExportError(f"8da4w groups of {group_size} need input widths divisible by {group_size}; not: {odd[:2]}")
+    quantize_(quantised, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                               weight_granularity=PerGroup(group_size)),
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.endswith(".base"))
+    embeddings = [m for m in quantised.modules() if isinstance(m, nn.Embedding)]
+    quantize_(quantised, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
+              filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+    return quantised, {"linears": len(base_linears), "embeddings": len(embeddings)}
