@@ -1,5 +1,5 @@
-"""8da4w for the ExecuTorch program: base linears get int4 weights (groups of 32) with int8 dynamic activations,
-the token embedding int8 weights; adapters and routers stay fp32 (torchao)."""
+"""8da4w for the ExecuTorch program: base linears and the output projection get int4 weights (groups of 32) with
+int8 dynamic activations, the token embedding int8 weights; adapters and routers stay fp32 (torchao)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,15 @@ import torch
 from torch import nn
 
 from .errors import ExportError
+
+
+def _untie_output_embedding(model: nn.Module) -> None:
+    """Give a tied output projection its own weight, so that the int8 embedding does not turn it into an int8
+    weight-only linear (which XNNPACK does not lower: a ``dequantize_affine`` op would be left without kernel)."""
+    for module in model.modules():
+        head = getattr(module, "lm_head", None)
+        if isinstance(head, nn.Linear):
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
 
 
 def quantize_8da4w(model: nn.Module, group_size: int = 32) -> tuple[nn.Module, dict]:
@@ -25,9 +34,10 @@ def quantize_8da4w(model: nn.Module, group_size: int = 32) -> tuple[nn.Module, d
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     quantised = copy.deepcopy(model)
+    _untie_output_embedding(quantised)
     base_linears = [(fqn, m) for fqn, m in quantised.named_modules()
-                    if isinstance(m, nn.Linear) and fqn.endswith(".base")]
-    if not base_linears:
+                    if isinstance(m, nn.Linear) and (fqn.endswith(".base") or fqn.endswith("lm_head"))]
+    if not any(fqn.endswith(".base") for fqn, _ in base_linears):
         raise ExportError("8da4w needs nn.Linear base projections (Llama family); this model's projections are "
                           "not nn.Linear (GPT-2 uses Conv1D). Export with --quantize none")
     odd = [fqn for fqn, m in base_linears if m.in_features % group_size]
@@ -35,7 +45,7 @@ def quantize_8da4w(model: nn.Module, group_size: int = 32) -> tuple[nn.Module, d
         raise ExportError(f"8da4w groups of {group_size} need input widths divisible by {group_size}; not: {odd[:2]}")
     quantize_(quantised, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
                                                                weight_granularity=PerGroup(group_size)),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.endswith(".base"))
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and (fqn.endswith(".base") or fqn.endswith("lm_head")))
     embeddings = [m for m in quantised.modules() if isinstance(m, nn.Embedding)]
     quantize_(quantised, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
               filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
