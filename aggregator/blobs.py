@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -49,8 +50,6 @@ def parse_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, s
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
         raise InvalidUpdate(f"body is not a valid safetensors file: {err}") from err
     header_len = int.from_bytes(data[:8], "little")
-    import json
-
     try:
         metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
     except ValueError as err:

@@ -64,8 +64,7 @@ def load_base_model(name: str, cache_dir: Path | None = None, seed: int = 0) -> 
         model, tokenizer, source = tiny_model(name, seed), ByteTokenizer(), "in-process"
     elif name == SMOLLM2:
         folder = smollm2_folder(cache_dir)
-        model, tokenizer, source = _load_hf_folder(folder, name), None, str(folder)
-        tokenizer = _hf_tokenizer(folder, name)
+        model, tokenizer, source = _load_hf_folder(folder), _hf_tokenizer(folder, name), str(folder)
     else:
         model, tokenizer, source = _load_hf(name)
     model.eval()
@@ -145,7 +144,7 @@ def smollm2_folder(cache_dir: Path) -> Path:
     return target
 
 
-def _load_hf_folder(folder: Path, name: str) -> nn.Module:
+def _load_hf_folder(folder: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -164,7 +163,7 @@ def _load_hf(name: str) -> tuple[nn.Module, Tokenizer, str]:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} exists but has no config.json: it is not a Hugging Face model folder")
-        return _load_hf_folder(path, name), _hf_tokenizer(path, name), str(path)
+        return _load_hf_folder(path), _hf_tokenizer(path, name), str(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
         tokenizer = _hf_tokenizer(name, name)
