@@ -162,16 +162,18 @@ def test_server_sigkill_mid_round_loses_nothing(federation, tmp_path):
 
 def test_device_sigkill_mid_training_resumes(federation, tmp_path):
     server, users, secret, states = federation
-    slow = start_device(server.url, secret, users[2], states[2], 3, tmp_path / "cache", steps=40, seed=2)
+    # 400 local steps take seconds even for the tiny model (40 took 0.5 s on a fast machine and raced the kill)
+    slow = start_device(server.url, secret, users[2], states[2], 3, tmp_path / "cache", steps=400, seed=2)
     procs = [start_device(server.url, secret, u, s, n, tmp_path / "cache", seed=i)
              for i, (u, s, n) in enumerate(zip(users[:2], states[:2], (0, 1)))]
     _wait_until(lambda: latest_checkpoint(states[2] / "checkpoints") is not None, 240, "the slow device's checkpoint")
     first = latest_checkpoint(states[2] / "checkpoints")
-    time.sleep(1.0)  # now training round 2
+    _wait_until(lambda: (status(server.url)["current_round"] or {}).get("round", 0) >= 2, 120, "round 2 to open")
+    time.sleep(0.5)  # the slow device is now training round 2
     slow.send_signal(signal.SIGKILL)
     slow.wait()
     assert latest_checkpoint(states[2] / "checkpoints") == first  # the kill left the checkpoint intact
-    resumed = start_device(server.url, secret, users[2], states[2], 3, tmp_path / "cache", steps=40, seed=2)
+    resumed = start_device(server.url, secret, users[2], states[2], 3, tmp_path / "cache", steps=400, seed=2)
     wait_all(procs + [resumed], states[:2] + [states[2]])
     check_federation(server, states, rounds=3)
     log = (states[2].parent / f"{states[2].name}.log").read_text()
