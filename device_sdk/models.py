@@ -85,7 +85,7 @@ def tiny_model(name: str, seed: int = 0) -> nn.Module:
     if name == "tiny-llama":
         cfg = LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          bos_token_id=256, eos_token_id=256, tie_word_embeddings=True)
+                          bos_token_id=256, eos_token_id=256, pad_token_id=256, tie_word_embeddings=True)
         return LlamaForCausalLM(cfg)
     raise ModelNotFoundError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
 

@@ -47,6 +47,10 @@ def quantize_8da4w(model: nn.Module, group_size: int = 32) -> tuple[nn.Module, d
                                                                weight_granularity=PerGroup(group_size)),
               filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and (fqn.endswith(".base") or fqn.endswith("lm_head")))
     embeddings = [m for m in quantised.modules() if isinstance(m, nn.Embedding)]
+    for embedding in embeddings:
+        # padding_idx only shapes gradients; left set, it hides the int8 embedding from ExecuTorch's quant fusion
+        # pass and a bare dequantize_affine without kernel stays in the program (SmolLM2 pads with token 2)
+        embedding.padding_idx = None
     quantize_(quantised, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
               filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
     return quantised, {"linears": len(base_linears), "embeddings": len(embeddings)}
