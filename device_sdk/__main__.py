@@ -141,7 +141,61 @@ def _init_federation(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train-local": _train_local, "join": _join, "init-federation": _init_federation}
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,2,2,2, got {text!r}")
+
+
+def _add_simulate(sub) -> None:
+    from .sim import PRESETS
+    from .strategies import ALL
+
+    p = sub.add_parser("simulate", help="compare collaboration strategies on per-user data, in one process")
+    p.add_argument("--data", required=True, type=Path, help="split folder with one folder per user")
+    p.add_argument("--out", required=True, type=Path, help="report folder (runs are cached in OUT/runs)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="quick: six core strategies in about an hour; paper: the paper's settings; demo: minutes")
+    p.add_argument("--strategies", type=lambda t: tuple(s.strip() for s in t.split(",") if s.strip()),
+                   default=None, help=f"comma-separated, from: {', '.join(ALL)}")
+    p.add_argument("--experts", type=_int_list, default=None,
+                   help="LoRA modules per user for 1GXS/HetLoRA/FlexLoRA, e.g. 4,2,2,2 (users in name order)")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--local-steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--ctx", type=int, default=None)
+    p.add_argument("--router-period", type=int, default=None, help="tau")
+    p.add_argument("--router-steps", type=int, default=None, help="s")
+    p.add_argument("--seeds", type=_int_list, default=None, help="e.g. 1,2,3")
+    p.add_argument("--ood", action="store_true", default=None,
+                   help="validation/test = uniform mixture of all users' (out-of-distribution setting)")
+    p.add_argument("--users", type=lambda t: tuple(t.split(",")), default=None, help="subset of user folders")
+    p.add_argument("--model", default=None, help="default smollm2-135m")
+    p.add_argument("--precision", choices=PRECISIONS, default=None)
+    p.add_argument("--eval-tokens", type=int, default=None, help="test tokens per user per evaluation (0: all)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .sim import with_preset
+    from .sim.simulate import simulate
+
+    cfg = with_preset(args.preset, data=args.data, strategies=args.strategies, experts=args.experts,
+                      rounds=args.rounds, local_steps=args.local_steps, batch=args.batch, ctx=args.ctx,
+                      router_period=args.router_period, router_steps=args.router_steps, seeds=args.seeds,
+                      ood=args.ood, users=args.users, model=args.model, precision=args.precision,
+                      eval_tokens=args.eval_tokens, cache_dir=args.cache_dir)
+    result = simulate(cfg, args.out, progress=True)
+    print()
+    print(result["files"]["results.md"].read_text())
+    for name, path in result["files"].items():
+        print(f"{name}: {path}")
+    return 0
+
+
+COMMANDS = {"train-local": _train_local, "join": _join, "init-federation": _init_federation,
+            "simulate": _simulate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_train_local(sub)
     _add_join(sub)
     _add_init_federation(sub)
+    _add_simulate(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

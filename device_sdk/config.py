@@ -9,6 +9,10 @@ from .errors import ConfigError
 ROUTING_MODES = ("auto", "dense", "sparse")
 LB_MODES = ("switch", "importance", "none")
 PRECISIONS = ("fp32", "bf16")
+#: How routers learn: ``validation`` (CoMiGS: s steps on validation batches every tau expert steps), ``train`` (the
+#: same schedule on fresh training batches; the paper's Table 4 ablation), ``joint`` (one optimizer step of experts
+#: and routers together on each training batch, as pFedMoE), ``fixed`` (never trained; uniform gates).
+ROUTER_MODES = ("validation", "train", "joint", "fixed")
 #: Largest concatenated rank E*r that ``routing="auto"`` mixes densely.
 DENSE_MAX_RANK = 256
 
@@ -116,6 +120,8 @@ class TrainConfig:
         log_every: record the training loss every this many steps.
         eval_every: evaluate validation loss every this many steps (0: only at the end).
         eval_batches: validation batches per periodic evaluation.
+        router_mode: one of :data:`ROUTER_MODES`.
+        freeze_lora_a: keep every LoRA ``A`` matrix at its initial value (FFA-LoRA).
     """
 
     steps: int = 100
@@ -136,6 +142,8 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0
     eval_batches: int = 8
+    router_mode: str = "validation"
+    freeze_lora_a: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -155,6 +163,8 @@ class TrainConfig:
             problems.append("weight_decay, lb_weight and grad_clip must be >= 0")
         if self.lb_mode not in LB_MODES:
             problems.append(f"lb_mode must be one of {LB_MODES}, got {self.lb_mode!r}")
+        if self.router_mode not in ROUTER_MODES:
+            problems.append(f"router_mode must be one of {ROUTER_MODES}, got {self.router_mode!r}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.schedule_steps is not None and self.schedule_steps < self.steps:

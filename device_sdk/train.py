@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,8 +63,19 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return list(role_parameters(model, EXPERT_ROLES).values())
+def expert_parameters(model: nn.Module, cfg: TrainConfig | None = None) -> list[nn.Parameter]:
+    """Parameters of the expert optimizer (without LoRA ``A`` matrices when ``cfg.freeze_lora_a``)."""
+    params = role_parameters(model, EXPERT_ROLES)
+    if cfg is not None and cfg.freeze_lora_a:
+        return [p for name, p in params.items() if not name.endswith("lora_A")]
+    return list(params.values())
+
+
+def frozen_lora_a(model: nn.Module, cfg: TrainConfig) -> list[nn.Parameter]:
+    """The LoRA ``A`` matrices that FFA-LoRA keeps fixed (empty otherwise)."""
+    if not cfg.freeze_lora_a:
+        return []
+    return [p for name, p in role_parameters(model, EXPERT_ROLES).items() if name.endswith("lora_A")]
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -72,9 +84,11 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def init_train_state(model: nn.Module, cfg: TrainConfig) -> TrainState:
     """Fresh optimizers, schedule (spanning ``cfg.schedule_steps or cfg.steps``) and sampler for ``model``."""
-    experts, routers = expert_parameters(model), router_parameters(model)
+    experts, routers = expert_parameters(model, cfg), router_parameters(model)
     expert_opt = torch.optim.AdamW(experts, lr=cfg.lr_experts, weight_decay=cfg.weight_decay)
-    router_opt = torch.optim.AdamW(routers, lr=cfg.lr_router, weight_decay=cfg.weight_decay) if routers else None
+    router_opt = None
+    if routers and cfg.router_mode != "fixed":
+        router_opt = torch.optim.AdamW(routers, lr=cfg.lr_router, weight_decay=cfg.weight_decay)
     total = cfg.schedule_steps or cfg.steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         expert_opt, lambda step: one_cycle_cosine(step, total, cfg.warmup_fraction))
@@ -99,8 +113,13 @@ def _set_trainable(params: list[nn.Parameter], trainable: bool) -> None:
         p.requires_grad_(trainable)
 
 
-def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
-    """LM loss + lambda * load-balancing loss on one batch (eq. 2 / eq. 3).
+#: An extra loss term on the model's adapters, added to the expert objective (e.g. HetLoRA's rank regulariser).
+Regularizer = Callable[[nn.Module], torch.Tensor]
+
+
+def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+              regularizer: Regularizer | None = None) -> tuple[torch.Tensor, ...]:
+    """LM loss + lambda * load-balancing loss (+ ``regularizer(model)``) on one batch (eq. 2 / eq. 3).
 
     Args:
         x, y: (B, T) inputs and next-token targets.
@@ -114,27 +133,42 @@ def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConf
     lb = load_balancing_loss(model, cfg.lb_mode, adapter_config(model).n_generalists)
     for block in routed_blocks(model):  # drop references into the autograd graph
         block.router_probs = block.gates = None
-    return lm + cfg.lb_weight * lb, lm, lb
+    total = lm + cfg.lb_weight * lb
+    if regularizer is not None:
+        total = total + regularizer(model)
+    return total, lm, lb
 
 
-def _step(model: nn.Module, train: list[nn.Parameter], frozen: list[nn.Parameter], opt: torch.optim.Optimizer,
-          x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> dict:
-    """One optimizer step on ``train`` with ``frozen`` excluded from autograd; all gradients cleared first."""
+def _step(model: nn.Module, groups: list[tuple[list[nn.Parameter], torch.optim.Optimizer]],
+          frozen: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+          regularizer: Regularizer | None = None) -> dict:
+    """One step of every optimizer in ``groups`` (each clipped on its own parameters) with ``frozen`` excluded
+    from autograd; all gradients cleared first."""
+    train = [p for params, _ in groups for p in params]
     _set_trainable(frozen, False)
     _set_trainable(train, True)
     for p in train + frozen:
         p.grad = None
-    total, lm, lb = objective(model, x, y, cfg)
+    total, lm, lb = objective(model, x, y, cfg, regularizer)
     total.backward()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(train, cfg.grad_clip)
-    opt.step()
+    for params, opt in groups:
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
     return {"loss": total.item(), "lm": lm.item(), "lb": float(lb.detach())}
 
 
-def expert_step(model: nn.Module, state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> dict:
-    """One step of the expert optimizer on a training batch; routers stay untouched."""
-    stats = _step(model, expert_parameters(model), router_parameters(model), state.expert_opt, x, y, cfg)
+def expert_step(model: nn.Module, state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                regularizer: Regularizer | None = None) -> dict:
+    """One step of the expert optimizer on a training batch; routers stay untouched, except with
+    ``router_mode="joint"``, where the router optimizer steps on the same batch and loss (pFedMoE)."""
+    groups = [(expert_parameters(model, cfg), state.expert_opt)]
+    frozen = frozen_lora_a(model, cfg)
+    if cfg.router_mode == "joint" and state.router_opt is not None:
+        groups.append((router_parameters(model), state.router_opt))
+    else:
+        frozen = frozen + router_parameters(model)
+    stats = _step(model, groups, frozen, x, y, cfg, regularizer)
     stats["lr"] = state.schedule.get_last_lr()[0]
     state.schedule.step()
     state.step += 1
@@ -143,12 +177,15 @@ def expert_step(model: nn.Module, state: TrainState, x: torch.Tensor, y: torch.T
 
 def router_step(model: nn.Module, state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> dict:
     """One step of the router optimizer on a validation batch; experts stay untouched."""
-    return _step(model, router_parameters(model), expert_parameters(model), state.router_opt, x, y, cfg)
+    experts = list(role_parameters(model, EXPERT_ROLES).values())
+    return _step(model, [(router_parameters(model), state.router_opt)], experts, x, y, cfg)
 
 
 def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: TrainState | None = None,
-                progress: bool = False) -> tuple[TrainResult, TrainState]:
-    """Run ``cfg.steps`` expert steps with router updates every ``cfg.router_period`` steps.
+                progress: bool = False, regularizer: Regularizer | None = None) -> tuple[TrainResult, TrainState]:
+    """Run ``cfg.steps`` expert steps with router updates every ``cfg.router_period`` steps (on validation
+    batches for ``router_mode="validation"``, fresh training batches for ``"train"``; none for ``"joint"``, where
+    routers step with the experts, and ``"fixed"``).
 
     Args:
         model: a model with adapters (see :func:`device_sdk.inject.inject_adapters`).
@@ -171,20 +208,22 @@ def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: Train
     start = time.perf_counter()
     for _ in steps:
         x, y = sample_batch(data.train, cfg.batch_size, cfg.context, state.generator)
-        stats = expert_step(model, state, x, y, cfg)
+        stats = expert_step(model, state, x, y, cfg, regularizer)
         result.tokens += x.numel()
         if state.step % cfg.log_every == 0:
             result.train.append({"step": state.step, **stats})
-        if state.router_opt is not None and state.step % cfg.router_period == 0:
+        alternating = cfg.router_mode in ("validation", "train")
+        if alternating and state.router_opt is not None and state.step % cfg.router_period == 0:
+            source = data.valid if cfg.router_mode == "validation" else data.train
             for _ in range(cfg.router_steps):
-                vx, vy = sample_batch(data.valid, cfg.batch_size, cfg.context, state.generator)
+                vx, vy = sample_batch(source, cfg.batch_size, cfg.context, state.generator)
                 result.router.append({"step": state.step, **router_step(model, state, vx, vy, cfg)})
         if cfg.eval_every and state.step % cfg.eval_every == 0:
             result.valid.append({"step": state.step, "loss": valid_loss(model, data.valid, cfg)})
         if progress:
             steps.set_postfix(loss=f"{stats['lm']:.3f}", lr=f"{stats['lr']:.1e}")
     result.seconds = time.perf_counter() - start
-    _set_trainable(expert_parameters(model) + router_parameters(model), True)
+    _set_trainable(list(role_parameters(model, EXPERT_ROLES).values()) + router_parameters(model), True)
     if not result.valid or result.valid[-1]["step"] != state.step:
         result.valid.append({"step": state.step, "loss": valid_loss(model, data.valid, cfg)})
     model.eval()

@@ -163,3 +163,58 @@ def test_training_on_real_text_lowers_validation_loss(shared_data, tmp_path, fam
     result, _ = train_local(model, data, cfg)
     after = result.valid[-1]["loss"]
     assert after < before - 0.1, (before, after)
+
+
+def test_joint_router_mode_moves_routers_on_training_batches():
+    model = make_model(n_specialists=1)
+    cfg = TrainConfig(steps=1, batch_size=4, context=16, precision="fp32", lr_router=1e-2, router_mode="joint")
+    state = init_train_state(model, cfg)
+    routers, experts = _snapshot(model, Role.ROUTER), _snapshot(model, EXPERT_ROLES)
+    expert_step(model, state, *_batch(0), cfg)
+    assert all(not torch.equal(p, routers[n]) for n, p in role_parameters(model, Role.ROUTER).items())
+    assert any(not torch.equal(p, experts[n]) for n, p in role_parameters(model, EXPERT_ROLES).items())
+
+
+def test_fixed_router_mode_never_trains_routers_and_zero_routers_gate_uniformly():
+    model = make_model(n_specialists=1)
+    with torch.no_grad():
+        for p in role_parameters(model, Role.ROUTER).values():
+            p.zero_()
+    cfg = TrainConfig(steps=4, batch_size=4, context=16, precision="fp32", router_mode="fixed", router_period=1,
+                      lb_weight=0.0)
+    data = UserData("u", *(np.random.default_rng(i).integers(0, 257, 400) for i in range(3)))
+    result, state = train_local(model, data, cfg)
+    assert state.router_opt is None and not result.router
+    assert all(float(p.abs().max()) == 0 for p in role_parameters(model, Role.ROUTER).values())
+    model(input_ids=_batch(1)[0])
+    from device_sdk.inject import routed_blocks
+
+    gates = routed_blocks(model)[0].gates
+    assert torch.allclose(gates, torch.full_like(gates, 0.5))
+
+
+def test_freeze_lora_a_keeps_every_a_and_trains_every_b():
+    model = make_model(n_specialists=1)
+    cfg = TrainConfig(steps=3, batch_size=4, context=16, precision="fp32", freeze_lora_a=True, router_period=2,
+                      router_steps=1)
+    before = _snapshot(model, EXPERT_ROLES)
+    data = UserData("u", *(np.random.default_rng(i).integers(0, 257, 400) for i in range(3)))
+    train_local(model, data, cfg)
+    after = _snapshot(model, EXPERT_ROLES)
+    assert all(torch.equal(after[n], before[n]) for n in before if n.endswith("lora_A"))
+    assert all(not torch.equal(after[n], before[n]) for n in before if n.endswith("lora_B"))
+
+
+def test_train_router_mode_samples_router_batches_from_training_data(monkeypatch):
+    import device_sdk.train as train_module
+
+    seen = []
+    real = train_module.sample_batch
+    monkeypatch.setattr(train_module, "sample_batch", lambda tokens, *a: seen.append(tokens) or real(tokens, *a))
+    model = make_model(n_specialists=1)
+    cfg = TrainConfig(steps=2, batch_size=4, context=16, precision="fp32", router_mode="train", router_period=1,
+                      router_steps=1)
+    data = UserData("u", *(np.random.default_rng(i).integers(0, 257, 400) for i in range(3)))
+    result, _ = train_local(model, data, cfg)
+    assert len(result.router) == 2 and len(seen) == 4
+    assert all(tokens is data.train for tokens in seen)

@@ -1,0 +1,89 @@
+"""Pictures of a simulated comparison: learning curves (paper Fig. 4-6, 9) and expert scores (Fig. 3, 10)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _by_strategy(records: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for r in records:
+        grouped.setdefault(r["strategy"], []).append(r)
+    return grouped
+
+
+def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Path:
+    """Test perplexity vs iteration, one panel per user, one line per strategy (mean over seeds; band = min..max
+    over seeds)."""
+    plt = _pyplot()
+    users = records[0]["users"]
+    fig, axes = plt.subplots(1, len(users), figsize=(4.2 * len(users), 3.6), squeeze=False)
+    for name, runs in _by_strategy(records).items():
+        iters = runs[0]["iterations"]
+        for ax, user in zip(axes[0], users):
+            values = [[r["test_ppl"][user][i] for r in runs] for i in range(len(iters))]
+            mean = [sum(v) / len(v) for v in values]
+            (line,) = ax.plot(iters, mean, marker="o", ms=3, lw=1.3, label=name)
+            if len(runs) > 1:
+                ax.fill_between(iters, [min(v) for v in values], [max(v) for v in values], alpha=0.15,
+                                color=line.get_color())
+    for ax, user in zip(axes[0], users):
+        ax.set_title(user)
+        ax.set_xlabel("iteration")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("test perplexity")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def plot_expert_scores(records: list[dict], strategy: str, path: Path, title: str = "") -> Path | None:
+    """Mean router weight of the generalist(s) (solid) and specialist(s) (dashed) per layer over iterations, one
+    panel per user (first seed); darker = deeper layer. ``None`` if the strategy has no learned router."""
+    runs = [r for r in records if r["strategy"] == strategy]
+    if not runs or not any(s["layers"] for series in runs[0]["expert_scores"].values() for s in series):
+        return None
+    plt = _pyplot()
+    run = runs[0]
+    users = list(run["expert_scores"])
+    fig, axes = plt.subplots(1, len(users), figsize=(4.2 * len(users), 3.4), squeeze=False)
+    for ax, user in zip(axes[0], users):
+        series = run["expert_scores"][user]
+        iters = [s["iteration"] for s in series]
+        n_layers = len(series[0]["layers"])
+        if not n_layers:
+            ax.text(0.5, 0.5, "no router (one expert)", ha="center", transform=ax.transAxes)
+        for layer in range(n_layers):
+            shade = 0.25 + 0.75 * layer / max(1, n_layers - 1)
+            for role, style, cmap in (("generalist", "-", plt.cm.Oranges), ("specialist", "--", plt.cm.Blues)):
+                values = [s["layers"][layer][role] for s in series]
+                if values[0] is not None:
+                    ax.plot(iters, values, style, color=cmap(shade), lw=1)
+        ax.set_title(user)
+        ax.set_xlabel("iteration")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean router weight")
+    fig.suptitle(title or f"{strategy}: expert scores per layer (orange: generalists, blue: specialists; "
+                 "darker: deeper)")
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def _save(fig, path: Path, plt) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

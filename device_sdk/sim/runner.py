@@ -1,0 +1,222 @@
+"""One strategy x seed of a simulated federation, in one process: every user's model shares one frozen base.
+
+Each round, every user trains locally (bi-level or as the strategy says), the strategy aggregates the uploaded
+tensors (the same function a server runs) and every user loads what it gets back; then each user's test perplexity
+and router statistics are recorded. Results are plain dicts (JSON), cached by the runner's caller.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..data import UserData, eval_windows
+from ..evaluate import autocast, evaluate
+from ..inject import adapter_config, inject_adapters, routed_blocks
+from ..models import BaseModel
+from ..strategies import Strategy, Upload, make_strategy
+from ..tokenizer import Tokenizer
+from ..train import init_train_state, train_local
+from .config import SimConfig
+
+log = logging.getLogger(__name__)
+
+#: Tokens per sample text in the routing report.
+ROUTING_SAMPLE_TOKENS = 48
+
+
+def user_model(base: nn.Module, strategy: Strategy, user: int, n_experts: int, seed: int) -> nn.Module:
+    """A model for one user: a structural copy of ``base`` that shares (does not copy) the frozen base weights,
+    with the strategy's adapters injected (initialised from ``seed``)."""
+    memo = {id(p): p for p in base.parameters()}
+    memo.update({id(b): b for b in base.buffers()})
+    model = copy.deepcopy(base, memo)
+    torch.manual_seed(seed)
+    model = inject_adapters(model, strategy.adapter_config(user, n_experts))
+    strategy.prepare(user, model)
+    return model
+
+
+def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into the model's parameters of the same names (shapes must agree)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            target = params[name]
+            if target.shape != value.shape:
+                raise ValueError(f"{name}: got shape {tuple(value.shape)}, model has {tuple(target.shape)}")
+            target.copy_(value)
+
+
+def pooled(users: list[UserData]) -> UserData:
+    """All users' streams concatenated (the centralized baseline's data)."""
+    return UserData("all", *(np.concatenate([u.split(s) for u in users]) for s in ("train", "valid", "test")))
+
+
+@torch.no_grad()
+def expert_scores(model: nn.Module, x: torch.Tensor, precision: str) -> list[dict]:
+    """Mean top-k gate per layer given to generalists and to specialists (summed within each group) over the
+    tokens of ``x`` (B, T); empty for models without routers (paper Fig. 3 / 10)."""
+    blocks = [b for b in routed_blocks(model) if b.router is not None]
+    if not blocks:
+        return []
+    n_gen = adapter_config(model).n_generalists
+    with autocast(precision):
+        model(input_ids=x, use_cache=False)
+    scores = []
+    for block in blocks:
+        mean = block.gates.float().mean(dim=0)  # (E,)
+        scores.append({"generalist": float(mean[:n_gen].sum()) if n_gen else None,
+                       "specialist": float(mean[n_gen:].sum()) if block.n_experts > n_gen else None})
+        block.router_probs = block.gates = None
+    return scores
+
+
+@torch.no_grad()
+def routing_sample(model: nn.Module, tokenizer: Tokenizer, ids: np.ndarray, precision: str) -> dict | None:
+    """Top-1 expert of every token at every routed layer for one text (``ids``, 1-D), with token strings."""
+    blocks = [b for b in routed_blocks(model) if b.router is not None]
+    if not blocks:
+        return None
+    x = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
+    with autocast(precision):
+        model(input_ids=x, use_cache=False)
+    top1 = [block.gates.float().argmax(dim=-1).tolist() for block in blocks]
+    for block in blocks:
+        block.router_probs = block.gates = None
+    cfg = adapter_config(model)
+    return {"tokens": [tokenizer.decode([int(t)]) for t in ids], "top1": top1,
+            "roles": ["generalist"] * cfg.n_generalists + ["specialist"] * cfg.n_specialists}
+
+
+def _sample_ids(tokens: np.ndarray, n: int) -> np.ndarray:
+    """``n`` tokens from the middle of a stream (past any leading boilerplate)."""
+    start = max(0, len(tokens) // 2 - n // 2)
+    return tokens[start : start + n]
+
+
+def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], base: BaseModel,
+                 progress: bool = False, models_out: list | None = None) -> dict:
+    """Run ``rounds`` rounds of strategy ``name`` for every user and return its record (see module doc).
+
+    Args:
+        users: every user's token streams (already in-/out-of-distribution as configured).
+        base: the frozen base model (shared by all users' models) and its tokenizer.
+        models_out: if given, receives the trained models (one per user; one for ``centralized``).
+    """
+    start = time.perf_counter()
+    strategy = make_strategy(name)
+    experts = cfg.experts_for(len(users))
+    members = [pooled(users)] if strategy.centralized else users
+    batch = cfg.batch * (len(users) if strategy.centralized else 1)
+    models = [user_model(base.model, strategy, i, experts[i], seed) for i in range(len(members))]
+    train_cfgs = [TrainConfig(steps=cfg.local_steps, batch_size=batch, context=cfg.ctx, lr_experts=cfg.lr,
+                              lr_router=cfg.router_lr, lb_weight=cfg.lb_weight, router_period=cfg.router_period,
+                              router_steps=cfg.router_steps, schedule_steps=cfg.rounds * cfg.local_steps,
+                              precision=cfg.precision, seed=seed * 1000 + i, log_every=cfg.local_steps)
+                  for i in range(len(members))]
+    train_cfgs = [replace(c, **strategy.train_overrides()) for c in train_cfgs]
+    states = [init_train_state(m, c) for m, c in zip(models, train_cfgs)]
+
+    def uploads_of(tensors_of) -> list[Upload]:
+        return [Upload(i, tensors_of(m), 0, adapter_config(m).rank, adapter_config(m).scale)
+                for i, m in enumerate(models)]
+
+    if strategy.collaborative:  # shared tensors (and FFA's fixed A) agree before the first round
+        for m, t in zip(models, strategy.initial(uploads_of(strategy.initial_tensors))):
+            load_tensors(m, t)
+
+    def test_model(u: int) -> nn.Module:
+        return models[0] if strategy.centralized else models[u]
+
+    def evaluate_all() -> list[float]:
+        return [evaluate(test_model(u), users[u].test, cfg.ctx, max(8, cfg.batch), cfg.precision,
+                         max_tokens=cfg.eval_tokens).perplexity for u in range(len(users))]
+
+    score_batches = [next(eval_windows(m.valid, cfg.ctx, max(1, cfg.peer_eval_tokens // cfg.ctx)))[0]
+                     for m in members]
+
+    def peer_loss(i: int, tensors: dict[str, torch.Tensor]) -> float:
+        own = {k: p.detach().clone() for k, p in models[i].named_parameters() if k in tensors}
+        load_tensors(models[i], tensors)
+        loss = evaluate(models[i], members[i].valid, cfg.ctx, max(8, cfg.batch), cfg.precision,
+                        max_tokens=cfg.peer_eval_tokens).loss
+        load_tensors(models[i], own)
+        return loss
+
+    names = [u.name for u in users]
+    iterations = [0]
+    curves = {n: [p] for n, p in zip(names, evaluate_all())}
+    learned_routers = strategy.router_mode != "fixed"
+
+    def score(model: nn.Module, x: torch.Tensor) -> list[dict]:
+        return expert_scores(model, x, cfg.precision) if learned_routers else []
+
+    scores = {m.name: [{"iteration": 0, "layers": score(model, x)}] for m, model, x in zip(members, models, score_batches)}
+    train_loss: dict[str, list[float]] = {m.name: [] for m in members}
+    rounds = range(1, cfg.rounds + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rounds = tqdm(rounds, desc=f"{name} seed {seed}", unit="round", leave=False)
+    for _ in rounds:
+        tokens = []
+        for i, (member, model) in enumerate(zip(members, models)):
+            strategy.begin_round(i, model)
+            result, states[i] = train_local(model, member, train_cfgs[i], states[i],
+                                            regularizer=strategy.regularizer(i))
+            strategy.end_round(i, model)
+            train_loss[member.name].append(sum(r["lm"] for r in result.train) / max(1, len(result.train)))
+            tokens.append(result.tokens)
+        if strategy.collaborative:
+            uploads = uploads_of(strategy.shared_tensors)
+            for upload, n_tokens in zip(uploads, tokens):
+                upload.tokens = n_tokens
+            for model, tensors in zip(models, strategy.aggregate(uploads, peer_loss)):
+                load_tensors(model, tensors)
+        iterations.append(states[0].step)
+        for n, p in zip(names, evaluate_all()):
+            curves[n].append(p)
+        for m, model, x in zip(members, models, score_batches):
+            scores[m.name].append({"iteration": states[0].step, "layers": score(model, x)})
+        log.info("%s seed %d iteration %d: mean test ppl %.2f", name, seed, states[0].step,
+                 float(np.mean([c[-1] for c in curves.values()])))
+
+    routing = {}
+    for u, user in enumerate(users if learned_routers else []):  # each user's model on every user's text: own (in-dist.) and others'
+        samples = []
+        for other in users:
+            sample = routing_sample(test_model(u), base.tokenizer, _sample_ids(other.test, ROUTING_SAMPLE_TOKENS),
+                                    cfg.precision)
+            if sample is not None:
+                samples.append({"text_of": other.name, **sample})
+        if samples:
+            routing[user.name] = samples
+    if models_out is not None:
+        models_out.extend(models)
+    final = {n: c[-1] for n, c in curves.items()}
+    return {
+        "strategy": name, "seed": seed, "users": names, "experts": list(experts),
+        "iterations": iterations, "test_ppl": curves, "final": final,
+        "mean": float(np.mean(list(final.values()))), "pretrained": {n: c[0] for n, c in curves.items()},
+        "train_loss": train_loss, "expert_scores": scores, "routing": routing,
+        "strategy_state": _jsonable(strategy.state), "seconds": time.perf_counter() - start,
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,77 @@
+"""``python -m device_sdk simulate``: run every strategy x seed (cached run by run), then write the report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..data import load_users
+from ..fileio import atomic_write_bytes
+from ..models import default_cache_dir, load_base_model
+from .config import SimConfig
+from .figures import plot_expert_scores, plot_learning_curves
+from .report import write_results
+from .routing_html import routing_page
+from .runner import run_strategy
+
+log = logging.getLogger(__name__)
+
+
+def read_cached(path: Path) -> dict | None:
+    """A cached run, or ``None`` if missing or unreadable (a torn or foreign file is recomputed, not trusted)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "final" in record else None
+
+
+def simulate(cfg: SimConfig, out: Path, progress: bool = False) -> dict:
+    """Run the comparison and write ``results.json``, ``results.md``, ``curves.png``, ``experts-<strategy>.png``
+    and ``routing.html`` to ``out``. Finished runs are cached in ``out/runs/`` and reused.
+
+    Returns:
+        ``{"records", "files"}``.
+    """
+    out = Path(out)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    base = load_base_model(cfg.model, cache_dir=cache_dir)
+    users = load_users(Path(cfg.data), base.tokenizer, list(cfg.users) if cfg.users else None, ood=cfg.ood,
+                       cache_dir=cache_dir / "tokens")
+    names = [u.name for u in users]
+    cfg.experts_for(len(users))  # fail early on a wrong --experts list
+    records = []
+    jobs = [(s, seed) for seed in cfg.seeds for s in cfg.strategies]
+    for i, (strategy, seed) in enumerate(jobs, 1):
+        path = runs_dir / f"{cfg.run_key(strategy, seed, names)}.json"
+        record = read_cached(path)
+        if record is None:
+            log.info("[%d/%d] %s seed %d", i, len(jobs), strategy, seed)
+            record = run_strategy(cfg, strategy, seed, users, base, progress=progress)
+            atomic_write_bytes(path, json.dumps(record).encode())
+        else:
+            log.info("[%d/%d] %s seed %d: cached (%s)", i, len(jobs), strategy, seed, path.name)
+        records.append(record)
+    title = f"{Path(cfg.data).name}{' (out of distribution)' if cfg.ood else ''}"
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "cache_dir")}
+    settings.update(users=names, torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
+                    machine=platform.machine())
+    json_path, md_path = write_results(out, records, title, settings)
+    files = {"results.json": json_path, "results.md": md_path,
+             "curves.png": plot_learning_curves(records, out / "curves.png", title)}
+    for strategy in cfg.strategies:
+        picture = plot_expert_scores(records, strategy, out / f"experts-{strategy}.png")
+        if picture is not None:
+            files[picture.name] = picture
+    page = routing_page(records, out / "routing.html", title)
+    if page is not None:
+        files["routing.html"] = page
+    return {"records": records, "files": files}

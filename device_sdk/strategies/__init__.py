@@ -1,0 +1,55 @@
+"""Collaboration strategies behind one interface (:class:`Strategy`): the paper's method and its baselines.
+
+``make_strategy(name)`` builds one by its command-line name; :data:`CORE` are the six of the quick preset,
+:data:`ALL` every strategy.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import Strategy, Upload, fit, mean_tensors
+from .comigs_x import comigs_1gxs
+from .flexlora import flexlora
+from .hetlora import hetlora
+from .homogeneous import centralized, comigs, fedavg, ffa_lora, local, pfedmoe
+from .pcl import pcl
+
+_FACTORIES = {
+    "local": local,
+    "fedavg": fedavg,
+    "pfedmoe": pfedmoe,
+    "comigs-2s": lambda: comigs("2s"),
+    "comigs-2g": lambda: comigs("2g"),
+    "comigs-1g1s": lambda: comigs("1g1s"),
+    "centralized": centralized,
+    "pcl": pcl,
+    "ffa-lora": ffa_lora,
+    "comigs-1gxs": comigs_1gxs,
+    "hetlora-active": lambda: hetlora("active"),
+    "hetlora-full": lambda: hetlora("full"),
+    "flexlora-active": lambda: flexlora("active"),
+    "flexlora-full": lambda: flexlora("full"),
+}
+
+#: The six core strategies of ``--preset quick``.
+CORE = ("local", "fedavg", "pfedmoe", "comigs-2s", "comigs-2g", "comigs-1g1s")
+#: Every strategy, in table order.
+ALL = ("centralized",) + CORE[:2] + ("pcl", "ffa-lora") + CORE[2:] + (
+    "comigs-1gxs", "hetlora-active", "hetlora-full", "flexlora-active", "flexlora-full")
+#: Strategies whose per-device shape follows ``--experts`` (the others use two modules everywhere).
+HETEROGENEOUS = ("comigs-1gxs", "hetlora-active", "hetlora-full", "flexlora-active", "flexlora-full")
+
+
+def make_strategy(name: str) -> Strategy:
+    """A fresh strategy by name.
+
+    Raises:
+        ConfigError: for an unknown name (listing the known ones).
+    """
+    factory = _FACTORIES.get(name)
+    if factory is None:
+        raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(ALL)}")
+    return factory()
+
+
+__all__ = ["ALL", "CORE", "HETEROGENEOUS", "Strategy", "Upload", "fit", "make_strategy", "mean_tensors"]

@@ -1,0 +1,116 @@
+"""The simulation runner end to end on a tiny model: what is shared, determinism, caching, the report files."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from device_sdk.data import load_users
+from device_sdk.models import load_base_model
+from device_sdk.parts import Role, role_state_dict
+from device_sdk.sim import SimConfig, run_strategy
+from device_sdk.sim.simulate import simulate
+
+from .server import ROOT
+
+
+@pytest.fixture
+def users_dir(tmp_path):
+    """Three users with clearly different made-up vocabularies."""
+    vocab = [("alpha", "beta", "gamma", "delta"), ("red", "green", "blue", "white"), ("one", "two", "three", "four")]
+    g = torch.Generator().manual_seed(0)
+    for name, words in zip(("u1", "u2", "u3"), vocab):
+        folder = tmp_path / "data" / name
+        folder.mkdir(parents=True)
+        for split, n in (("train", 400), ("valid", 120), ("test", 120)):
+            idx = torch.randint(0, 4, (n,), generator=g).tolist()
+            (folder / f"{split}.txt").write_text(" ".join(words[i] for i in idx) + "\n")
+    return tmp_path / "data"
+
+
+def _cfg(data, **kw):
+    settings = dict(data=data, model="tiny-llama", rounds=2, local_steps=2, batch=2, ctx=32, router_period=1,
+                    router_steps=1, precision="fp32", eval_tokens=256, peer_eval_tokens=64)
+    settings.update(kw)
+    return SimConfig(**settings)
+
+
+def _run(data, name, seed=1, **kw):
+    base = load_base_model("tiny-llama")
+    users = load_users(data, base.tokenizer)
+    models = []
+    record = run_strategy(_cfg(data, **kw), name, seed, users, base, models_out=models)
+    return record, models
+
+
+def test_comigs_shares_generalists_and_attention_but_keeps_specialists_and_routers_local(users_dir):
+    record, models = _run(users_dir, "comigs-1gxs", experts=(3, 2, 1))
+    shared = [role_state_dict(m, {Role.ATTENTION, Role.GENERALIST}) for m in models]
+    for other in shared[1:]:
+        assert all(torch.equal(shared[0][k], other[k]) for k in shared[0])  # one generalist for 3, 2, 1 experts
+    spec = [role_state_dict(m, Role.SPECIALIST) for m in models[:2]]
+    common = set(spec[0]) & set(spec[1])
+    assert common and all(not torch.equal(spec[0][k], spec[1][k]) for k in common)
+    assert record["iterations"] == [0, 2, 4] and len(record["test_ppl"]["u1"]) == 3
+    assert record["mean"] < sum(record["pretrained"].values()) / 3  # it learned something
+    assert set(record["routing"]) == {"u1", "u2"}  # u3 has one expert: no router
+
+
+def test_local_shares_nothing_and_fedavg_ends_with_one_model(users_dir):
+    _, local = _run(users_dir, "local")
+    a, b = (role_state_dict(m, {Role.ATTENTION, Role.SPECIALIST}) for m in local[:2])
+    assert all(not torch.equal(a[k], b[k]) for k in a)
+    _, fed = _run(users_dir, "fedavg")
+    a, b = (role_state_dict(m, {Role.ATTENTION, Role.GENERALIST}) for m in fed[:2])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_centralized_trains_one_model_for_everyone(users_dir):
+    record, models = _run(users_dir, "centralized")
+    assert len(models) == 1 and set(record["final"]) == {"u1", "u2", "u3"}
+
+
+def test_same_seed_gives_identical_results_and_another_seed_does_not(users_dir):
+    first, _ = _run(users_dir, "comigs-1g1s", seed=3)
+    again, _ = _run(users_dir, "comigs-1g1s", seed=3)
+    other, _ = _run(users_dir, "comigs-1g1s", seed=4)
+    assert first["test_ppl"] == again["test_ppl"]
+    assert first["test_ppl"] != other["test_ppl"]
+
+
+def test_simulate_writes_the_report_and_reuses_cached_runs(users_dir, tmp_path):
+    cfg = _cfg(users_dir, strategies=("local", "comigs-1g1s", "pcl"), seeds=(1, 2))
+    out = tmp_path / "report"
+    result = simulate(cfg, out)
+    for name in ("results.json", "results.md", "curves.png", "experts-comigs-1g1s.png", "routing.html"):
+        assert (out / name).stat().st_size > 0, name
+    assert "experts-local.png" not in result["files"]  # fixed gates: nothing to show
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert set(summary) == {"local", "comigs-1g1s", "pcl"} and summary["pcl"]["seeds"] == [1, 2]
+    table = (out / "results.md").read_text()
+    assert "| comigs-1g1s |" in table and "pretrained" in table
+    html = (out / "routing.html").read_text()
+    assert "model of u1" in html and "text of u2" in html
+    runs = sorted((out / "runs").glob("*.json"))
+    assert len(runs) == 6
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    again = simulate(cfg, out)
+    assert [p.stat().st_mtime_ns for p in runs] == stamps  # nothing recomputed
+    assert [r["mean"] for r in again["records"]] == [r["mean"] for r in result["records"]]
+    runs[0].write_text("{torn")  # a torn cache file is recomputed, not trusted
+    simulate(cfg, out)
+    assert json.loads(runs[0].read_text())["final"]
+
+
+def test_cli_refuses_bad_settings_clearly(users_dir, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "device_sdk", "simulate", "--data", str(users_dir), "--out",
+                               str(tmp_path / "o"), "--model", "tiny-llama", *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=300)
+
+    done = run("--experts", "4,2", "--rounds", "1")
+    assert done.returncode == 2 and "--experts has 2 values for 3 users" in done.stderr
+    done = run("--strategies", "local,fedprox")
+    assert done.returncode == 2 and "unknown strategies ['fedprox']" in done.stderr
