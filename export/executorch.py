@@ -194,7 +194,7 @@ class PteRunner:
     """Runs an exported program with the ExecuTorch Python runtime: ``(1, T) int64 -> (1, T, V) float32``."""
 
     def __init__(self, program: Path) -> None:
-        import executorch.kernels.quantized  # noqa: F401  (kernels of 8da4w programs)
+        import executorch.kernels.quantized  # noqa: F401  (kernels of 8da4w / 8da8w programs)
         from executorch.runtime import Runtime
 
         program = Path(program)

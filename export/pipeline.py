@@ -20,7 +20,9 @@ from .verify import SAMPLE_TEXT, Tolerance, compare, require
 log = logging.getLogger(__name__)
 
 FORMATS = ("pte", "onnx")
-QUANTIZE = ("none", "8da4w", "int4")  # 8da4w: the .pte; int4: an extra model.int4.onnx
+QUANTIZE = ("none", "8da4w", "8da8w", "int4")  # 8da4w / 8da8w: the .pte; int4: an extra model.int4.onnx
+#: Quantisations of the ExecuTorch program (see export/quantize.py).
+PTE_QUANTIZE = ("8da4w", "8da8w")
 MANIFEST = "manifest.json"
 #: An int4 model ships only if it stays this close to the fp32 PyTorch model. Perplexity is the quality
 #: criterion; argmax agreement only guards against a broken graph (near-uniform predictions flip argmax easily).
@@ -45,8 +47,8 @@ class ExportOptions:
             problems.append(f"quantize {self.quantize!r} is not supported; choose from {QUANTIZE}")
         elif self.quantize == "int4" and "onnx" not in self.formats:
             problems.append("quantize int4 applies to the ONNX export; add the onnx format")
-        elif self.quantize == "8da4w" and "pte" not in self.formats:
-            problems.append("quantize 8da4w applies to the ExecuTorch export; add the pte format")
+        elif self.quantize in PTE_QUANTIZE and "pte" not in self.formats:
+            problems.append(f"quantize {self.quantize} applies to the ExecuTorch export; add the pte format")
         if not 2 <= self.max_seq <= 8192:
             problems.append(f"max_seq must be in [2, 8192], got {self.max_seq}")
         if problems:
@@ -106,16 +108,17 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
         from .executorch import export_pte
 
         program_model, adapters = loaded.model, loaded.adapter_parameters()
-        if options.quantize == "8da4w":
+        if options.quantize in PTE_QUANTIZE:
             from device_sdk.parts import iter_role_parameters
 
-            from .quantize import quantize_8da4w
+            from .quantize import quantize_program
 
-            program_model, counts = quantize_8da4w(loaded.model)
+            program_model, counts = quantize_program(loaded.model, options.quantize)
             adapters = {name: p for name, p, _ in iter_role_parameters(program_model.model)}
-            log.info("8da4w: %d base linears int4/int8, %d embedding(s) int8", counts["linears"], counts["embeddings"])
+            log.info("%s: %d base linears, %d embedding(s) int8", options.quantize, counts["linears"],
+                     counts["embeddings"])
         exports["pte"] = export_pte(program_model, out, options.max_seq, adapters,
-                                    quantized=options.quantize == "8da4w")
+                                    quantized=options.quantize in PTE_QUANTIZE)
         files.append(out / "model.pte")
     if "onnx" in options.formats:
         from .onnx import export_onnx
@@ -132,7 +135,7 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
     seq_lens = tuple(t for t in (16, min(64, options.max_seq)) if t <= options.max_seq)
     verification = {}
     for path in files:
-        quantized = ".int4." in path.name or (path.suffix == ".pte" and options.quantize == "8da4w")
+        quantized = ".int4." in path.name or (path.suffix == ".pte" and options.quantize in PTE_QUANTIZE)
         limits = QUANTIZED_TOL if quantized else tol
         result = compare(loaded.model, runner_for(path), tokens, path.name, seq_lens=seq_lens, tol=limits)
         log.info("%s: max |logit diff| %.2e, argmax agreement %.4f, ppl %.4f vs %.4f", path.name,
@@ -165,7 +168,7 @@ def verify_export(checkpoint: Path, out: Path, data: Path | None = None, tol: To
     tokens = verification_tokens(loaded, data)
     results = {}
     manifest = json.loads((Path(out) / MANIFEST).read_text()) if (Path(out) / MANIFEST).is_file() else {}
-    pte_quantized = manifest.get("export", {}).get("quantize") == "8da4w"
+    pte_quantized = manifest.get("export", {}).get("quantize") in PTE_QUANTIZE
     for name in ("model.pte", "model.onnx", "model.int4.onnx"):
         path = Path(out) / name
         if path.is_file():

@@ -173,6 +173,16 @@ def test_8da4w_program_shrinks_the_base_file_and_holds_quality(tmp_path):
         ExportOptions(formats=("onnx",), quantize="8da4w")
 
 
+def test_8da8w_program_holds_quality_with_int8_weights(tmp_path):
+    model = make_model("tiny-llama", n_specialists=1)
+    save_adapters(model, tmp_path / "a", "tiny-llama")
+    q = export_checkpoint(tmp_path / "a", tmp_path / "q", ExportOptions(formats=("pte",), quantize="8da8w",
+                                                                         max_seq=64))
+    result = q["verification"]["model.pte"]
+    assert result["passed"] and q["export"]["quantize"] == "8da8w"
+    assert abs(result["ppl_exported"] / result["ppl_pytorch"] - 1) < 0.05
+
+
 def test_8da4w_refuses_gpt2_conv1d_clearly(tmp_path):
     save_adapters(make_model("tiny-gpt2", n_specialists=1), tmp_path / "g", "tiny-gpt2")
     with pytest.raises(ExportError, match="GPT-2 uses Conv1D"):
