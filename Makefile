@@ -15,11 +15,13 @@ $(DATA)/$(DEMO_USER)/train.txt.gz:
 
 data: setup $(DATA)/$(DEMO_USER)/train.txt.gz
 
-# Main job: a federation on loopback, four SmolLM2 devices (de, fr, it, nl) with 3, 2, 1, 0 specialists.
+# Main job: a federation on loopback, four SmolLM2 devices (de, fr, it, nl) with 3, 2, 1, 0 specialists, the
+# export of one device for a phone, then a short comparison of collaboration strategies (table + HTML report).
 ROUNDS ?= 3
 demo: data
 	$(PY) examples/federation_demo.py --data $(DATA) --specialists de=3,fr=2,it=1,nl=0 --rounds $(ROUNDS) \
 		--out runs/federation
+	$(PY) -m device_sdk simulate --preset demo --data $(DATA) --out runs/compare
 
 # Single device: personalise SmolLM2 on one language user, test perplexity before/after.
 demo-local: data
