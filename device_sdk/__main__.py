@@ -57,7 +57,7 @@ def _train_local(args: argparse.Namespace) -> int:
     run = LocalRunConfig(data=args.data, model=args.model, out=args.out, adapter=adapter, train=train,
                          specialists_from_budget=args.specialists is None, budget_mb=args.budget_mb,
                          budget_step_s=args.budget_step_s,
-                         eval_tokens=args.eval_tokens, cache_dir=args.cache_dir)
+                         eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, via_server=args.via_server)
     metrics = run_local(run, progress=True)
     before, after = metrics["test"]["before"]["perplexity"], metrics["test"]["after"]["perplexity"]
     print(f"\n{metrics['user']}: test perplexity {before:.2f} -> {after:.2f} "
@@ -171,6 +171,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--ood", action="store_true", default=None,
                    help="validation/test = uniform mixture of all users' (out-of-distribution setting)")
     p.add_argument("--users", type=lambda t: tuple(t.split(",")), default=None, help="subset of user folders")
+    p.add_argument("--via-server", action="store_true", default=None,
+                   help="aggregate through a real aggregator on loopback (same results as in-process)")
     p.add_argument("--model", default=None, help="default smollm2-135m")
     p.add_argument("--precision", choices=PRECISIONS, default=None)
     p.add_argument("--eval-tokens", type=int, default=None, help="test tokens per user per evaluation (0: all)")
@@ -185,7 +187,7 @@ def _simulate(args: argparse.Namespace) -> int:
                       rounds=args.rounds, local_steps=args.local_steps, batch=args.batch, ctx=args.ctx,
                       router_period=args.router_period, router_steps=args.router_steps, seeds=args.seeds,
                       ood=args.ood, users=args.users, model=args.model, precision=args.precision,
-                      eval_tokens=args.eval_tokens, cache_dir=args.cache_dir)
+                      eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, via_server=args.via_server)
     result = simulate(cfg, args.out, progress=True)
     print()
     print(result["files"]["results.md"].read_text())

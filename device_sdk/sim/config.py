@@ -39,6 +39,8 @@ class SimConfig:
         ood: validation and test become the uniform mixture of all users' (out-of-distribution setting).
         eval_tokens: test tokens per user per evaluation (``None``: the whole test set).
         peer_eval_tokens: validation tokens per model evaluation for PCL's trust and for expert scores.
+        via_server: aggregate through a real aggregator process on loopback (plain-mean strategies; the others
+            run in-process). Results are identical, so runs share the cache.
     """
 
     data: Path
@@ -60,6 +62,7 @@ class SimConfig:
     users: tuple[str, ...] | None = None
     eval_tokens: int | None = 8192
     peer_eval_tokens: int = 4096
+    via_server: bool = False
     cache_dir: Path | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -102,7 +105,7 @@ class SimConfig:
     def run_key(self, strategy: str, seed: int, users: list[str]) -> str:
         """Cache key of one (strategy, seed) run: every setting that changes its numbers."""
         relevant = {k: v for k, v in asdict(self).items()
-                    if k not in ("strategies", "seeds", "cache_dir", "extra")}
+                    if k not in ("strategies", "seeds", "cache_dir", "extra", "via_server")}
         relevant.update(data=str(Path(self.data).resolve()), users=users, strategy=strategy, seed=seed)
         digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return f"{strategy}-seed{seed}-{digest}"

@@ -104,13 +104,15 @@ def _sample_ids(tokens: np.ndarray, n: int) -> np.ndarray:
 
 
 def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], base: BaseModel,
-                 progress: bool = False, models_out: list | None = None) -> dict:
+                 progress: bool = False, models_out: list | None = None, server=None) -> dict:
     """Run ``rounds`` rounds of strategy ``name`` for every user and return its record (see module doc).
 
     Args:
         users: every user's token streams (already in-/out-of-distribution as configured).
         base: the frozen base model (shared by all users' models) and its tokenizer.
         models_out: if given, receives the trained models (one per user; one for ``centralized``).
+        server: a running :class:`device_sdk.sim.via_server.LoopbackAggregator` to aggregate through (plain-mean
+            strategies only), or ``None`` to aggregate in-process.
     """
     start = time.perf_counter()
     strategy = make_strategy(name)
@@ -133,6 +135,14 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
     if strategy.collaborative:  # shared tensors (and FFA's fixed A) agree before the first round
         for m, t in zip(models, strategy.initial(uploads_of(strategy.initial_tensors))):
             load_tensors(m, t)
+    rounds_via = None
+    if server is not None and strategy.collaborative:
+        from .via_server import ServerRounds
+
+        first = adapter_config(models[0])
+        rounds_via = ServerRounds(server, strategy, cfg.model, first.rank, first.alpha,
+                                  strategy.shared_tensors(models[0]),
+                                  [(m.name, adapter_config(model)) for m, model in zip(members, models)])
 
     def test_model(u: int) -> nn.Module:
         return models[0] if strategy.centralized else models[u]
@@ -180,7 +190,8 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
             uploads = uploads_of(strategy.shared_tensors)
             for upload, n_tokens in zip(uploads, tokens):
                 upload.tokens = n_tokens
-            for model, tensors in zip(models, strategy.aggregate(uploads, peer_loss)):
+            merged = rounds_via.exchange(uploads) if rounds_via else strategy.aggregate(uploads, peer_loss)
+            for model, tensors in zip(models, merged):
                 load_tensors(model, tensors)
         iterations.append(states[0].step)
         for n, p in zip(names, evaluate_all()):
@@ -200,6 +211,8 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
                 samples.append({"text_of": other.name, **sample})
         if samples:
             routing[user.name] = samples
+    if rounds_via is not None:
+        rounds_via.close()
     if models_out is not None:
         models_out.extend(models)
     final = {n: c[-1] for n, c in curves.items()}
@@ -209,6 +222,7 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
         "mean": float(np.mean(list(final.values()))), "pretrained": {n: c[0] for n, c in curves.items()},
         "train_loss": train_loss, "expert_scores": scores, "routing": routing,
         "strategy_state": _jsonable(strategy.state), "seconds": time.perf_counter() - start,
+        "via_server": rounds_via is not None,
     }
 
 

@@ -18,7 +18,9 @@ from .config import SimConfig
 from .figures import plot_expert_scores, plot_learning_curves
 from .report import write_results
 from .routing_html import routing_page
+from ..strategies import make_strategy
 from .runner import run_strategy
+from .via_server import LoopbackAggregator
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,15 @@ def read_cached(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and "final" in record else None
+
+
+def _run(cfg: SimConfig, strategy: str, seed: int, users, base, progress: bool) -> dict:
+    if not (cfg.via_server and make_strategy(strategy).server_mean and make_strategy(strategy).collaborative):
+        if cfg.via_server:
+            log.info("%s aggregates per device (or not at all): in-process", strategy)
+        return run_strategy(cfg, strategy, seed, users, base, progress=progress)
+    with LoopbackAggregator() as server:
+        return run_strategy(cfg, strategy, seed, users, base, progress=progress, server=server)
 
 
 def simulate(cfg: SimConfig, out: Path, progress: bool = False) -> dict:
@@ -54,8 +65,8 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False) -> dict:
         path = runs_dir / f"{cfg.run_key(strategy, seed, names)}.json"
         record = read_cached(path)
         if record is None:
-            log.info("[%d/%d] %s seed %d", i, len(jobs), strategy, seed)
-            record = run_strategy(cfg, strategy, seed, users, base, progress=progress)
+            log.info("[%d/%d] %s seed %d%s", i, len(jobs), strategy, seed, " via the aggregator" * cfg.via_server)
+            record = _run(cfg, strategy, seed, users, base, progress)
             atomic_write_bytes(path, json.dumps(record).encode())
         else:
             log.info("[%d/%d] %s seed %d: cached (%s)", i, len(jobs), strategy, seed, path.name)

@@ -106,6 +106,11 @@ class Strategy:
     def collaborative(self) -> bool:
         return bool(self.shared_roles) and not self.centralized
 
+    @property
+    def server_mean(self) -> bool:
+        """True if the server rule is the plain mean, which the networked aggregator runs (streaming)."""
+        return type(self).aggregate is Strategy.aggregate
+
     def initial(self, uploads: list[Upload]) -> list[dict[str, torch.Tensor]]:
         """Common starting values: every device gets, per name, the largest initial tensor cut to its own shape
         (identical shapes: user 0's values), so that shared tensors (and FFA's frozen A) agree before round 1."""
@@ -143,10 +148,12 @@ def mean_tensors(dicts: list[dict[str, torch.Tensor]], weights: list[float] | No
         shapes = {tuple(d[name].shape) for d in dicts}
         if len(shapes) != 1:
             raise ConfigError(f"uploads disagree on the shape of {name}: {sorted(shapes)}")
+        # the same arithmetic as the aggregator's streaming mean (float64 weighted sum, one division), so a
+        # simulation through the server gives bit-identical results
         acc = torch.zeros(dicts[0][name].shape, dtype=torch.float64)
         for d, w in zip(dicts, weights):
-            acc += d[name].to(torch.float64) * (w / total)
-        out[name] = acc.to(dicts[0][name].dtype)
+            acc.add_(d[name], alpha=w)
+        out[name] = (acc / total).to(dicts[0][name].dtype)
     return out
 
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import httpx
 import pytest
 import torch
 
@@ -114,3 +115,32 @@ def test_cli_refuses_bad_settings_clearly(users_dir, tmp_path):
     assert done.returncode == 2 and "--experts has 2 values for 3 users" in done.stderr
     done = run("--strategies", "local,fedprox")
     assert done.returncode == 2 and "unknown strategies ['fedprox']" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["comigs-1g1s", "ffa-lora"])
+def test_via_server_gives_identical_results_to_in_process(users_dir, name):
+    from device_sdk.sim.via_server import LoopbackAggregator
+
+    base = load_base_model("tiny-llama")
+    users = load_users(users_dir, base.tokenizer)
+    cfg = _cfg(users_dir)
+    local_models, server_models = [], []
+    in_process = run_strategy(cfg, name, 5, users, base, models_out=local_models)
+    with LoopbackAggregator() as server:
+        through = run_strategy(cfg, name, 5, users, base, models_out=server_models, server=server)
+        status = httpx.get(server.url + "/status", timeout=10).json()
+    assert through["via_server"] and not in_process["via_server"]
+    assert [h["round"] for h in status["history"] if h.get("participants")] == [1, 2]
+    assert through["test_ppl"] == in_process["test_ppl"]
+    for a, b in zip(local_models, server_models):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_via_server_refuses_personalised_rules(users_dir):
+    from device_sdk.errors import ConfigError
+    from device_sdk.sim.via_server import LoopbackAggregator, ServerRounds
+    from device_sdk.strategies import make_strategy
+
+    with LoopbackAggregator() as server, pytest.raises(ConfigError, match="flexlora-full aggregates per device"):
+        ServerRounds(server, make_strategy("flexlora-full"), "tiny-llama", 8, 16.0, {}, [])
