@@ -199,8 +199,12 @@ class PteRunner:
 
         program = Path(program)
         data = merged_data_file(program.parent) if (program.parent / BASE_DATA).is_file() else None
-        self.method = Runtime.get().load_program(str(program), data_path=str(data) if data else None) \
-            .load_method("forward")
+        try:
+            self.method = Runtime.get().load_program(str(program), data_path=str(data) if data else None) \
+                .load_method("forward")
+        finally:
+            if data is not None:  # the runtime holds the data mapped; the merged copy need not stay on disk
+                data.unlink(missing_ok=True)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[0] != 1:
