@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -68,29 +69,82 @@ def adapter_matmuls(model, max_adapter_dim: int) -> list[str]:
             and min(inits[n.input[1]]) <= max_adapter_dim]
 
 
-def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 32) -> dict:
-    """Block-quantise the base MatMul weights of an exported ``.onnx`` to int4 (``MatMulNBits``, asymmetric,
-    ``block_size`` values per scale); adapters and routers stay fp32.
+def int4_blocks(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric int4 blocks with float zero points, in ``MatMulNBits`` layout.
+
+    Each block of ``block_size`` consecutive input rows of one output column gets ``scale = (max - min) / 15`` and
+    the float zero point ``-min / scale``, so it dequantises to ``q * scale + min`` with ``q`` in 0..15. This is
+    GGUF's Q4_1 scheme: weights that come from a Q4_1 file (SmolLM2's) are represented exactly, where integer zero
+    points would round every block a second time.
+
+    Args:
+        weight: (K, N) float32, ``K`` a multiple of ``block_size``.
 
     Returns:
-        ``{"file", "seconds", "quantized", "kept_fp32"}``.
+        ``(packed, scales, zero_points)``: (N, K / block_size, block_size / 2) uint8, two values per byte, low
+        nibble first; (N * K / block_size,) float32; (N * K / block_size,) float32.
+    """
+    k, n = weight.shape
+    blocks = weight.T.reshape(n, k // block_size, block_size)  # (N, nb, block)
+    low, high = blocks.min(axis=-1), blocks.max(axis=-1)
+    scales = ((high - low) / 15).astype(np.float32)
+    scales[scales == 0] = 1.0  # a constant block: q = 0 everywhere, zero point -low
+    q = np.clip(np.rint((blocks - low[..., None]) / scales[..., None]), 0, 15).astype(np.uint8)
+    zero_points = (-low / scales).astype(np.float32)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return packed, scales.reshape(-1), zero_points.reshape(-1)
+
+
+def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 32) -> dict:
+    """Block-quantise the base MatMul weights of an exported ``.onnx`` to int4 (``MatMulNBits``, asymmetric with
+    float zero points, ``block_size`` values per scale, see :func:`int4_blocks`); adapters and routers stay fp32.
+
+    Returns:
+        ``{"file", "seconds", "quantized", "kept_fp32", "matmuls"}``.
+
+    Raises:
+        ExportError: if the model cannot be read or written.
     """
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnx import helper, numpy_helper
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # 1 line/node
     start = time.perf_counter()
-    model = onnx.load(str(src))
-    exclude = adapter_matmuls(model, max_adapter_dim)
-    before = sum(n.op_type == "MatMul" for n in model.graph.node)
     try:
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=False,
-                                         nodes_to_exclude=exclude)
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
-    except Exception as err:  # onnxruntime's quantizer raises many types; report them as one
-        raise ExportError(f"int4 quantisation failed: {type(err).__name__}: {str(err)[:500]}") from err
-    quantized = sum(n.op_type == "MatMulNBits" for n in onnx.load(str(dst), load_external_data=False).graph.node)
+        model = onnx.load(str(src))
+    except Exception as err:  # protobuf / IO errors
+        raise ExportError(f"cannot read {src} for int4 quantisation: {err}") from err
+    exclude = set(adapter_matmuls(model, max_adapter_dim))
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, quantized, converted = [], 0, {}
+    before = sum(n.op_type == "MatMul" for n in model.graph.node)
+    for node in model.graph.node:
+        init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if init is None or node.name in exclude or len(init.dims) != 2 or init.dims[0] % block_size:
+            nodes.append(node)
+            continue
+        k, n = init.dims
+        if init.name not in converted:
+            packed, scales, zero_points = int4_blocks(numpy_helper.to_array(init).astype(np.float32), block_size)
+            names = (f"{init.name}_int4", f"{init.name}_scales", f"{init.name}_zero_points")
+            model.graph.initializer.extend(numpy_helper.from_array(a, name)
+                                           for a, name in zip((packed, scales, zero_points), names))
+            converted[init.name] = names
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *converted[init.name]], list(node.output),
+                                      name=f"{node.name}_int4", domain="com.microsoft", K=k, N=n, bits=4,
+                                      block_size=block_size))
+        quantized += 1
+    used = {i for node in nodes for i in node.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    try:
+        onnx.save(model, str(dst))
+    except Exception as err:
+        raise ExportError(f"cannot write {dst}: {err}") from err
     seconds = time.perf_counter() - start
     log.info("wrote %s in %.1f s: %d MatMul -> int4, %d adapter/router MatMul kept fp32", Path(dst).name, seconds,
              quantized, len(exclude))

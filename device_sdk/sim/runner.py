@@ -123,7 +123,8 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
     train_cfgs = [TrainConfig(steps=cfg.local_steps, batch_size=batch, context=cfg.ctx, lr_experts=cfg.lr,
                               lr_router=cfg.router_lr, lb_weight=cfg.lb_weight, router_period=cfg.router_period,
                               router_steps=cfg.router_steps, schedule_steps=cfg.rounds * cfg.local_steps,
-                              precision=cfg.precision, seed=seed * 1000 + i, log_every=cfg.local_steps)
+                              precision=cfg.precision, seed=seed * 1000 + i, log_every=cfg.local_steps,
+                              eval_batches=1)  # the end-of-round validation loss is not reported here
                   for i in range(len(members))]
     train_cfgs = [replace(c, **strategy.train_overrides()) for c in train_cfgs]
     states = [init_train_state(m, c) for m, c in zip(models, train_cfgs)]

@@ -1,0 +1,54 @@
+"""int4 blocks with float zero points: exact on Q4_1-grid weights, and what onnxruntime computes with them."""
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from export.onnx import int4_blocks
+
+
+def _q4_1_weight(k=64, n=24, block=32, seed=0):
+    """A (K, N) weight built like a dequantised GGUF Q4_1 tensor: per block d * q + m, q in 0..15 (0 and 15 used)."""
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(0.005, 0.05, (n, k // block, 1)).astype(np.float32)
+    m = rng.uniform(-0.4, 0.0, (n, k // block, 1)).astype(np.float32)
+    q = rng.integers(0, 16, (n, k // block, block))
+    q[..., 3], q[..., 7] = 0, 15
+    return (q * d + m).astype(np.float32).reshape(n, k).T.copy()
+
+
+def _dequantize(packed, scales, zero_points, k, n, block):
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k // block, block).astype(np.float32)
+    w = (q - zero_points.reshape(n, -1, 1)) * scales.reshape(n, -1, 1)
+    return w.reshape(n, k).T
+
+
+def test_q4_1_grid_weights_are_represented_exactly():
+    w = _q4_1_weight()
+    packed, scales, zp = int4_blocks(w, 32)
+    assert packed.shape == (24, 2, 16) and packed.dtype == np.uint8 and scales.shape == zp.shape == (48,)
+    assert np.abs(_dequantize(packed, scales, zp, 64, 24, 32) - w).max() < 1e-6
+
+
+def test_other_weights_round_to_within_half_a_step_and_constant_blocks_survive():
+    w = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32)
+    w[:32, 0] = 0.25  # a constant block
+    packed, scales, zp = int4_blocks(w, 32)
+    err = np.abs(_dequantize(packed, scales, zp, 64, 8, 32) - w)
+    step = np.repeat(scales.reshape(8, 2), 32, axis=1).T  # (64, 8) scale of each weight's block
+    assert (err <= step / 2 + 1e-6).all()
+    assert np.abs(_dequantize(packed, scales, zp, 64, 8, 32)[:32, 0] - 0.25).max() < 1e-6
+
+
+def test_onnxruntime_matmulnbits_uses_the_float_zero_points():
+    w = _q4_1_weight(k=64, n=16)
+    packed, scales, zp = int4_blocks(w, 32)
+    node = helper.make_node("MatMulNBits", ["A", "B", "s", "z"], ["Y"], domain="com.microsoft", K=64, N=16, bits=4,
+                            block_size=32)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["b", "t", 64])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", "t", 16])],
+                              [numpy_helper.from_array(a, name) for a, name in ((packed, "B"), (scales, "s"), (zp, "z"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(2).standard_normal((2, 3, 64)).astype(np.float32)
+    assert np.abs(session.run(None, {"A": a})[0] - a @ w).max() < 1e-4
