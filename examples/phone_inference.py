@@ -40,10 +40,10 @@ class Tokens:
         return self.tok.decode(ids)
 
 
-def onnx_step(folder: Path):
+def onnx_step(path: Path):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda ids: session.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})[0][0, -1]
 
 
@@ -53,8 +53,13 @@ def pte_step(folder: Path):
 
     from export.executorch import merged_data_file  # merges base.ptd + adapters.ptd (one data file in Python)
 
-    data = str(merged_data_file(folder)) if (folder / "base.ptd").is_file() else None
-    method = Runtime.get().load_program(str(folder / "model.pte"), data_path=data).load_method("forward")
+    if json.loads((folder / "manifest.json").read_text())["export"]["quantize"] in ("8da4w", "8da8w"):
+        import executorch.kernels.quantized  # noqa: F401  (int8 embedding and dynamic quantisation kernels)
+    data = merged_data_file(folder) if (folder / "base.ptd").is_file() else None
+    method = Runtime.get().load_program(str(folder / "model.pte"), data_path=str(data) if data else None) \
+        .load_method("forward")
+    if data is not None:
+        data.unlink()  # loaded: the runtime keeps the data mapped
     return lambda ids: method.execute([torch.tensor([ids], dtype=torch.long)])[0][0, -1].numpy()
 
 
@@ -76,6 +81,7 @@ def main() -> int:
     parser.add_argument("--prompt", default="The file")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--runtime", choices=("pte", "onnx", "both"), default="both")
+    parser.add_argument("--onnx-file", default="model.onnx", help="model.onnx or model.int4.onnx")
     args = parser.parse_args()
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
     max_seq = manifest["export"]["max_seq"]
@@ -84,10 +90,11 @@ def main() -> int:
     runtimes = ("pte", "onnx") if args.runtime == "both" else (args.runtime,)
     outputs = {}
     for name in runtimes:
-        if not (args.model_dir / f"model.{name}").is_file():
-            print(f"{name}: no model.{name} in {args.model_dir}", file=sys.stderr)
+        path = args.model_dir / ("model.pte" if name == "pte" else args.onnx_file)
+        if not path.is_file():
+            print(f"{name}: no {path.name} in {args.model_dir}", file=sys.stderr)
             continue
-        step = pte_step(args.model_dir) if name == "pte" else onnx_step(args.model_dir)
+        step = pte_step(args.model_dir) if name == "pte" else onnx_step(path)
         new, seconds = generate(step, prompt, args.tokens, max_seq, None)
         outputs[name] = new
         print(f"[{name}] {len(new) / seconds:.1f} tokens/s: {args.prompt}{tokens.decode(new)!r}")

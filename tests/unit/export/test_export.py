@@ -1,6 +1,9 @@
 """Export of tiny personalised models to ExecuTorch and ONNX, checked against PyTorch."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,8 @@ from export.pipeline import ExportOptions, export_checkpoint
 from export.verify import compare, require
 
 from ...conftest import make_model
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(params=["tiny-gpt2", "tiny-llama"])
@@ -156,6 +161,7 @@ def test_int4_onnx_quantises_base_matmuls_only_and_holds_quality(tmp_path):
     check = manifest["verification"]["model.int4.onnx"]
     assert check["passed"] and check["ppl_rel_diff"] < 0.05
     assert manifest["files"]["model.int4.onnx"]["bytes"] < manifest["files"]["model.onnx"]["bytes"]
+    assert "[onnx]" in _phone(tmp_path / "out", "--runtime", "onnx", "--onnx-file", "model.int4.onnx")
     with pytest.raises(ExportError, match="add the onnx format"):
         ExportOptions(formats=("pte",), quantize="int4")
 
@@ -181,6 +187,17 @@ def test_8da8w_program_holds_quality_with_int8_weights(tmp_path):
     result = q["verification"]["model.pte"]
     assert result["passed"] and q["export"]["quantize"] == "8da8w"
     assert abs(result["ppl_exported"] / result["ppl_pytorch"] - 1) < 0.05
+    out = _phone(tmp_path / "q", "--runtime", "pte")
+    assert "[pte]" in out and "tokens/s" in out
+    assert not (tmp_path / "q" / ".merged.ptd").exists()  # the runtime's merged data file does not linger
+
+
+def _phone(folder, *args) -> str:
+    """Run the phone stand-in (examples/phone_inference.py) on an export folder; returns its stdout."""
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "phone_inference.py"), "--model-dir", str(folder),
+                           "--prompt", "ab", "--tokens", "4", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
 
 
 def test_8da4w_refuses_gpt2_conv1d_clearly(tmp_path):
