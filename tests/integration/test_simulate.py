@@ -144,3 +144,12 @@ def test_via_server_refuses_personalised_rules(users_dir):
 
     with LoopbackAggregator() as server, pytest.raises(ConfigError, match="flexlora-full aggregates per device"):
         ServerRounds(server, make_strategy("flexlora-full"), "tiny-llama", 8, 16.0, {}, [])
+
+
+def test_demo_preset_prints_the_table_and_the_report_path(users_dir, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "device_sdk", "simulate", "--preset", "demo", "--data", str(users_dir),
+                           "--out", str(tmp_path / "cmp"), "--model", "tiny-llama", "--precision", "fp32"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| comigs-1g1s |" in done.stdout and "| fedavg |" in done.stdout and "| local |" in done.stdout
+    assert f"routing.html: {tmp_path / 'cmp' / 'routing.html'}" in done.stdout
