@@ -70,34 +70,38 @@ def adapter_matmuls(model, max_adapter_dim: int) -> list[str]:
 
 
 def int4_blocks(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric int4 blocks with float zero points, in ``MatMulNBits`` layout.
+    """Asymmetric int4 blocks in ``MatMulNBits`` layout, as ``scale * q + low`` with ``q`` in 0..15.
 
-    Each block of ``block_size`` consecutive input rows of one output column gets ``scale = (max - min) / 15`` and
-    the float zero point ``-min / scale``, so it dequantises to ``q * scale + min`` with ``q`` in 0..15. This is
-    GGUF's Q4_1 scheme: weights that come from a Q4_1 file (SmolLM2's) are represented exactly, where integer zero
-    points would round every block a second time.
+    Each block of ``block_size`` consecutive input rows of one output column gets ``low = min`` and ``scale =
+    (max - min) / 15``: GGUF's Q4_1 scheme, so weights that come from a Q4_1 file (SmolLM2's) are represented
+    exactly, where onnxruntime's integer zero points would round every block a second time.
 
     Args:
         weight: (K, N) float32, ``K`` a multiple of ``block_size``.
 
     Returns:
-        ``(packed, scales, zero_points)``: (N, K / block_size, block_size / 2) uint8, two values per byte, low
-        nibble first; (N * K / block_size,) float32; (N * K / block_size,) float32.
+        ``(packed, scales, lows)``: (N, K / block_size, block_size / 2) uint8, two values per byte, low nibble
+        first; (N * K / block_size,) float32; (K / block_size, N) float32.
     """
     k, n = weight.shape
     blocks = weight.T.reshape(n, k // block_size, block_size)  # (N, nb, block)
     low, high = blocks.min(axis=-1), blocks.max(axis=-1)
     scales = ((high - low) / 15).astype(np.float32)
-    scales[scales == 0] = 1.0  # a constant block: q = 0 everywhere, zero point -low
+    scales[scales == 0] = 1.0  # a constant block: q = 0 everywhere, the value is in ``low``
     q = np.clip(np.rint((blocks - low[..., None]) / scales[..., None]), 0, 15).astype(np.uint8)
-    zero_points = (-low / scales).astype(np.float32)
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    return packed, scales.reshape(-1), zero_points.reshape(-1)
+    return packed, scales.reshape(-1), np.ascontiguousarray(low.T, dtype=np.float32)
+
+
+def block_sum_matrix(k: int, block_size: int) -> np.ndarray:
+    """(K, K / block_size) 0/1 matrix: ``x @ S`` sums ``x`` over each block of ``block_size`` inputs."""
+    return np.kron(np.eye(k // block_size, dtype=np.float32), np.ones((block_size, 1), dtype=np.float32))
 
 
 def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 32) -> dict:
-    """Block-quantise the base MatMul weights of an exported ``.onnx`` to int4 (``MatMulNBits``, asymmetric with
-    float zero points, ``block_size`` values per scale, see :func:`int4_blocks`); adapters and routers stay fp32.
+    """Block-quantise the base MatMul weights of an exported ``.onnx`` to int4 (``MatMulNBits`` with zero point 0
+    plus a per-block offset term, ``block_size`` values per scale, see :func:`int4_blocks`); adapters and routers
+    stay fp32.
 
     Returns:
         ``{"file", "seconds", "quantized", "kept_fp32", "matmuls"}``.
@@ -115,7 +119,7 @@ def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 
         raise ExportError(f"cannot read {src} for int4 quantisation: {err}") from err
     exclude = set(adapter_matmuls(model, max_adapter_dim))
     inits = {i.name: i for i in model.graph.initializer}
-    nodes, quantized, converted = [], 0, {}
+    nodes, quantized, converted, block_sums = [], 0, {}, {}
     before = sum(n.op_type == "MatMul" for n in model.graph.node)
     for node in model.graph.node:
         init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -123,15 +127,26 @@ def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 
             nodes.append(node)
             continue
         k, n = init.dims
+        if k not in block_sums:
+            block_sums[k] = f"int4_block_sum_{k}"
+            model.graph.initializer.append(numpy_helper.from_array(block_sum_matrix(k, block_size), block_sums[k]))
         if init.name not in converted:
-            packed, scales, zero_points = int4_blocks(numpy_helper.to_array(init).astype(np.float32), block_size)
-            names = (f"{init.name}_int4", f"{init.name}_scales", f"{init.name}_zero_points")
+            packed, scales, lows = int4_blocks(numpy_helper.to_array(init).astype(np.float32), block_size)
+            zeros = np.zeros((n, -(-(k // block_size) // 2)), dtype=np.uint8)  # zero point 0: (q - 0) * scale
+            names = tuple(f"{init.name}_{part}" for part in ("int4", "scales", "zero_points", "lows"))
             model.graph.initializer.extend(numpy_helper.from_array(a, name)
-                                           for a, name in zip((packed, scales, zero_points), names))
+                                           for a, name in zip((packed, scales, zeros, lows), names))
             converted[init.name] = names
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *converted[init.name]], list(node.output),
-                                      name=f"{node.name}_int4", domain="com.microsoft", K=k, N=n, bits=4,
-                                      block_size=block_size))
+        q_name, s_name, z_name, low_name = converted[init.name]
+        # x @ W = x @ (scale * q) + (x summed per block) @ lows: two exact terms, the first on the int4 kernel
+        base, sums, offset = (f"{node.name}_int4_{t}" for t in ("scaled", "block_sums", "offset"))
+        nodes += [
+            helper.make_node("MatMulNBits", [node.input[0], q_name, s_name, z_name], [base], name=base,
+                             domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size),
+            helper.make_node("MatMul", [node.input[0], block_sums[k]], [sums], name=sums),
+            helper.make_node("MatMul", [sums, low_name], [offset], name=offset),
+            helper.make_node("Add", [base, offset], list(node.output), name=f"{node.name}_int4"),
+        ]
         quantized += 1
     used = {i for node in nodes for i in node.input}
     kept = [i for i in model.graph.initializer if i.name in used]

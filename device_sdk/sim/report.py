@@ -69,3 +69,41 @@ def write_results(out: Path, records: list[dict], title: str, settings: dict) ->
     atomic_write_bytes(json_path, json.dumps(payload, indent=1, default=str).encode())
     atomic_write_bytes(md_path, markdown(summary, records, title, settings).encode())
     return json_path, md_path
+
+
+def combined_markdown(results: list[dict]) -> str:
+    """One table in the paper's Table 1 layout: a row per strategy, a column per data split (``results.json``
+    payloads), each cell the mean test perplexity over users with its std over seeds and seed count."""
+    columns = [r["title"] for r in results]
+    names = [n for n in ALL if any(n in r["summary"] for r in results)]
+    lines = ["| strategy | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    pretrained = [pretrained_mean(r["runs"]) for r in results]
+    lines.append("| *pretrained* | " + " | ".join(f"{p:.2f}" if p else "" for p in pretrained) + " |")
+    for name in names:
+        cells = []
+        for r in results:
+            s = r["summary"].get(name)
+            if s is None:
+                cells.append("")
+                continue
+            best = min(v["mean"] for v in r["summary"].values())
+            cell = f"{s['mean']:.2f} ({s['std']:.2f}, n={len(s['seeds'])})"
+            cells.append(f"**{cell}**" if s["mean"] == best else cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m device_sdk.sim.report A/results.json B/results.json ...``: print the combined table."""
+    import sys
+
+    paths = argv if argv is not None else sys.argv[1:]
+    if not paths:
+        print("usage: python -m device_sdk.sim.report RESULTS.json [RESULTS.json ...]", file=sys.stderr)
+        return 2
+    print(combined_markdown([json.loads(Path(p).read_text()) for p in paths]), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

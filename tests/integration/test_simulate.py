@@ -100,6 +100,10 @@ def test_simulate_writes_the_report_and_reuses_cached_runs(users_dir, tmp_path):
     again = simulate(cfg, out)
     assert [p.stat().st_mtime_ns for p in runs] == stamps  # nothing recomputed
     assert [r["mean"] for r in again["records"]] == [r["mean"] for r in result["records"]]
+    from device_sdk.sim.report import combined_markdown
+
+    combined = combined_markdown([json.loads((out / "results.json").read_text())] * 2)
+    assert combined.count("| comigs-1g1s |") == 1 and combined.count("n=2") == 6
     runs[0].write_text("{torn")  # a torn cache file is recomputed, not trusted
     simulate(cfg, out)
     assert json.loads(runs[0].read_text())["final"]

@@ -1,10 +1,10 @@
-"""int4 blocks with float zero points: exact on Q4_1-grid weights, and what onnxruntime computes with them."""
+"""int4 blocks (scale * q + low): exact on Q4_1-grid weights, and what onnxruntime computes with them."""
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from export.onnx import int4_blocks
+from export.onnx import block_sum_matrix, int4_blocks
 
 
 def _q4_1_weight(k=64, n=24, block=32, seed=0):
@@ -17,16 +17,16 @@ def _q4_1_weight(k=64, n=24, block=32, seed=0):
     return (q * d + m).astype(np.float32).reshape(n, k).T.copy()
 
 
-def _dequantize(packed, scales, zero_points, k, n, block):
+def _dequantize(packed, scales, lows, k, n, block):
     q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k // block, block).astype(np.float32)
-    w = (q - zero_points.reshape(n, -1, 1)) * scales.reshape(n, -1, 1)
+    w = q * scales.reshape(n, -1, 1) + lows.T[..., None]
     return w.reshape(n, k).T
 
 
 def test_q4_1_grid_weights_are_represented_exactly():
     w = _q4_1_weight()
     packed, scales, zp = int4_blocks(w, 32)
-    assert packed.shape == (24, 2, 16) and packed.dtype == np.uint8 and scales.shape == zp.shape == (48,)
+    assert packed.shape == (24, 2, 16) and packed.dtype == np.uint8 and scales.shape == (48,) and zp.shape == (2, 24)
     assert np.abs(_dequantize(packed, scales, zp, 64, 24, 32) - w).max() < 1e-6
 
 
@@ -40,14 +40,18 @@ def test_other_weights_round_to_within_half_a_step_and_constant_blocks_survive()
     assert np.abs(_dequantize(packed, scales, zp, 64, 8, 32)[:32, 0] - 0.25).max() < 1e-6
 
 
-def test_onnxruntime_matmulnbits_uses_the_float_zero_points():
+def test_onnxruntime_computes_the_exact_product_from_int4_and_block_offsets():
     w = _q4_1_weight(k=64, n=16)
-    packed, scales, zp = int4_blocks(w, 32)
-    node = helper.make_node("MatMulNBits", ["A", "B", "s", "z"], ["Y"], domain="com.microsoft", K=64, N=16, bits=4,
-                            block_size=32)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["b", "t", 64])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", "t", 16])],
-                              [numpy_helper.from_array(a, name) for a, name in ((packed, "B"), (scales, "s"), (zp, "z"))])
+    packed, scales, lows = int4_blocks(w, 32)
+    zeros = np.zeros((16, 1), dtype=np.uint8)
+    nodes = [helper.make_node("MatMulNBits", ["A", "B", "s", "z"], ["Y0"], domain="com.microsoft", K=64, N=16, bits=4,
+                              block_size=32),
+             helper.make_node("MatMul", ["A", "S"], ["AS"]), helper.make_node("MatMul", ["AS", "L"], ["Y1"]),
+             helper.make_node("Add", ["Y0", "Y1"], ["Y"])]
+    inits = [numpy_helper.from_array(a, name) for a, name in
+             ((packed, "B"), (scales, "s"), (zeros, "z"), (block_sum_matrix(64, 32), "S"), (lows, "L"))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["b", "t", 64])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", "t", 16])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = np.random.default_rng(2).standard_normal((2, 3, 64)).astype(np.float32)
