@@ -137,3 +137,16 @@ def check_tensors(tensors: dict[str, torch.Tensor], reference: dict[str, torch.T
             problems.append(f"{name}: contains NaN or Inf")
     if problems:
         raise AdapterFileError(f"{what} does not match the model: " + "; ".join(problems[:6]))
+
+
+def assign_tensors(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Copy ``tensors`` into the parameters ``params`` (same names) after :func:`check_tensors`; nothing is changed
+    if the check fails.
+
+    Raises:
+        AdapterFileError: naming ``what`` and the differences.
+    """
+    check_tensors(tensors, {k: p.detach() for k, p in params.items()}, what)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])

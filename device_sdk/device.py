@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import check_tensors
+from .adapters import assign_tensors
 from .budget import model_shape, specialists_for_budget
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .client import AggregatorClient, RetryPolicy, ServerRejected
@@ -168,11 +168,7 @@ class Device:
         return role_state_dict(self.model, SHARED_ROLES)
 
     def load_global(self, tensors: dict[str, torch.Tensor]) -> None:
-        params = role_parameters(self.model, SHARED_ROLES)
-        check_tensors(tensors, {k: p.detach() for k, p in params.items()}, "the global shared tensors")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(tensors[name])
+        assign_tensors(role_parameters(self.model, SHARED_ROLES), tensors, "the global shared tensors")
 
     def sync(self, version: int) -> None:
         """Load global version ``version`` unless it is already loaded."""

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..adapters import assign_tensors
 from ..config import TrainConfig
 from ..data import UserData, eval_windows
 from ..evaluate import autocast, evaluate
@@ -46,14 +47,9 @@ def user_model(base: nn.Module, strategy: Strategy, user: int, n_experts: int, s
 
 
 def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` into the model's parameters of the same names (shapes must agree)."""
+    """Copy ``tensors`` into the model's parameters of the same names (checked: names, shapes, dtypes, finite)."""
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in tensors.items():
-            target = params[name]
-            if target.shape != value.shape:
-                raise ValueError(f"{name}: got shape {tuple(value.shape)}, model has {tuple(target.shape)}")
-            target.copy_(value)
+    assign_tensors({name: params[name] for name in tensors if name in params}, tensors, "aggregated tensors")
 
 
 def pooled(users: list[UserData]) -> UserData:
