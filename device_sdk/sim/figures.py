@@ -36,10 +36,14 @@ def plot_learning_curves(records: list[dict], path: Path, title: str = "") -> Pa
             if len(runs) > 1:
                 ax.fill_between(iters, [min(v) for v in values], [max(v) for v in values], alpha=0.15,
                                 color=line.get_color())
+    from matplotlib.ticker import FormatStrFormatter
+
     for ax, user in zip(axes[0], users):
         ax.set_title(user)
         ax.set_xlabel("iteration")
         ax.set_yscale("log")
+        for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_formatter(FormatStrFormatter("%.0f"))  # plain numbers on the log axis
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("test perplexity")
     axes[0][-1].legend(fontsize=7)
