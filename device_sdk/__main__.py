@@ -57,7 +57,7 @@ def _train_local(args: argparse.Namespace) -> int:
     run = LocalRunConfig(data=args.data, model=args.model, out=args.out, adapter=adapter, train=train,
                          specialists_from_budget=args.specialists is None, budget_mb=args.budget_mb,
                          budget_step_s=args.budget_step_s,
-                         eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, via_server=args.via_server)
+                         eval_tokens=args.eval_tokens, cache_dir=args.cache_dir)
     metrics = run_local(run, progress=True)
     before, after = metrics["test"]["before"]["perplexity"], metrics["test"]["after"]["perplexity"]
     print(f"\n{metrics['user']}: test perplexity {before:.2f} -> {after:.2f} "
