@@ -100,7 +100,8 @@ def _sample_ids(tokens: np.ndarray, n: int) -> np.ndarray:
 
 
 def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], base: BaseModel,
-                 progress: bool = False, models_out: list | None = None, server=None) -> dict:
+                 progress: bool = False, models_out: list | None = None, server=None,
+                 sample_texts: dict[str, np.ndarray] | None = None) -> dict:
     """Run ``rounds`` rounds of strategy ``name`` for every user and return its record (see module doc).
 
     Args:
@@ -109,6 +110,8 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
         models_out: if given, receives the trained models (one per user; one for ``centralized``).
         server: a running :class:`device_sdk.sim.via_server.LoopbackAggregator` to aggregate through (plain-mean
             strategies only), or ``None`` to aggregate in-process.
+        sample_texts: ``{user: token stream}`` to draw the routing report's texts from (default: each user's test
+            stream; in the out-of-distribution setting pass each user's own-topic stream).
     """
     start = time.perf_counter()
     strategy = make_strategy(name)
@@ -199,13 +202,14 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
                  float(np.mean([c[-1] for c in curves.values()])))
 
     routing = {}
-    for u, user in enumerate(users if learned_routers else []):  # each user's model on every user's text: own (in-dist.) and others'
+    texts = sample_texts or {u.name: u.test for u in users}
+    for u, user in enumerate(users if learned_routers else []):  # every user's model on every user's text
         samples = []
-        for other in users:
-            sample = routing_sample(test_model(u), base.tokenizer, _sample_ids(other.test, ROUTING_SAMPLE_TOKENS),
+        for other, stream in texts.items():
+            sample = routing_sample(test_model(u), base.tokenizer, _sample_ids(stream, ROUTING_SAMPLE_TOKENS),
                                     cfg.precision)
             if sample is not None:
-                samples.append({"text_of": other.name, **sample})
+                samples.append({"text_of": other, **sample})
         if samples:
             routing[user.name] = samples
     if rounds_via is not None:

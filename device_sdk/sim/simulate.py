@@ -34,13 +34,13 @@ def read_cached(path: Path) -> dict | None:
     return record if isinstance(record, dict) and "final" in record else None
 
 
-def _run(cfg: SimConfig, strategy: str, seed: int, users, base, progress: bool) -> dict:
+def _run(cfg: SimConfig, strategy: str, seed: int, users, base, progress: bool, texts) -> dict:
     if not (cfg.via_server and make_strategy(strategy).server_mean and make_strategy(strategy).collaborative):
         if cfg.via_server:
             log.info("%s aggregates per device (or not at all): in-process", strategy)
-        return run_strategy(cfg, strategy, seed, users, base, progress=progress)
+        return run_strategy(cfg, strategy, seed, users, base, progress=progress, sample_texts=texts)
     with LoopbackAggregator() as server:
-        return run_strategy(cfg, strategy, seed, users, base, progress=progress, server=server)
+        return run_strategy(cfg, strategy, seed, users, base, progress=progress, server=server, sample_texts=texts)
 
 
 def simulate(cfg: SimConfig, out: Path, progress: bool = False) -> dict:
@@ -58,6 +58,10 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False) -> dict:
     users = load_users(Path(cfg.data), base.tokenizer, list(cfg.users) if cfg.users else None, ood=cfg.ood,
                        cache_dir=cache_dir / "tokens")
     names = [u.name for u in users]
+    texts = None
+    if cfg.ood:  # routing report: each user's own-topic text (its test stream is the mixture now)
+        own = load_users(Path(cfg.data), base.tokenizer, names, cache_dir=cache_dir / "tokens")
+        texts = {u.name: u.test for u in own}
     cfg.experts_for(len(users))  # fail early on a wrong --experts list
     records = []
     jobs = [(s, seed) for seed in cfg.seeds for s in cfg.strategies]
@@ -66,7 +70,7 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False) -> dict:
         record = read_cached(path)
         if record is None:
             log.info("[%d/%d] %s seed %d%s", i, len(jobs), strategy, seed, " via the aggregator" * cfg.via_server)
-            record = _run(cfg, strategy, seed, users, base, progress)
+            record = _run(cfg, strategy, seed, users, base, progress, texts)
             atomic_write_bytes(path, json.dumps(record).encode())
         else:
             log.info("[%d/%d] %s seed %d: cached (%s)", i, len(jobs), strategy, seed, path.name)

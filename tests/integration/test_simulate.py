@@ -157,3 +157,13 @@ def test_demo_preset_prints_the_table_and_the_report_path(users_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| comigs-1g1s |" in done.stdout and "| fedavg |" in done.stdout and "| local |" in done.stdout
     assert f"routing.html: {tmp_path / 'cmp' / 'routing.html'}" in done.stdout
+
+
+def test_out_of_distribution_targets_the_mixture_and_routes_own_topic_texts(users_dir, tmp_path):
+    cfg = _cfg(users_dir, strategies=("comigs-1g1s",), rounds=1, ood=True)
+    record = simulate(cfg, tmp_path / "ood")["records"][0]
+    assert len(set(record["pretrained"].values())) == 1  # one shared test mixture for every user
+    samples = record["routing"]["u1"]
+    texts = {s["text_of"]: "".join(s["tokens"]) for s in samples}
+    assert set(texts) == {"u1", "u2", "u3"} and len(set(texts.values())) == 3  # each user's own topic
+    assert any(word in texts["u1"] for word in ("alpha", "beta", "gamma", "delta"))
