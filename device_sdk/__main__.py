@@ -171,6 +171,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--ood", action="store_true", default=None,
                    help="validation/test = uniform mixture of all users' (out-of-distribution setting)")
     p.add_argument("--users", type=lambda t: tuple(t.split(",")), default=None, help="subset of user folders")
+    p.add_argument("--cached-only", action="store_true",
+                   help="run nothing: report the runs already finished (while a long job is still going)")
     p.add_argument("--via-server", action="store_true", default=None,
                    help="aggregate through a real aggregator on loopback (same results as in-process)")
     p.add_argument("--model", default=None, help="default smollm2-135m")
@@ -188,7 +190,7 @@ def _simulate(args: argparse.Namespace) -> int:
                       router_period=args.router_period, router_steps=args.router_steps, seeds=args.seeds,
                       ood=args.ood, users=args.users, model=args.model, precision=args.precision,
                       eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, via_server=args.via_server)
-    result = simulate(cfg, args.out, progress=True)
+    result = simulate(cfg, args.out, progress=True, cached_only=args.cached_only)
     print()
     print(result["files"]["results.md"].read_text())
     for name, path in result["files"].items():

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..data import load_users
+from ..errors import ConfigError
 from ..fileio import atomic_write_bytes
 from ..models import default_cache_dir, load_base_model
 from .config import SimConfig
@@ -43,12 +44,18 @@ def _run(cfg: SimConfig, strategy: str, seed: int, users, base, progress: bool, 
         return run_strategy(cfg, strategy, seed, users, base, progress=progress, server=server, sample_texts=texts)
 
 
-def simulate(cfg: SimConfig, out: Path, progress: bool = False) -> dict:
+def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: bool = False) -> dict:
     """Run the comparison and write ``results.json``, ``results.md``, ``curves.png``, ``experts-<strategy>.png``
     and ``routing.html`` to ``out``. Finished runs are cached in ``out/runs/`` and reused.
 
+    Args:
+        cached_only: run nothing; report the runs already cached (a partial table while a long job goes on).
+
     Returns:
-        ``{"records", "files"}``.
+        ``{"records", "files", "missing"}`` (``missing``: ``(strategy, seed)`` pairs not in the report).
+
+    Raises:
+        ConfigError: with ``cached_only``, if no run is cached yet.
     """
     out = Path(out)
     runs_dir = out / "runs"
@@ -63,11 +70,14 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False) -> dict:
         own = load_users(Path(cfg.data), base.tokenizer, names, cache_dir=cache_dir / "tokens")
         texts = {u.name: u.test for u in own}
     cfg.experts_for(len(users))  # fail early on a wrong --experts list
-    records = []
+    records, missing = [], []
     jobs = [(s, seed) for seed in cfg.seeds for s in cfg.strategies]
     for i, (strategy, seed) in enumerate(jobs, 1):
         path = runs_dir / f"{cfg.run_key(strategy, seed, names)}.json"
         record = read_cached(path)
+        if record is None and cached_only:
+            missing.append((strategy, seed))
+            continue
         if record is None:
             log.info("[%d/%d] %s seed %d%s", i, len(jobs), strategy, seed, " via the aggregator" * cfg.via_server)
             record = _run(cfg, strategy, seed, users, base, progress, texts)
@@ -75,10 +85,15 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False) -> dict:
         else:
             log.info("[%d/%d] %s seed %d: cached (%s)", i, len(jobs), strategy, seed, path.name)
         records.append(record)
+    if not records:
+        raise ConfigError(f"no finished run of these settings is cached in {runs_dir}; run without --cached-only")
+    if missing:
+        log.warning("%d of %d runs not finished yet (left out): %s", len(missing), len(jobs),
+                    ", ".join(f"{s} seed {seed}" for s, seed in missing))
     title = f"{Path(cfg.data).name}{' (out of distribution)' if cfg.ood else ''}"
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "cache_dir")}
     settings.update(users=names, torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
-                    machine=platform.machine())
+                    machine=platform.machine(), runs_missing=[f"{s} seed {seed}" for s, seed in missing])
     json_path, md_path = write_results(out, records, title, settings)
     files = {"results.json": json_path, "results.md": md_path,
              "curves.png": plot_learning_curves(records, out / "curves.png", title)}
@@ -89,4 +104,4 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False) -> dict:
     page = routing_page(records, out / "routing.html", title)
     if page is not None:
         files["routing.html"] = page
-    return {"records": records, "files": files}
+    return {"records": records, "files": files, "missing": missing}

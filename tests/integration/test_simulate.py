@@ -3,12 +3,14 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import httpx
 import pytest
 import torch
 
 from device_sdk.data import load_users
+from device_sdk.errors import ConfigError
 from device_sdk.models import load_base_model
 from device_sdk.parts import Role, role_state_dict
 from device_sdk.sim import SimConfig, run_strategy
@@ -96,6 +98,11 @@ def test_simulate_writes_the_report_and_reuses_cached_runs(users_dir, tmp_path):
     assert "model of u1" in html and "text of u2" in html
     runs = sorted((out / "runs").glob("*.json"))
     assert len(runs) == 6
+    wider = simulate(replace(cfg, seeds=(1, 2, 3)), out, cached_only=True)  # seed 3 not run: reported as missing
+    assert len(wider["records"]) == 6 and ("pcl", 3) in wider["missing"]
+    assert len(list((out / "runs").glob("*.json"))) == 6
+    with pytest.raises(ConfigError, match="no finished run"):
+        simulate(replace(cfg, rounds=3), out, cached_only=True)
     stamps = [p.stat().st_mtime_ns for p in runs]
     again = simulate(cfg, out)
     assert [p.stat().st_mtime_ns for p in runs] == stamps  # nothing recomputed
