@@ -53,6 +53,9 @@ class Strategy:
         shared_roles: adapter roles uploaded to the server (empty: nothing leaves the device).
         freeze_lora_a: FFA-LoRA (A matrices fixed at their common initialisation).
         centralized: one model trained on all users' data (an upper bound, not a federation).
+        rank: LoRA rank of one expert (the paper's 8).
+        state: what a strategy keeps across rounds of one run (HetLoRA's active ranks, PCL's trust matrices);
+            saved with the run's record.
     """
 
     name: str
@@ -114,7 +117,7 @@ class Strategy:
     def initial(self, uploads: list[Upload]) -> list[dict[str, torch.Tensor]]:
         """Common starting values: every device gets, per name, the largest initial tensor cut to its own shape
         (identical shapes: user 0's values), so that shared tensors (and FFA's frozen A) agree before round 1."""
-        return [{name: fit(_largest(uploads, name), t.shape) for name, t in u.tensors.items()} for u in uploads]
+        return [{name: fit(largest(uploads, name), t.shape) for name, t in u.tensors.items()} for u in uploads]
 
     def aggregate(self, uploads: list[Upload], peer_loss: PeerLoss | None = None) -> list[dict[str, torch.Tensor]]:
         """What each uploading device loads next round, in the order of ``uploads``. Default: the uniform mean
@@ -123,22 +126,19 @@ class Strategy:
         return [dict(mean) for _ in uploads]
 
 
-def _largest(uploads: list[Upload], name: str) -> torch.Tensor:
+def largest(uploads: list[Upload], name: str) -> torch.Tensor:
+    """The upload's tensor ``name`` with the most elements (the highest rank)."""
     return max((u.tensors[name] for u in uploads if name in u.tensors), key=lambda t: t.numel())
 
 
-def mean_tensors(dicts: list[dict[str, torch.Tensor]], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
-    """Weighted mean (uniform without ``weights``) of equally keyed and shaped tensor dicts, in float64.
+def mean_tensors(dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Uniform mean of equally keyed and shaped tensor dicts (accumulated in float64).
 
     Raises:
-        ConfigError: if the dicts disagree on keys or shapes.
+        ConfigError: if there is nothing to average or the dicts disagree on keys or shapes.
     """
     if not dicts:
         raise ConfigError("nothing to aggregate: no uploads")
-    weights = [1.0] * len(dicts) if weights is None else [float(w) for w in weights]
-    total = sum(weights)
-    if total <= 0:
-        raise ConfigError(f"aggregation weights must sum to > 0, got {weights}")
     keys = set(dicts[0])
     for d in dicts[1:]:
         if set(d) != keys:
@@ -148,12 +148,12 @@ def mean_tensors(dicts: list[dict[str, torch.Tensor]], weights: list[float] | No
         shapes = {tuple(d[name].shape) for d in dicts}
         if len(shapes) != 1:
             raise ConfigError(f"uploads disagree on the shape of {name}: {sorted(shapes)}")
-        # the same arithmetic as the aggregator's streaming mean (float64 weighted sum, one division), so a
-        # simulation through the server gives bit-identical results
+        # the same arithmetic as the aggregator's streaming mean (float64 sum, one division), so a simulation
+        # through the server gives bit-identical results
         acc = torch.zeros(dicts[0][name].shape, dtype=torch.float64)
-        for d, w in zip(dicts, weights):
-            acc.add_(d[name], alpha=w)
-        out[name] = (acc / total).to(dicts[0][name].dtype)
+        for d in dicts:
+            acc.add_(d[name])
+        out[name] = (acc / len(dicts)).to(dicts[0][name].dtype)
     return out
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..parts import EXPERT_ROLES, role_parameters
-from .base import Strategy, Upload, fit, lora_pairs
+from .base import Strategy, Upload, fit, largest, lora_pairs
 
 
 def rank_for(n_experts: int, match: str, expert_rank: int = 8) -> int:
@@ -27,8 +27,8 @@ def rank_for(n_experts: int, match: str, expert_rank: int = 8) -> int:
     return expert_rank * (n_experts if match == "full" else min(2, n_experts))
 
 
-def tail_norm(model: nn.Module, keep: int, scale: float) -> torch.Tensor:
-    """``sum over LoRA modules of ||scale * B[:, keep:] @ A[keep:, :]||_F``, through ``tr((B^T B)(A A^T))``."""
+def tail_norm(model: nn.Module, keep: int) -> torch.Tensor:
+    """``sum over LoRA modules of ||B[:, keep:] @ A[keep:, :]||_F``, through ``tr((B^T B)(A A^T))``."""
     params = role_parameters(model, EXPERT_ROLES)
     total = torch.zeros(())
     for a_name, b_name in lora_pairs(params).values():
@@ -36,7 +36,7 @@ def tail_norm(model: nn.Module, keep: int, scale: float) -> torch.Tensor:
         if a.shape[0] == 0:
             continue
         gram = (b.t() @ b) * (a @ a.t())  # (tail, tail)
-        total = total + scale * gram.sum().clamp_min(0).add(1e-12).sqrt()
+        total = total + gram.sum().clamp_min(0).add(1e-12).sqrt()
     return total
 
 
@@ -57,11 +57,10 @@ class HetLoRA(Strategy):
             cfg_rank = next(iter(role_parameters(model, EXPERT_ROLES).values())).shape[0]
             active = self._active(user, cfg_rank)
             keep = math.floor(self.pruning * active)
-            return self.reg * tail_norm(model, keep, 1.0)
+            return self.reg * tail_norm(model, keep)
         return reg
 
     def aggregate(self, uploads: list[Upload], peer_loss=None):
-        r_max = max(u.rank for u in uploads)
         names = uploads[0].tensors
         pairs = lora_pairs(names)
         weights = {}
@@ -72,7 +71,7 @@ class HetLoRA(Strategy):
         merged = {}
         for module, (a_name, b_name) in pairs.items():
             for name in (a_name, b_name):
-                shape = list(_largest_shape(uploads, name))
+                shape = list(largest(uploads, name).shape)
                 acc = torch.zeros(shape, dtype=torch.float64)
                 for w, u in zip(weights[module], uploads):
                     acc += w * fit(u.tensors[name], shape).to(torch.float64)
@@ -85,13 +84,12 @@ class HetLoRA(Strategy):
                 cut = fit(merged[name], t.shape)
                 mine[name] = fit(fit(cut, _rank_shape(name, t.shape, active)), t.shape)  # zero pruned components
             out.append(mine)
-        self.state["r_max"] = r_max
         return out
 
     def _tail(self, user: int, model: nn.Module) -> float:
         rank = next(iter(role_parameters(model, EXPERT_ROLES).values())).shape[0]
         with torch.no_grad():
-            return float(tail_norm(model, math.floor(self.pruning * self._active(user, rank)), 1.0))
+            return float(tail_norm(model, math.floor(self.pruning * self._active(user, rank))))
 
     def begin_round(self, user: int, model: nn.Module) -> None:
         self.state.setdefault("tail_before", {})[str(user)] = self._tail(user, model)
@@ -109,10 +107,6 @@ class HetLoRA(Strategy):
                 for a_name, b_name in lora_pairs(params).values():
                     params[a_name][keep:].zero_()
                     params[b_name][:, keep:].zero_()
-
-
-def _largest_shape(uploads: list[Upload], name: str) -> torch.Size:
-    return max((u.tensors[name].shape for u in uploads), key=lambda s: s.numel())
 
 
 def _rank_shape(name: str, shape: torch.Size, rank: int) -> tuple[int, ...]:

@@ -25,6 +25,14 @@ class TwoModules(Strategy):
         return AdapterConfig(rank=self.rank, n_generalists=self.generalists, n_specialists=2 - self.generalists)
 
 
+@dataclass
+class FrozenA(TwoModules):
+    """Two modules whose A matrices never change: only the B matrices travel."""
+
+    def shared_tensors(self, model):
+        return {k: v for k, v in self.initial_tensors(model).items() if not k.endswith("lora_A")}
+
+
 def local() -> Strategy:
     """Local: every device trains alone; nothing leaves it."""
     return TwoModules("local", router_mode="fixed", shared_roles=NOTHING, generalists=0)
@@ -39,12 +47,6 @@ def ffa_lora() -> Strategy:
     """FFA-LoRA (Sun et al., 2024): FedAvg with every A fixed at a common initialisation; only B is trained and
     travels."""
     return FrozenA("ffa-lora", router_mode="fixed", generalists=2, freeze_lora_a=True)
-
-
-@dataclass
-class FrozenA(TwoModules):
-    def shared_tensors(self, model):
-        return {k: v for k, v in self.initial_tensors(model).items() if not k.endswith("lora_A")}
 
 
 def centralized() -> Strategy:
