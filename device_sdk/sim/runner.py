@@ -93,6 +93,22 @@ def routing_sample(model: nn.Module, tokenizer: Tokenizer, ids: np.ndarray, prec
             "roles": ["generalist"] * cfg.n_generalists + ["specialist"] * cfg.n_specialists}
 
 
+def routing_report(models: list[nn.Module], names: list[str], texts: dict[str, np.ndarray], tokenizer: Tokenizer,
+                   precision: str) -> dict[str, list[dict]]:
+    """``{user: [sample, ...]}``: every user's model on a stretch of every user's text (its own: in
+    distribution; the others': out of distribution), see :func:`routing_sample`."""
+    report = {}
+    for model, name in zip(models, names):
+        samples = []
+        for other, stream in texts.items():
+            sample = routing_sample(model, tokenizer, _sample_ids(stream, ROUTING_SAMPLE_TOKENS), precision)
+            if sample is not None:
+                samples.append({"text_of": other, **sample})
+        if samples:
+            report[name] = samples
+    return report
+
+
 def _sample_ids(tokens: np.ndarray, n: int) -> np.ndarray:
     """``n`` tokens from the middle of a stream (past any leading boilerplate)."""
     start = max(0, len(tokens) // 2 - n // 2)
@@ -170,7 +186,8 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
     def score(model: nn.Module, x: torch.Tensor) -> list[dict]:
         return expert_scores(model, x, cfg.precision) if learned_routers else []
 
-    scores = {m.name: [{"iteration": 0, "layers": score(model, x)}] for m, model, x in zip(members, models, score_batches)}
+    scores = {m.name: [{"iteration": 0, "layers": score(model, x)}]
+              for m, model, x in zip(members, models, score_batches)}
     train_loss: dict[str, list[float]] = {m.name: [] for m in members}
     rounds = range(1, cfg.rounds + 1)
     if progress:
@@ -201,17 +218,9 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
         log.info("%s seed %d iteration %d: mean test ppl %.2f", name, seed, states[0].step,
                  float(np.mean([c[-1] for c in curves.values()])))
 
-    routing = {}
     texts = sample_texts or {u.name: u.test for u in users}
-    for u, user in enumerate(users if learned_routers else []):  # every user's model on every user's text
-        samples = []
-        for other, stream in texts.items():
-            sample = routing_sample(test_model(u), base.tokenizer, _sample_ids(stream, ROUTING_SAMPLE_TOKENS),
-                                    cfg.precision)
-            if sample is not None:
-                samples.append({"text_of": other, **sample})
-        if samples:
-            routing[user.name] = samples
+    routing = routing_report([test_model(u) for u in range(len(users))], names, texts, base.tokenizer,
+                             cfg.precision) if learned_routers else {}
     if rounds_via is not None:
         rounds_via.close()
     if models_out is not None:

@@ -52,7 +52,8 @@ def test_onnxruntime_computes_the_exact_product_from_int4_and_block_offsets():
              ((packed, "B"), (scales, "s"), (zeros, "z"), (block_sum_matrix(64, 32), "S"), (lows, "L"))]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["b", "t", 64])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", "t", 16])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = np.random.default_rng(2).standard_normal((2, 3, 64)).astype(np.float32)
     assert np.abs(session.run(None, {"A": a})[0] - a @ w).max() < 1e-4
