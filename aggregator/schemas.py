@@ -20,6 +20,8 @@ class FederationConfig(BaseModel):
     round_deadline_s: float = Field(default=600.0, gt=0, description="after this, a round closes with whoever "
                                                                        "reported, if at least min_devices did")
     aggregation: Literal["mean", "token_weighted"] = "mean"
+    strategy: str = Field(default="comigs-1gxs", min_length=1,
+                          description="collaboration strategy every device must run (device_sdk.strategies)")
 
 
 class CreateFederation(BaseModel):
@@ -37,6 +39,8 @@ class Capabilities(BaseModel):
     n_specialists: int = Field(ge=0)
     n_generalists: int = Field(default=1, ge=0)
     rank: int = Field(gt=0)
+    base_model: str | None = Field(default=None, description="checked against the federation's when given")
+    strategy: str | None = Field(default=None, description="checked against the federation's when given")
 
 
 class EnrollRequest(BaseModel):

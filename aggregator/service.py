@@ -70,7 +70,12 @@ class Federation:
         if capabilities.rank != config.rank:
             raise InvalidUpdate(f"device rank {capabilities.rank} does not match the federation's rank "
                                 f"{config.rank}")
-        if capabilities.n_generalists < 1:
+        for field in ("base_model", "strategy"):  # refused before enrolling: a wrong device never blocks a round
+            declared, expected = getattr(capabilities, field), getattr(config, field)
+            if declared is not None and declared != expected:
+                raise InvalidUpdate(f"the federation runs {field} {expected!r}, this device {declared!r}; join with "
+                                    f"the federation's {field}")
+        if capabilities.n_generalists < 1 and "generalist" in config.shared_roles:
             raise InvalidUpdate("a device needs at least one generalist to take part in the federation")
         return self.store.add_device(name, capabilities.model_dump())
 

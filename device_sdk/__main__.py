@@ -89,6 +89,9 @@ def _add_join(sub) -> None:
                    "(0: skip, -1: whole test set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--strategy", default="comigs-1gxs",
+                   help="the federation's strategy: comigs-1gxs (default), comigs-1g1s, comigs-2s, comigs-2g, "
+                        "pfedmoe or fedavg")
 
 
 def _join(args: argparse.Namespace) -> int:
@@ -100,7 +103,7 @@ def _join(args: argparse.Namespace) -> int:
                        enroll_secret=args.enroll_secret, model=args.model, name=args.name or args.data.name,
                        train=train, rounds=args.rounds, n_specialists=args.specialists, budget_mb=args.budget_mb,
                        eval_tokens=None if args.eval_tokens < 0 else args.eval_tokens, seed=args.seed,
-                       cache_dir=args.cache_dir)
+                       cache_dir=args.cache_dir, strategy=args.strategy)
     device = Device(cfg)
     log.info("device %d: %d specialist(s), %d round(s) done of %d", device.device_id, device.adapter.n_specialists,
              device.completed_rounds, cfg.rounds)
@@ -126,17 +129,26 @@ def _add_init_federation(sub) -> None:
     p.add_argument("--aggregation", choices=("mean", "token_weighted"), default="mean")
     p.add_argument("--enroll-secret", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategy", default="comigs-1gxs",
+                   help="collaboration strategy every device runs (comigs-1gxs, comigs-1g1s, comigs-2s, comigs-2g, "
+                        "pfedmoe, fedavg)")
 
 
 def _init_federation(args: argparse.Namespace) -> int:
     from .client import AggregatorClient
     from .device import initial_shared_tensors
 
+    from .strategies import networked_strategy
+
+    strategy = networked_strategy(args.strategy)  # before anything is created on the server
+    initial = initial_shared_tensors(args.model, args.rank, args.alpha, args.seed, strategy=args.strategy)
     client = AggregatorClient(args.server, args.admin_token)
     created = client.create_federation({"base_model": args.model, "rank": args.rank, "alpha": args.alpha,
                                         "min_devices": args.min_devices, "round_deadline_s": args.deadline_s,
-                                        "aggregation": args.aggregation}, args.enroll_secret)
-    client.set_initial(initial_shared_tensors(args.model, args.rank, args.alpha, args.seed))
+                                        "aggregation": args.aggregation, "strategy": args.strategy,
+                                        "shared_roles": sorted(r.value for r in strategy.shared_roles)},
+                                       args.enroll_secret)
+    client.set_initial(initial)
     print(json.dumps({"enroll_secret": created["enroll_secret"]}))
     return 0
 

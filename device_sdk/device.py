@@ -18,13 +18,14 @@ from .adapters import assign_tensors
 from .budget import model_shape, specialists_for_budget
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .client import AggregatorClient, RetryPolicy, ServerRejected
-from .config import AdapterConfig, TrainConfig
+from .config import TrainConfig
 from .data import UserData, load_user_data
 from .errors import ConfigError
 from .evaluate import evaluate
 from .inject import inject_adapters
 from .models import default_cache_dir, load_base_model
-from .parts import SHARED_ROLES, role_parameters, role_state_dict
+from .parts import role_parameters
+from .strategies import DEFAULT_NETWORKED, networked_strategy
 from .train import init_train_state, train_local, valid_loss
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class DeviceConfig:
         train: local training; ``steps`` is the number of expert steps per round.
         rounds: rounds to take part in (counted across restarts).
         n_specialists: specialist count; ``None`` picks it from ``budget_mb`` (1 without a budget).
+        strategy: the federation's collaboration strategy (see :func:`device_sdk.strategies.networked_strategy`);
+            strategies with two modules everywhere (fedavg, pfedmoe, comigs-2s/2g/1g1s) ignore the specialist
+            count.
         eval_tokens: test tokens for the per-round test perplexity (``None``: the whole test set, 0: skip).
     """
 
@@ -65,8 +69,10 @@ class DeviceConfig:
     seed: int = 0
     cache_dir: Path | None = None
     retry: RetryPolicy = RetryPolicy()
+    strategy: str = DEFAULT_NETWORKED
 
     def __post_init__(self) -> None:
+        networked_strategy(self.strategy)  # fails early, naming the supported strategies
         problems = []
         if self.rounds < 1:
             problems.append(f"rounds must be >= 1, got {self.rounds}")
@@ -101,14 +107,16 @@ class Device:
         base = load_base_model(cfg.model, cache_dir=cache)  # every device shares one base
         self.base_name = base.name
         self.tokenizer = base.tokenizer
-        n_specialists = self._specialist_count(base.model)
-        self.adapter = AdapterConfig(rank=cfg.rank, alpha=cfg.alpha, n_specialists=n_specialists)
+        self.strategy = networked_strategy(cfg.strategy)
+        n_experts = 1 + self._specialist_count(base.model)
+        self.adapter = replace(self.strategy.adapter_config(0, n_experts), rank=cfg.rank, alpha=cfg.alpha)
         torch.manual_seed(cfg.seed)
         self.model = inject_adapters(base.model, self.adapter)
+        self.strategy.prepare(0, self.model)
         self.data: UserData = load_user_data(cfg.data, base.tokenizer, cache_dir=cache)
         schedule = cfg.train.steps * cfg.rounds
         self.train_cfg = replace(cfg.train, schedule_steps=max(schedule, cfg.train.schedule_steps or 0),
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, **self.strategy.train_overrides())
         self.state = init_train_state(self.model, self.train_cfg)
         self.completed_rounds = 0  # rounds this device uploaded to (or tried to)
         self.last_round = 0
@@ -141,12 +149,17 @@ class Device:
         try:
             answer = client.enroll(self.cfg.enroll_secret, self.cfg.name or socket.gethostname(),
                                    {"n_specialists": self.adapter.n_specialists,
-                                    "n_generalists": self.adapter.n_generalists, "rank": self.adapter.rank})
+                                    "n_generalists": self.adapter.n_generalists, "rank": self.adapter.rank,
+                                    "base_model": self.base_name, "strategy": self.cfg.strategy})
         finally:
             client.close()
         if answer["config"]["base_model"] != self.base_name:
             raise ConfigError(f"the federation uses base model {answer['config']['base_model']!r}, this device "
                               f"{self.base_name!r}")
+        federation_strategy = answer["config"].get("strategy", DEFAULT_NETWORKED)
+        if federation_strategy != self.cfg.strategy:
+            raise ConfigError(f"the federation runs strategy {federation_strategy!r}, this device "
+                              f"{self.cfg.strategy!r}; join with --strategy {federation_strategy}")
         credentials = {"device_id": answer["device_id"], "token": answer["token"], "server": self.cfg.server}
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -164,11 +177,11 @@ class Device:
 
     # shared tensors ----------------------------------------------------------------------------------------------
     def shared_tensors(self) -> dict[str, torch.Tensor]:
-        """What leaves the device: the roles in :data:`SHARED_ROLES` (attention LoRA and generalists)."""
-        return role_state_dict(self.model, SHARED_ROLES)
+        """What leaves the device: the strategy's shared roles (CoMiGS: attention LoRA and generalists)."""
+        return self.strategy.shared_tensors(self.model)
 
     def load_global(self, tensors: dict[str, torch.Tensor]) -> None:
-        assign_tensors(role_parameters(self.model, SHARED_ROLES), tensors, "the global shared tensors")
+        assign_tensors(role_parameters(self.model, self.strategy.shared_roles), tensors, "the global shared tensors")
 
     def sync(self, version: int) -> None:
         """Load global version ``version`` unless it is already loaded."""
@@ -250,12 +263,15 @@ class Device:
 
 
 def initial_shared_tensors(model_name: str, rank: int = 8, alpha: float = 16.0, seed: int = 0,
-                           cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
-    """Global version 0 for a federation: freshly initialised attention LoRA and generalists (B = 0)."""
+                           cache_dir: Path | None = None, strategy: str = DEFAULT_NETWORKED) -> dict[str, torch.Tensor]:
+    """Global version 0 for a federation: the strategy's freshly initialised shared tensors (CoMiGS: attention LoRA
+    and generalists; B = 0)."""
+    chosen = networked_strategy(strategy)
     base = load_base_model(model_name, cache_dir=cache_dir or default_cache_dir())
     torch.manual_seed(seed)
-    model = inject_adapters(base.model, AdapterConfig(rank=rank, alpha=alpha, n_specialists=0))
-    return role_state_dict(model, SHARED_ROLES)
+    adapter = replace(chosen.adapter_config(0, 2), rank=rank, alpha=alpha)
+    model = inject_adapters(base.model, adapter)
+    return chosen.shared_tensors(model)
 
 
 __all__ = ["Device", "DeviceConfig", "RoundReport", "initial_shared_tensors"]

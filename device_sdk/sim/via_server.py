@@ -99,7 +99,7 @@ class ServerRounds:
         admin = AggregatorClient(server.url, token=server.admin_token)
         config = {"base_model": base_model, "rank": rank, "alpha": alpha, "min_devices": len(devices),
                   "round_deadline_s": timeout_s, "aggregation": "mean",
-                  "shared_roles": sorted(r.value for r in strategy.shared_roles)}
+                  "shared_roles": sorted(r.value for r in strategy.shared_roles), "strategy": strategy.name}
         secret = admin.create_federation(config)["enroll_secret"]
         admin.set_initial(initial)
         admin.close()

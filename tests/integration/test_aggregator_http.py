@@ -63,6 +63,11 @@ def test_admin_and_enrollment_errors(server):
     rank = httpx.post(url + "/enroll", json={"enroll_secret": secret, "name": "d",
                                              "capabilities": {"n_specialists": 1, "rank": 4}})
     assert rank.status_code == 422 and "rank 4" in rank.json()["detail"]
+    for field, value in (("base_model", "gpt2"), ("strategy", "fedavg")):
+        wrong = httpx.post(url + "/enroll", json={"enroll_secret": secret, "name": "d", "capabilities": {
+            "n_specialists": 1, "rank": 8, field: value}})
+        assert wrong.status_code == 422 and f"this device '{value}'" in wrong.json()["detail"]
+    assert httpx.get(url + "/status").json()["devices"] == 0  # nothing enrolled by refused requests
     device = enroll(url, secret, "d1")
     forbidden = httpx.post(url + "/admin/federation", headers=device, json={"config": {"base_model": "x"}})
     assert forbidden.status_code == 403

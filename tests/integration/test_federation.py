@@ -46,22 +46,22 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 
-def init_federation(url: str) -> str:
+def init_federation(url: str, *extra: str) -> str:
     done = subprocess.run([sys.executable, "-m", "device_sdk", "init-federation", "--server", url, "--admin-token",
-                           ADMIN_TOKEN, "--model", "tiny-llama", "--min-devices", "3"], env=env(),
+                           ADMIN_TOKEN, "--model", "tiny-llama", "--min-devices", "3", *extra], env=env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])["enroll_secret"]
 
 
 def start_device(url: str, secret: str, data: Path, state: Path, specialists: int, cache: Path, rounds: int = 3,
-                 steps: int = 4, seed: int = 0) -> subprocess.Popen:
+                 steps: int = 4, seed: int = 0, *extra: str) -> subprocess.Popen:
     log = open(state.parent / f"{state.name}.log", "ab")
     return subprocess.Popen(
         [sys.executable, "-m", "device_sdk", "join", "--server", url, "--data", str(data), "--state", str(state),
          "--enroll-secret", secret, "--specialists", str(specialists), "--rounds", str(rounds), "--local-steps",
          str(steps), "--model", "tiny-llama", "--batch", "4", "--ctx", "32", "--router-period", "2",
-         "--router-steps", "1", "--precision", "fp32", "--seed", str(seed), "--cache-dir", str(cache)],
+         "--router-steps", "1", "--precision", "fp32", "--seed", str(seed), "--cache-dir", str(cache), *extra],
         env=env(), stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -178,3 +178,34 @@ def test_device_sigkill_mid_training_resumes(federation, tmp_path):
     check_federation(server, states, rounds=3)
     log = (states[2].parent / f"{states[2].name}.log").read_text()
     assert "resumed from" in log
+
+
+def test_a_fedavg_federation_averages_every_lora_module_and_refuses_other_strategies(tmp_path):
+    server = Server(tmp_path / "agg").start()
+    try:
+        users = make_users(tmp_path / "users")
+        secret = init_federation(server.url, "--strategy", "fedavg")
+        states = [tmp_path / f"state-{u.name}" for u in users]
+        wrong = start_device(server.url, secret, users[0], tmp_path / "state-wrong", 1, tmp_path / "cache", 1)
+        assert wrong.wait(timeout=120) == 2
+        assert "the federation runs strategy 'fedavg', this device 'comigs-1gxs'" in \
+            (tmp_path / "state-wrong.log").read_text()
+        assert status(server.url)["devices"] == 0  # refused before enrolling: it cannot block a round
+        procs = [start_device(server.url, secret, u, s, 3, tmp_path / "cache", 2, 4, i, "--strategy", "fedavg")
+                 for i, (u, s) in enumerate(zip(users, states))]
+        wait_all(procs, states)
+        last = load_file(str(server.data_dir / "blobs" / "globals" / "v000002.safetensors"))
+        assert any(".experts.1." in k for k in last)  # both MLP modules are shared (FedAvg: all LoRA)
+        for state in states:
+            held = shared_of_checkpoint(state)
+            assert all(torch.equal(held[k], last[k]) for k in last)
+            ckpt = latest_checkpoint(state / "checkpoints") / "adapters"
+            assert not (ckpt / "specialist.safetensors").exists()  # two modules, both generalists, despite 3
+            routers = read_adapter_file(ckpt / "router.safetensors")[0]
+            assert all(float(t.abs().max()) == 0 for t in routers.values())  # fixed equal gates
+        done = subprocess.run([sys.executable, "-m", "device_sdk", "init-federation", "--server", server.url,
+                               "--admin-token", ADMIN_TOKEN, "--model", "tiny-llama", "--strategy", "flexlora-full"],
+                              env=env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "runs in `python -m device_sdk simulate` only" in done.stderr
+    finally:
+        server.stop()
