@@ -183,6 +183,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--ood", action="store_true", default=None,
                    help="validation/test = uniform mixture of all users' (out-of-distribution setting)")
     p.add_argument("--users", type=lambda t: tuple(t.split(",")), default=None, help="subset of user folders")
+    p.add_argument("--routing-layers", type=_int_list, default=None,
+                   help="layers (1-based) shown in routing.html, e.g. 1,15,30 (default: first and last)")
     p.add_argument("--cached-only", action="store_true",
                    help="run nothing: report the runs already finished (while a long job is still going)")
     p.add_argument("--via-server", action="store_true", default=None,
@@ -201,7 +203,8 @@ def _simulate(args: argparse.Namespace) -> int:
                       rounds=args.rounds, local_steps=args.local_steps, batch=args.batch, ctx=args.ctx,
                       router_period=args.router_period, router_steps=args.router_steps, seeds=args.seeds,
                       ood=args.ood, users=args.users, model=args.model, precision=args.precision,
-                      eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, via_server=args.via_server)
+                      eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, via_server=args.via_server,
+                      routing_layers=args.routing_layers)
     result = simulate(cfg, args.out, progress=True, cached_only=args.cached_only)
     print()
     print(result["files"]["results.md"].read_text())

@@ -63,6 +63,7 @@ class SimConfig:
     eval_tokens: int | None = 8192
     peer_eval_tokens: int = 4096
     via_server: bool = False
+    routing_layers: tuple[int, ...] | None = None
     cache_dir: Path | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -105,7 +106,7 @@ class SimConfig:
     def run_key(self, strategy: str, seed: int, users: list[str]) -> str:
         """Cache key of one (strategy, seed) run: every setting that changes its numbers."""
         relevant = {k: v for k, v in asdict(self).items()
-                    if k not in ("strategies", "seeds", "cache_dir", "extra", "via_server")}
+                    if k not in ("strategies", "seeds", "cache_dir", "extra", "via_server", "routing_layers")}
         relevant.update(data=str(Path(self.data).resolve()), users=users, strategy=strategy, seed=seed)
         digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return f"{strategy}-seed{seed}-{digest}"

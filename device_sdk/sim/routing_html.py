@@ -28,9 +28,10 @@ def _tokens_html(sample: dict, layer: int) -> str:
     return "".join(spans)
 
 
-def routing_page(records: list[dict], path: Path, title: str) -> Path | None:
-    """Write the page for every strategy with learned routers (first seed of each), showing the first and last
-    routed layer of each user's model on its own text (in-distribution) and on the others' texts."""
+def routing_page(records: list[dict], path: Path, title: str, layers: tuple[int, ...] | None = None) -> Path | None:
+    """Write the page for every strategy with learned routers (first seed of each), showing the chosen routed
+    layers (1-based; default the first and the last) of each user's model on its own text (in distribution) and on
+    the others' texts. Layers beyond a model's depth are skipped."""
     sections = []
     for record in records:
         if not record["routing"] or record["seed"] != min(r["seed"] for r in records
@@ -42,7 +43,8 @@ def routing_page(records: list[dict], path: Path, title: str) -> Path | None:
             for sample in samples:
                 n_layers = len(sample["top1"])
                 where = "own text" if sample["text_of"] == user else f"text of {html.escape(sample['text_of'])}"
-                for layer in sorted({0, n_layers - 1}):
+                chosen = sorted({0, n_layers - 1}) if not layers else [i - 1 for i in layers if 1 <= i <= n_layers]
+                for layer in chosen:
                     parts.append(f"<tr><td class=k>{where}<br>layer {layer + 1}/{n_layers}</td>"
                                  f"<td class=t>{_tokens_html(sample, layer)}</td></tr>")
             parts.append("</table>")

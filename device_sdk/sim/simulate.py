@@ -101,7 +101,7 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
         picture = plot_expert_scores(records, strategy, out / f"experts-{strategy}.png")
         if picture is not None:
             files[picture.name] = picture
-    page = routing_page(records, out / "routing.html", title)
+    page = routing_page(records, out / "routing.html", title, cfg.routing_layers)
     if page is not None:
         files["routing.html"] = page
     return {"records": records, "files": files, "missing": missing}

@@ -95,7 +95,10 @@ def test_simulate_writes_the_report_and_reuses_cached_runs(users_dir, tmp_path):
     table = (out / "results.md").read_text()
     assert "| comigs-1g1s |" in table and "pretrained" in table
     html = (out / "routing.html").read_text()
-    assert "model of u1" in html and "text of u2" in html
+    assert "model of u1" in html and "text of u2" in html and "layer 1/2" in html and "layer 2/2" in html
+    simulate(replace(cfg, routing_layers=(2,)), out)  # the same cached runs, another view
+    html = (out / "routing.html").read_text()
+    assert "layer 2/2" in html and "layer 1/2" not in html
     runs = sorted((out / "runs").glob("*.json"))
     assert len(runs) == 6
     wider = simulate(replace(cfg, seeds=(1, 2, 3)), out, cached_only=True)  # seed 3 not run: reported as missing
