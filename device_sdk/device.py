@@ -153,13 +153,6 @@ class Device:
                                     "base_model": self.base_name, "strategy": self.cfg.strategy})
         finally:
             client.close()
-        if answer["config"]["base_model"] != self.base_name:
-            raise ConfigError(f"the federation uses base model {answer['config']['base_model']!r}, this device "
-                              f"{self.base_name!r}")
-        federation_strategy = answer["config"].get("strategy", DEFAULT_NETWORKED)
-        if federation_strategy != self.cfg.strategy:
-            raise ConfigError(f"the federation runs strategy {federation_strategy!r}, this device "
-                              f"{self.cfg.strategy!r}; join with --strategy {federation_strategy}")
         credentials = {"device_id": answer["device_id"], "token": answer["token"], "server": self.cfg.server}
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_users
+from ..data import UserData, load_users, ood_mixture
 from ..errors import ConfigError
 from ..fileio import atomic_write_bytes
 from ..models import default_cache_dir, load_base_model
+from ..strategies import make_strategy
 from .config import SimConfig
 from .figures import plot_expert_scores, plot_learning_curves
 from .report import write_results
 from .routing_html import routing_page
-from ..strategies import make_strategy
 from .runner import run_strategy
 from .via_server import LoopbackAggregator
 
@@ -36,7 +36,8 @@ def read_cached(path: Path) -> dict | None:
 
 
 def _run(cfg: SimConfig, strategy: str, seed: int, users, base, progress: bool, texts) -> dict:
-    if not (cfg.via_server and make_strategy(strategy).server_mean and make_strategy(strategy).collaborative):
+    chosen = make_strategy(strategy)
+    if not (cfg.via_server and chosen.server_mean and chosen.collaborative):
         if cfg.via_server:
             log.info("%s aggregates per device (or not at all): in-process", strategy)
         return run_strategy(cfg, strategy, seed, users, base, progress=progress, sample_texts=texts)
@@ -62,13 +63,14 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
     runs_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     base = load_base_model(cfg.model, cache_dir=cache_dir)
-    users = load_users(Path(cfg.data), base.tokenizer, list(cfg.users) if cfg.users else None, ood=cfg.ood,
+    users = load_users(Path(cfg.data), base.tokenizer, list(cfg.users) if cfg.users else None,
                        cache_dir=cache_dir / "tokens")
     names = [u.name for u in users]
     texts = None
-    if cfg.ood:  # routing report: each user's own-topic text (its test stream is the mixture now)
-        own = load_users(Path(cfg.data), base.tokenizer, names, cache_dir=cache_dir / "tokens")
-        texts = {u.name: u.test for u in own}
+    if cfg.ood:  # targets become the mixture; the routing report keeps each user's own-topic text
+        texts = {u.name: u.test for u in users}
+        valid, test = ood_mixture(users, "valid"), ood_mixture(users, "test")
+        users = [UserData(u.name, u.train, valid, test) for u in users]
     cfg.experts_for(len(users))  # fail early on a wrong --experts list
     records, missing = [], []
     jobs = [(s, seed) for seed in cfg.seeds for s in cfg.strategies]

@@ -29,7 +29,8 @@ from ..strategies import Strategy, Upload
 log = logging.getLogger(__name__)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,7 +42,7 @@ class LoopbackAggregator:
     def __init__(self, startup_s: float = 120.0) -> None:
         self.startup_s = startup_s
         self.admin_token = secrets.token_urlsafe(24)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.proc: subprocess.Popen | None = None
