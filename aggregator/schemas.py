@@ -81,6 +81,8 @@ class RoundSummary(BaseModel):
     mean_metrics: dict[str, float]
     opened_at: float
     closed_at: float | None
+    rule: str | None = Field(default=None, description="the aggregation rule of a closed round (mean, "
+                                                       "token_weighted, or the strategy's own rule)")
 
 
 class Status(BaseModel):

@@ -1,4 +1,9 @@
-"""The federation's rules: enrollment, upload validation, round closing and aggregation. No HTTP here."""
+"""The federation's rules: enrollment, upload validation, round closing and aggregation. No HTTP here.
+
+Aggregation runs the federation strategy's server rule (``device_sdk.strategies``, the code the simulation runs):
+the plain mean streams one stored upload at a time; the other rules (HetLoRA, FlexLoRA, PCL's relay) read one
+round's uploads into memory.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,10 @@ import threading
 import time
 
 from safetensors import safe_open
+
+from device_sdk.config import AdapterConfig
+from device_sdk.errors import ConfigError
+from device_sdk.strategies import Strategy, Upload, networked_strategy
 
 from . import aggregate
 from .blobs import parse_safetensors, sha256, to_bytes
@@ -32,14 +41,35 @@ class Federation:
         return None if fed is None else FederationConfig(**fed[0])
 
     def spec(self) -> dict[str, aggregate.TensorSpec]:
+        """Names, shapes and dtypes of global version 0 (the largest shapes, for per-device ranks)."""
         fed = self.store.federation()
         if fed is None or fed[1] is None:
             raise NotReady("the federation has no initial global tensors yet; the admin must upload them")
         return {k: aggregate.TensorSpec.from_json(v) for k, v in fed[1].items()}
 
+    def strategy(self) -> Strategy:
+        config = self.config()
+        if config is None:
+            raise NotReady("no federation has been created yet")
+        return networked_strategy(config.strategy)
+
+    def upload_spec(self, rank: int) -> dict[str, aggregate.TensorSpec]:
+        """What a device of LoRA rank ``rank`` uploads: the tensors that travel, cut to its rank where ranks
+        differ between devices."""
+        spec, strategy = self.spec(), self.strategy()
+        shapes = strategy.device_shapes({k: s.shape for k, s in spec.items() if strategy.travels(k)}, rank)
+        return {k: aggregate.TensorSpec(tuple(shape), spec[k].dtype) for k, shape in shapes.items()}
+
     def create(self, config: FederationConfig, enroll_secret: str | None) -> str:
         if self.store.federation() is not None:
             raise Conflict("a federation already exists in this data directory; use another --data-dir")
+        try:
+            strategy = networked_strategy(config.strategy)
+        except ConfigError as err:
+            raise InvalidUpdate(str(err)) from err
+        if config.aggregation != "mean" and not strategy.server_mean:
+            raise InvalidUpdate(f"aggregation {config.aggregation!r} applies to mean-rule strategies; "
+                                f"{config.strategy} weighs uploads by its own rule: leave aggregation at 'mean'")
         secret = enroll_secret or secrets.token_urlsafe(16)
         self.store.create_federation(config.model_dump(), secret)
         return secret
@@ -67,9 +97,7 @@ class Federation:
             raise NotReady("no federation has been created yet")
         if not self.store.check_enroll_secret(secret):
             raise Unauthorized("wrong enrollment secret; ask the federation's admin for it")
-        if capabilities.rank != config.rank:
-            raise InvalidUpdate(f"device rank {capabilities.rank} does not match the federation's rank "
-                                f"{config.rank}")
+        self._check_rank(capabilities.rank, config)
         for field in ("base_model", "strategy"):  # refused before enrolling: a wrong device never blocks a round
             declared, expected = getattr(capabilities, field), getattr(config, field)
             if declared is not None and declared != expected:
@@ -78,6 +106,21 @@ class Federation:
         if capabilities.n_generalists < 1 and "generalist" in config.shared_roles:
             raise InvalidUpdate("a device needs at least one generalist to take part in the federation")
         return self.store.add_device(name, capabilities.model_dump())
+
+    def _check_rank(self, rank: int, config: FederationConfig) -> None:
+        if not self.strategy().rank_per_device:
+            if rank != config.rank:
+                raise InvalidUpdate(f"device rank {rank} does not match the federation's rank {config.rank}")
+            return
+        if rank % config.rank:
+            raise InvalidUpdate(f"device rank {rank} is not a multiple of the federation's expert rank {config.rank}")
+        fed = self.store.federation()
+        if fed is not None and fed[1] is not None:
+            largest = max((s.shape[0] for k, s in self.spec().items() if k.endswith("lora_A")), default=rank)
+            if rank > largest:
+                raise InvalidUpdate(f"device rank {rank} exceeds the federation's largest rank {largest} (its global "
+                                    "tensors); the admin must create the federation with more experts "
+                                    "(init-federation --max-experts)")
 
     def authenticate(self, token: str | None) -> Device:
         if not token:
@@ -123,7 +166,7 @@ class Federation:
         if target.status != "open":
             raise RoundClosed(f"round {number} is closed; join round {current.round}", current_round=current.round)
         tensors, metadata = parse_safetensors(payload)
-        aggregate.validate(tensors, self.spec())
+        aggregate.validate(tensors, self.upload_spec(int(device.capabilities["rank"])))
         tokens, metrics = _update_metadata(metadata)
         if not self.store.add_update(number, device.id, payload, tokens, metrics):
             raise RoundClosed(f"round {number} closed while uploading; join round {number + 1}",
@@ -149,7 +192,8 @@ class Federation:
     def aggregate(self, number: int) -> None:
         """Aggregate the stored updates of a round in ``aggregating`` state and open the next round.
 
-        Streams the updates one file and one tensor at a time; redone from scratch after a crash.
+        The mean streams the updates one file at a time; other rules read the round's uploads into memory. Redone
+        from scratch after a crash.
         """
         with self._aggregate_lock:
             start = time.perf_counter()
@@ -157,20 +201,40 @@ class Federation:
             if current is None or current.status != "aggregating":
                 return
             config = self.config()
-            spec = self.spec()
+            strategy = self.strategy()
             updates = self.store.updates(number)
-            mean = aggregate.RunningMean(spec)
-            for update in updates:
-                with safe_open(str(update.path), framework="pt") as f:
-                    tensors = {k: f.get_tensor(k) for k in f.keys()}
-                mean.add(tensors, aggregate.weight_for(config.aggregation, update.tokens), check_values=False)
-                del tensors
-            result = mean.result()
+            if strategy.server_mean:
+                result = self._streaming_mean(config, updates)
+            else:
+                result = strategy.server_rule(self._uploads(config, updates))
             summary = {"participants": [u.device_id for u in updates], "tokens": sum(u.tokens for u in updates),
-                       "mean_metrics": _mean_metrics([u.metrics for u in updates]), "rule": config.aggregation,
+                       "mean_metrics": _mean_metrics([u.metrics for u in updates]),
+                       "rule": config.aggregation if strategy.server_mean else strategy.name,
                        "aggregation_s": time.perf_counter() - start}
             self.store.close_round(number, to_bytes(result, {"round": str(number)}), summary, config.round_deadline_s)
             log.info("round %d closed with %d update(s); global version %d", number, len(updates), number)
+
+    def _streaming_mean(self, config: FederationConfig, updates: list) -> dict:
+        """The (weighted) mean, reading one stored upload at a time."""
+        mean = aggregate.RunningMean(self.upload_spec(config.rank))
+        for update in updates:
+            with safe_open(str(update.path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            mean.add(tensors, aggregate.weight_for(config.aggregation, update.tokens), check_values=False)
+            del tensors
+        return mean.result()
+
+    def _uploads(self, config: FederationConfig, updates: list) -> list[Upload]:
+        """Every stored upload of a round in memory, with the device's rank and LoRA scale (per-device rules)."""
+        devices = {d.id: d for d in self.store.devices()}
+        uploads = []
+        for position, update in enumerate(updates):
+            with safe_open(str(update.path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            rank = int(devices[update.device_id].capabilities["rank"])
+            uploads.append(Upload(position, tensors, update.tokens, rank, AdapterConfig(rank=rank,
+                                                                                         alpha=config.alpha).scale))
+        return uploads
 
     def recover(self) -> None:
         """Redo aggregations a crash interrupted."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import LB_MODES, PRECISIONS, AdapterConfig, TrainConfig
 from .errors import SDKError
 from .local import LocalRunConfig, run_local
+from .strategies import DEFAULT_NETWORKED, NETWORKED
 
 log = logging.getLogger("device_sdk")
 
@@ -89,9 +90,10 @@ def _add_join(sub) -> None:
                    "(0: skip, -1: whole test set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=None)
-    p.add_argument("--strategy", default="comigs-1gxs",
-                   help="the federation's strategy: comigs-1gxs (default), comigs-1g1s, comigs-2s, comigs-2g, "
-                        "pfedmoe or fedavg")
+    p.add_argument("--strategy", default=DEFAULT_NETWORKED,
+                   help=f"the federation's strategy: {', '.join(NETWORKED)} (default {DEFAULT_NETWORKED})")
+    p.add_argument("--peer-eval-tokens", type=int, default=2048,
+                   help="validation tokens per peer model when the strategy scores peers (pcl)")
 
 
 def _join(args: argparse.Namespace) -> int:
@@ -103,7 +105,7 @@ def _join(args: argparse.Namespace) -> int:
                        enroll_secret=args.enroll_secret, model=args.model, name=args.name or args.data.name,
                        train=train, rounds=args.rounds, n_specialists=args.specialists, budget_mb=args.budget_mb,
                        eval_tokens=None if args.eval_tokens < 0 else args.eval_tokens, seed=args.seed,
-                       cache_dir=args.cache_dir, strategy=args.strategy)
+                       cache_dir=args.cache_dir, strategy=args.strategy, peer_eval_tokens=args.peer_eval_tokens)
     device = Device(cfg)
     log.info("device %d: %d specialist(s), %d round(s) done of %d", device.device_id, device.adapter.n_specialists,
              device.completed_rounds, cfg.rounds)
@@ -129,9 +131,11 @@ def _add_init_federation(sub) -> None:
     p.add_argument("--aggregation", choices=("mean", "token_weighted"), default="mean")
     p.add_argument("--enroll-secret", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strategy", default="comigs-1gxs",
-                   help="collaboration strategy every device runs (comigs-1gxs, comigs-1g1s, comigs-2s, comigs-2g, "
-                        "pfedmoe, fedavg)")
+    p.add_argument("--strategy", default=DEFAULT_NETWORKED,
+                   help=f"collaboration strategy every device runs: {', '.join(NETWORKED)}")
+    p.add_argument("--max-experts", type=int, default=4,
+                   help="hetlora-*/flexlora-*: the most experts a device may have (fixes the largest LoRA rank of "
+                        "the global tensors; devices above it are refused at enrollment)")
 
 
 def _init_federation(args: argparse.Namespace) -> int:
@@ -141,7 +145,8 @@ def _init_federation(args: argparse.Namespace) -> int:
     from .strategies import networked_strategy
 
     strategy = networked_strategy(args.strategy)  # before anything is created on the server
-    initial = initial_shared_tensors(args.model, args.rank, args.alpha, args.seed, strategy=args.strategy)
+    initial = initial_shared_tensors(args.model, args.rank, args.alpha, args.seed, strategy=args.strategy,
+                                     max_experts=args.max_experts)
     client = AggregatorClient(args.server, args.admin_token)
     created = client.create_federation({"base_model": args.model, "rank": args.rank, "alpha": args.alpha,
                                         "min_devices": args.min_devices, "round_deadline_s": args.deadline_s,

@@ -21,11 +21,11 @@ from .client import AggregatorClient, RetryPolicy, ServerRejected
 from .config import TrainConfig
 from .data import UserData, load_user_data
 from .errors import ConfigError
-from .evaluate import evaluate
+from .evaluate import evaluate, loss_with
 from .inject import inject_adapters
 from .models import default_cache_dir, load_base_model
 from .parts import role_parameters
-from .strategies import DEFAULT_NETWORKED, networked_strategy
+from .strategies import DEFAULT_NETWORKED, Upload, fit, networked_strategy
 from .train import init_train_state, train_local, valid_loss
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,10 @@ class DeviceConfig:
         rounds: rounds to take part in (counted across restarts).
         n_specialists: specialist count; ``None`` picks it from ``budget_mb`` (1 without a budget).
         strategy: the federation's collaboration strategy (see :func:`device_sdk.strategies.networked_strategy`);
-            strategies with two modules everywhere (fedavg, pfedmoe, comigs-2s/2g/1g1s) ignore the specialist
-            count.
+            strategies with two modules everywhere (fedavg, pfedmoe, pcl, ffa-lora, comigs-2s/2g/1g1s) ignore the
+            specialist count; hetlora-*/flexlora-* turn it into one LoRA of a matching rank.
         eval_tokens: test tokens for the per-round test perplexity (``None``: the whole test set, 0: skip).
+        peer_eval_tokens: validation tokens per peer model where the strategy scores peers (pcl).
     """
 
     server: str
@@ -70,6 +71,7 @@ class DeviceConfig:
     cache_dir: Path | None = None
     retry: RetryPolicy = RetryPolicy()
     strategy: str = DEFAULT_NETWORKED
+    peer_eval_tokens: int = 2048
 
     def __post_init__(self) -> None:
         networked_strategy(self.strategy)  # fails early, naming the supported strategies
@@ -80,6 +82,8 @@ class DeviceConfig:
             problems.append(f"n_specialists must be >= 0, got {self.n_specialists}")
         if self.budget_mb is not None and self.budget_mb <= 0:
             problems.append(f"budget_mb must be > 0, got {self.budget_mb}")
+        if self.peer_eval_tokens < 1:
+            problems.append(f"peer_eval_tokens must be >= 1, got {self.peer_eval_tokens}")
         if problems:
             raise ConfigError("invalid DeviceConfig: " + "; ".join(problems))
 
@@ -108,8 +112,9 @@ class Device:
         self.base_name = base.name
         self.tokenizer = base.tokenizer
         self.strategy = networked_strategy(cfg.strategy)
+        self.strategy.rank = cfg.rank  # one expert's rank; rank-per-device strategies scale it
         n_experts = 1 + self._specialist_count(base.model)
-        self.adapter = replace(self.strategy.adapter_config(0, n_experts), rank=cfg.rank, alpha=cfg.alpha)
+        self.adapter = replace(self.strategy.adapter_config(0, n_experts), alpha=cfg.alpha)
         torch.manual_seed(cfg.seed)
         self.model = inject_adapters(base.model, self.adapter)
         self.strategy.prepare(0, self.model)
@@ -126,6 +131,7 @@ class Device:
             info = load_checkpoint(checkpoint, self.model, self.state, self.base_name)
             self.completed_rounds, self.last_round = info["completed_rounds"], info["round"]
             self.global_version = info["global_version"]
+            self.strategy.state = info.get("strategy_state", {})
             log.info("resumed from %s (round %d, %d round(s) done)", checkpoint.name, self.last_round,
                      self.completed_rounds)
         self.client = AggregatorClient(cfg.server, self._credentials()["token"], cfg.retry)
@@ -173,13 +179,35 @@ class Device:
         """What leaves the device: the strategy's shared roles (CoMiGS: attention LoRA and generalists)."""
         return self.strategy.shared_tensors(self.model)
 
-    def load_global(self, tensors: dict[str, torch.Tensor]) -> None:
-        assign_tensors(role_parameters(self.model, self.strategy.shared_roles), tensors, "the global shared tensors")
+    def own_upload(self) -> Upload:
+        """This device's shared tensors with its rank and LoRA scale (what a strategy's receive step reads)."""
+        return Upload(0, self.shared_tensors(), 0, self.adapter.rank, self.adapter.scale)
+
+    def peer_loss(self, tensors: dict[str, torch.Tensor]) -> float:
+        """Validation loss with ``tensors`` loaded in place of this device's shared tensors (PCL's peer score)."""
+        return loss_with(self.model, tensors, self.data.valid, self.train_cfg.context,
+                         max(8, self.train_cfg.batch_size), self.train_cfg.precision,
+                         max_tokens=self.cfg.peer_eval_tokens)
+
+    def load_global(self, tensors: dict[str, torch.Tensor], version: int | None = None) -> None:
+        """Load a downloaded global version: version 0 (the federation's initial tensors, largest shapes) cut to
+        this device's shapes; later versions through the strategy's receive step (the mean as is; a cut to this
+        device's rank; PCL's trust-weighted mix of its peers)."""
+        if version == 0:
+            expected = self.strategy.initial_tensors(self.model)
+            mine = tensors
+            if self.strategy.rank_per_device:  # cut to this device's rank; names are checked below
+                mine = {name: fit(t, expected[name].shape) if name in expected else t for name, t in tensors.items()}
+        else:
+            mine = self.strategy.receive(tensors, self.own_upload(), self.peer_loss)
+            expected = self.strategy.shared_tensors(self.model)
+        params = role_parameters(self.model, self.strategy.shared_roles)
+        assign_tensors({name: params[name] for name in expected}, mine, "the global shared tensors")
 
     def sync(self, version: int) -> None:
         """Load global version ``version`` unless it is already loaded."""
         if self.global_version != version:
-            self.load_global(self.client.download_global(version))
+            self.load_global(self.client.download_global(version), version)
             self.global_version = version
 
     def _wait_for_new_round(self) -> dict:
@@ -194,7 +222,8 @@ class Device:
     def checkpoint(self) -> None:
         save_checkpoint(self.state_dir / "checkpoints", self.model, self.state, self.base_name,
                         {"round": self.last_round, "completed_rounds": self.completed_rounds,
-                         "global_version": self.global_version, "adapter": self.adapter.to_dict()})
+                         "global_version": self.global_version, "adapter": self.adapter.to_dict(),
+                         "strategy_state": self.strategy.state})
 
     # one round of Algorithm 1 ---------------------------------------------------------------------------------------
     def run_round(self, progress: bool = False) -> RoundReport:
@@ -203,7 +232,10 @@ class Device:
         number = current["round"]
         self.sync(current["base_version"])
         start = time.perf_counter()
-        result, self.state = train_local(self.model, self.data, self.train_cfg, self.state, progress=progress)
+        self.strategy.begin_round(0, self.model)
+        result, self.state = train_local(self.model, self.data, self.train_cfg, self.state, progress=progress,
+                                         regularizer=self.strategy.regularizer(0))
+        self.strategy.end_round(0, self.model)
         train_loss = sum(r["lm"] for r in result.train) / max(1, len(result.train))
         v_loss = result.valid[-1]["loss"] if result.valid else valid_loss(self.model, self.data.valid, self.train_cfg)
         metrics = {"train_loss": train_loss, "valid_loss": v_loss}
@@ -256,15 +288,20 @@ class Device:
 
 
 def initial_shared_tensors(model_name: str, rank: int = 8, alpha: float = 16.0, seed: int = 0,
-                           cache_dir: Path | None = None, strategy: str = DEFAULT_NETWORKED) -> dict[str, torch.Tensor]:
+                           cache_dir: Path | None = None, strategy: str = DEFAULT_NETWORKED,
+                           max_experts: int = 4) -> dict[str, torch.Tensor]:
     """Global version 0 for a federation: the strategy's freshly initialised shared tensors (CoMiGS: attention LoRA
-    and generalists; B = 0)."""
+    and generalists; B = 0; FFA-LoRA: also the A matrices every device keeps fixed). Strategies with a rank per
+    device (hetlora-*, flexlora-*) get the rank of a device with ``max_experts`` experts, the largest the
+    federation then admits; each device keeps the first components of its own rank."""
     chosen = networked_strategy(strategy)
+    chosen.rank = rank
     base = load_base_model(model_name, cache_dir=cache_dir or default_cache_dir())
     torch.manual_seed(seed)
-    adapter = replace(chosen.adapter_config(0, 2), rank=rank, alpha=alpha)
+    adapter = replace(chosen.adapter_config(0, max(2, max_experts)), alpha=alpha)
     model = inject_adapters(base.model, adapter)
-    return chosen.shared_tensors(model)
+    chosen.prepare(0, model)
+    return chosen.initial_tensors(model)
 
 
 __all__ = ["Device", "DeviceConfig", "RoundReport", "initial_shared_tensors"]

@@ -60,3 +60,23 @@ def evaluate(model: nn.Module, tokens: np.ndarray, context: int, batch_size: int
         count += y.numel()
     model.train(was_training)
     return EvalResult(loss=total / count, tokens=count)
+
+
+def loss_with(model: nn.Module, tensors: dict[str, torch.Tensor], tokens: np.ndarray, context: int,
+              batch_size: int = 8, precision: str = "fp32", max_tokens: int | None = None) -> float:
+    """:func:`evaluate`'s loss with ``tensors`` (``{parameter name: tensor}``, same shapes) loaded in place of the
+    model's own values, which are restored afterwards (PCL scores peer models this way)."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise KeyError(f"{len(unknown)} tensor name(s) are not parameters of the model, e.g. {unknown[:3]}")
+    own = {name: params[name].detach().clone() for name in tensors}
+    try:
+        with torch.no_grad():
+            for name, t in tensors.items():
+                params[name].copy_(t)
+        return evaluate(model, tokens, context, batch_size, precision, max_tokens=max_tokens).loss
+    finally:
+        with torch.no_grad():
+            for name, t in own.items():
+                params[name].copy_(t)

@@ -28,7 +28,8 @@ def status(federation: FederationDep) -> Status:
         history.append(RoundSummary(round=r.round, status=r.status, base_version=r.base_version,
                                     participants=[u.device_id for u in updates],
                                     tokens=sum(u.tokens for u in updates), mean_metrics=metrics,
-                                    opened_at=r.opened_at, closed_at=r.closed_at))
+                                    opened_at=r.opened_at, closed_at=r.closed_at,
+                                    rule=(r.summary or {}).get("rule")))
     state = None
     if current is not None:
         state = RoundState(round=current.round, status=current.status, base_version=current.base_version,

@@ -20,7 +20,7 @@ from torch import nn
 from ..adapters import assign_tensors
 from ..config import TrainConfig
 from ..data import UserData, eval_windows
-from ..evaluate import autocast, evaluate
+from ..evaluate import autocast, evaluate, loss_with
 from ..inject import adapter_config, inject_adapters, routed_blocks
 from ..models import BaseModel
 from ..strategies import Strategy, Upload, make_strategy
@@ -124,8 +124,8 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
         users: every user's token streams (already in-/out-of-distribution as configured).
         base: the frozen base model (shared by all users' models) and its tokenizer.
         models_out: if given, receives the trained models (one per user; one for ``centralized``).
-        server: a running :class:`device_sdk.sim.via_server.LoopbackAggregator` to aggregate through (plain-mean
-            strategies only), or ``None`` to aggregate in-process.
+        server: a running :class:`device_sdk.sim.via_server.LoopbackAggregator` to aggregate through (the server
+            runs the strategy's server rule, each simulated device its receive step), or ``None`` for in-process.
         sample_texts: ``{user: token stream}`` to draw the routing report's texts from (default: each user's test
             stream; in the out-of-distribution setting pass each user's own-topic stream).
     """
@@ -155,10 +155,10 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
     if server is not None and strategy.collaborative:
         from .via_server import ServerRounds
 
-        first = adapter_config(models[0])
-        rounds_via = ServerRounds(server, strategy, cfg.model, first.rank, first.alpha,
-                                  strategy.shared_tensors(models[0]),
-                                  [(m.name, adapter_config(model)) for m, model in zip(members, models)])
+        initial = max((strategy.initial_tensors(m) for m in models),  # the largest shapes (per-device ranks)
+                      key=lambda tensors: sum(t.numel() for t in tensors.values()))
+        rounds_via = ServerRounds(server, strategy, cfg.model, strategy.rank, adapter_config(models[0]).alpha,
+                                  initial, [(m.name, adapter_config(model)) for m, model in zip(members, models)])
 
     def test_model(u: int) -> nn.Module:
         return models[0] if strategy.centralized else models[u]
@@ -171,12 +171,8 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
                      for m in members]
 
     def peer_loss(i: int, tensors: dict[str, torch.Tensor]) -> float:
-        own = {k: p.detach().clone() for k, p in models[i].named_parameters() if k in tensors}
-        load_tensors(models[i], tensors)
-        loss = evaluate(models[i], members[i].valid, cfg.ctx, max(8, cfg.batch), cfg.precision,
-                        max_tokens=cfg.peer_eval_tokens).loss
-        load_tensors(models[i], own)
-        return loss
+        return loss_with(models[i], tensors, members[i].valid, cfg.ctx, max(8, cfg.batch), cfg.precision,
+                         max_tokens=cfg.peer_eval_tokens)
 
     names = [u.name for u in users]
     iterations = [0]
@@ -207,7 +203,10 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
             uploads = uploads_of(strategy.shared_tensors)
             for upload, n_tokens in zip(uploads, tokens):
                 upload.tokens = n_tokens
-            merged = rounds_via.exchange(uploads) if rounds_via else strategy.aggregate(uploads, peer_loss)
+            if rounds_via is not None:
+                merged = strategy.receive_all(rounds_via.exchange(uploads), uploads, peer_loss)
+            else:
+                merged = strategy.aggregate(uploads, peer_loss)
             for model, tensors in zip(models, merged):
                 load_tensors(model, tensors)
         iterations.append(states[0].step)

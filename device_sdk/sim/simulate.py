@@ -37,9 +37,9 @@ def read_cached(path: Path) -> dict | None:
 
 def _run(cfg: SimConfig, strategy: str, seed: int, users, base, progress: bool, texts) -> dict:
     chosen = make_strategy(strategy)
-    if not (cfg.via_server and chosen.server_mean and chosen.collaborative):
+    if not (cfg.via_server and chosen.collaborative):
         if cfg.via_server:
-            log.info("%s aggregates per device (or not at all): in-process", strategy)
+            log.info("%s shares nothing through a server: in-process", strategy)
         return run_strategy(cfg, strategy, seed, users, base, progress=progress, sample_texts=texts)
     with LoopbackAggregator() as server:
         return run_strategy(cfg, strategy, seed, users, base, progress=progress, server=server, sample_texts=texts)

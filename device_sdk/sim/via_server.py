@@ -1,9 +1,10 @@
 """Run a simulation's rounds through a real aggregator process on loopback (``simulate --via-server``).
 
 Each simulated device enrolls with its own bearer token and uploads its shared tensors over HTTP; the server
-validates, stores and aggregates them exactly as in a deployment, and every device downloads the new global
-version. The aggregator's streaming mean and :func:`device_sdk.strategies.mean_tensors` use the same arithmetic, so
-the results equal the in-process run for the same seed (tested).
+validates, stores and aggregates them exactly as in a deployment (the strategy's server rule), and every device
+downloads the new global version. The aggregator's streaming mean and :func:`device_sdk.strategies.mean_tensors` use
+the same arithmetic, and the other rules are the same functions, so the results equal the in-process run for the
+same seed (tested).
 """
 
 from __future__ import annotations
@@ -85,17 +86,18 @@ class ServerRounds:
 
     Args:
         server: a running aggregator.
-        strategy: must use the plain-mean rule (:attr:`Strategy.server_mean`).
-        initial: the common initial shared tensors (global version 0); they fix the federation's key set.
+        strategy: a collaborative strategy (the server runs its rule).
+        rank: one expert's LoRA rank (the federation's ``rank``).
+        initial: the common initial shared tensors (global version 0) at the largest shapes; they fix the
+            federation's key set.
         devices: ``(name, AdapterConfig)`` of every simulated device (declared as its capabilities).
     """
 
     def __init__(self, server: LoopbackAggregator, strategy: Strategy, base_model: str, rank: int, alpha: float,
                  initial: dict[str, torch.Tensor], devices: list[tuple[str, AdapterConfig]],
                  timeout_s: float = 600.0) -> None:
-        if not strategy.server_mean:
-            raise ConfigError(f"--via-server runs strategies whose server rule is the mean; {strategy.name} "
-                              "aggregates per device (personalised or rank-heterogeneous) and runs in-process only")
+        if not strategy.collaborative:
+            raise ConfigError(f"{strategy.name} shares nothing through a server; it runs in-process only")
         self.timeout_s = timeout_s
         admin = AggregatorClient(server.url, token=server.admin_token)
         config = {"base_model": base_model, "rank": rank, "alpha": alpha, "min_devices": len(devices),
@@ -115,7 +117,7 @@ class ServerRounds:
 
     def exchange(self, uploads: list[Upload]) -> list[dict[str, torch.Tensor]]:
         """Upload every device's tensors for the current round, wait for it to close, return the new global
-        version for each device."""
+        version as each device downloads it."""
         for client, upload in zip(self.clients, uploads):
             client.upload(self.round, upload.tensors, upload.tokens, {})
         deadline = time.time() + self.timeout_s

@@ -40,27 +40,25 @@ ALL = ("centralized",) + CORE[:2] + ("pcl", "ffa-lora") + CORE[2:] + (
 HETEROGENEOUS = ("comigs-1gxs", "hetlora-active", "hetlora-full", "flexlora-active", "flexlora-full")
 
 
+#: Strategies a networked federation runs (all that share tensors through a server).
+NETWORKED = tuple(n for n in ALL if n not in ("local", "centralized"))
 #: The default strategy of a networked federation: one generalist plus the specialists each device can hold.
 DEFAULT_NETWORKED = "comigs-1gxs"
 
 
 def networked_strategy(name: str) -> Strategy:
-    """A strategy a device can run against the aggregator (plain-mean server rule, role-based sharing).
+    """A strategy devices can run against the aggregator: every strategy that shares tensors through a server.
 
     Raises:
-        ConfigError: for strategies that need what the aggregator does not do (per-device rules, a frozen common A,
-            no sharing at all, pooled data), naming where they run instead.
+        ConfigError: for ``local`` (nothing to share) and ``centralized`` (pools the users' data: an upper bound for
+            the simulation, not a federation).
     """
     strategy = make_strategy(name)
-    if not _networkable(strategy):
-        supported = [n for n in ALL if _networkable(make_strategy(n))]
-        raise ConfigError(f"strategy {name!r} runs in `python -m device_sdk simulate` only; a networked federation "
-                          f"supports {', '.join(supported)}")
+    if not strategy.collaborative:
+        why = "pools every user's data" if strategy.centralized else "shares nothing"
+        raise ConfigError(f"strategy {name!r} {why}; it runs in `python -m device_sdk simulate` only. A networked "
+                          f"federation supports {', '.join(NETWORKED)}")
     return strategy
-
-
-def _networkable(strategy: Strategy) -> bool:
-    return strategy.collaborative and strategy.server_mean and not strategy.freeze_lora_a
 
 
 def make_strategy(name: str) -> Strategy:
@@ -75,5 +73,5 @@ def make_strategy(name: str) -> Strategy:
     return factory()
 
 
-__all__ = ["ALL", "CORE", "DEFAULT_NETWORKED", "HETEROGENEOUS", "Strategy", "Upload", "fit", "make_strategy",
+__all__ = ["ALL", "CORE", "DEFAULT_NETWORKED", "HETEROGENEOUS", "NETWORKED", "Strategy", "Upload", "fit", "make_strategy",
            "mean_tensors", "networked_strategy"]

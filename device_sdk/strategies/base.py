@@ -1,9 +1,17 @@
 """The one interface every collaboration strategy implements, and the tensor helpers they share.
 
 A strategy decides, per user: the adapter shape (experts, rank), how routers learn (``router_mode``), which LoRA
-tensors leave the device, and how a server turns the uploaded tensors into what each device loads next round
-(:meth:`Strategy.aggregate`, a pure function of tensors: the in-process simulation and a networked aggregator call
-the same code). Strategies hold no model and no data.
+tensors leave the device, and how the uploaded tensors become what each device loads next round. That last part
+has two halves, both pure functions of tensors:
+
+- :meth:`Strategy.server_rule` runs on the server: one round's uploads -> one global tensor dict (the mean; HetLoRA's
+  padded sparsity-weighted mean; FlexLoRA's SVD of the mean update; PCL's bundle of every upload);
+- :meth:`Strategy.receive` runs on each device: the global dict -> what this device loads (the identity; a cut to
+  the device's rank; PCL's trust-weighted mix, scored on the device's own validation data).
+
+The networked aggregator (``aggregator.service``) and the in-process simulation (:meth:`Strategy.aggregate`) call
+the same two functions, so a simulation through a real server gives bit-identical results. Strategies hold no model
+and no data.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from ..train import Regularizer
 #: ``peer_loss(i, tensors)``: validation loss of user ``i``'s model with ``tensors`` loaded in place of its own
 #: shared tensors (PCL needs it; the simulation provides it).
 PeerLoss = Callable[[int, dict[str, torch.Tensor]], float]
+#: ``own_loss(tensors)``: the receiving device's validation loss with ``tensors`` loaded in place of its own.
+OwnLoss = Callable[[dict[str, torch.Tensor]], float]
 
 
 @dataclass
@@ -100,30 +110,69 @@ class Strategy:
         """The tensors that must agree across devices before round 1 (copies)."""
         return role_state_dict(model, self.shared_roles) if self.shared_roles else {}
 
+    def travels(self, name: str) -> bool:
+        """Whether the shared tensor ``name`` is uploaded after each round (FFA-LoRA keeps its fixed A at home)."""
+        return True
+
     def shared_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors this device uploads after a round (copies)."""
-        return self.initial_tensors(model)
+        return {k: v for k, v in self.initial_tensors(model).items() if self.travels(k)}
 
-    # --- server side ----------------------------------------------------------------------------------------------
     @property
     def collaborative(self) -> bool:
         return bool(self.shared_roles) and not self.centralized
 
     @property
+    def rank_per_device(self) -> bool:
+        """True if devices hold LoRA factors of different ranks (HetLoRA, FlexLoRA): shared tensors then agree in
+        name but not in shape, and a server checks each upload against the global shapes cut to the device's rank."""
+        return False
+
+    def device_shapes(self, shapes: dict[str, tuple[int, ...]], rank: int) -> dict[str, tuple[int, ...]]:
+        """The shapes a device of LoRA rank ``rank`` uploads, given the global (largest) shapes."""
+        return dict(shapes)
+
+    # --- server side ----------------------------------------------------------------------------------------------
+    @property
     def server_mean(self) -> bool:
-        """True if the server rule is the plain mean, which the networked aggregator runs (streaming)."""
-        return type(self).aggregate is Strategy.aggregate
+        """True if the server rule is the plain mean (the aggregator then streams it, one upload at a time)."""
+        return type(self).server_rule is Strategy.server_rule
 
     def initial(self, uploads: list[Upload]) -> list[dict[str, torch.Tensor]]:
         """Common starting values: every device gets, per name, the largest initial tensor cut to its own shape
         (identical shapes: user 0's values), so that shared tensors (and FFA's frozen A) agree before round 1."""
         return [{name: fit(largest(uploads, name), t.shape) for name, t in u.tensors.items()} for u in uploads]
 
+    def server_rule(self, uploads: list[Upload]) -> dict[str, torch.Tensor]:
+        """The global tensors the server computes from one round's uploads (in device order). Default: the uniform
+        mean (the paper's FedAvg rule)."""
+        return mean_tensors([u.tensors for u in uploads])
+
+    # --- device side ----------------------------------------------------------------------------------------------
+    def receive(self, global_tensors: dict[str, torch.Tensor], own: Upload,
+                own_loss: OwnLoss | None = None) -> dict[str, torch.Tensor]:
+        """What the device that uploaded ``own`` loads from the server's global tensors. Default: all of them.
+
+        Args:
+            own_loss: the device's validation loss with other shared tensors loaded (PCL scores peers with it).
+        """
+        return global_tensors
+
+    # --- both, in one process (the simulation) --------------------------------------------------------------------
     def aggregate(self, uploads: list[Upload], peer_loss: PeerLoss | None = None) -> list[dict[str, torch.Tensor]]:
-        """What each uploading device loads next round, in the order of ``uploads``. Default: the uniform mean
-        (the paper's FedAvg rule), the same for every device."""
-        mean = mean_tensors([u.tensors for u in uploads])
-        return [dict(mean) for _ in uploads]
+        """What each uploading device loads next round, in the order of ``uploads``: :meth:`server_rule` then
+        every device's :meth:`receive`."""
+        merged = self.server_rule(uploads)
+        return self.receive_all([merged] * len(uploads), uploads, peer_loss)
+
+    def receive_all(self, globals_: list[dict[str, torch.Tensor]], uploads: list[Upload],
+                    peer_loss: PeerLoss | None = None) -> list[dict[str, torch.Tensor]]:
+        """:meth:`receive` for every device (``globals_[i]``: what device ``i`` downloaded)."""
+        out = []
+        for merged, u in zip(globals_, uploads):
+            own_loss = None if peer_loss is None else (lambda tensors, user=u.user: peer_loss(user, tensors))
+            out.append(dict(self.receive(merged, u, own_loss)))
+        return out
 
 
 def largest(uploads: list[Upload], name: str) -> torch.Tensor:

@@ -2,6 +2,11 @@
 updates ``Delta W_i = gamma_i B_i A_i`` weighted by training tokens and gives each device the best rank-``r_i``
 approximation of the average (truncated SVD), split back into ``B`` and ``A``.
 
+The server factorises once, to the largest rank present, with the singular values split evenly between ``B`` and
+``A`` and no LoRA scale; a device of rank ``r_i`` and scale ``gamma_i`` keeps the first ``r_i`` components (by
+Eckart-Young the best rank-``r_i`` approximation, since singular values come sorted) and divides both factors by
+``sqrt(gamma_i)``. One global file thus serves every rank.
+
 The reference CoMiGS code kept only the last client's ``Delta W`` (it overwrote instead of accumulating); here
 every upload contributes (tested).
 """
@@ -12,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AdapterConfig
-from .base import Strategy, Upload, lora_pairs
-from .hetlora import rank_for
+from .base import Upload, fit, lora_pairs
+from .ranked import RankedLoRA
 
 
 def svd_factors(delta: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,19 +49,18 @@ def average_delta(uploads: list[Upload], a_name: str, b_name: str) -> torch.Tens
 
 
 @dataclass
-class FlexLoRA(Strategy):
-    match: str = "active"
-
-    def adapter_config(self, user: int, n_experts: int) -> AdapterConfig:
-        return AdapterConfig(rank=rank_for(n_experts, self.match, self.rank), n_generalists=1, n_specialists=0)
-
-    def aggregate(self, uploads: list[Upload], peer_loss=None):
-        out = [{} for _ in uploads]
+class FlexLoRA(RankedLoRA):
+    def server_rule(self, uploads: list[Upload]) -> dict[str, torch.Tensor]:
+        """Per module: the token-weighted mean ``Delta W``, factorised to the largest uploaded rank (scale 1)."""
+        merged = {}
         for a_name, b_name in lora_pairs(uploads[0].tensors).values():
-            delta = average_delta(uploads, a_name, b_name)
-            for mine, u in zip(out, uploads):
-                mine[a_name], mine[b_name] = svd_factors(delta, u.rank, u.scale)
-        return out
+            rank = max(u.tensors[a_name].shape[0] for u in uploads)
+            merged[a_name], merged[b_name] = svd_factors(average_delta(uploads, a_name, b_name), rank, 1.0)
+        return merged
+
+    def receive(self, global_tensors, own, own_loss=None):
+        root = own.scale ** 0.5
+        return {name: fit(global_tensors[name], t.shape) / root for name, t in own.tensors.items()}
 
 
 def flexlora(match: str) -> FlexLoRA:

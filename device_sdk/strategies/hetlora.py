@@ -1,6 +1,6 @@
 """HetLoRA (Cho et al., 2023): one LoRA per projection with a rank per device; the server zero-pads every device's
-A and B to the largest rank, averages them weighted by the norm of each device's update (sparsity-weighted), and
-sends each device the first ``r_i`` rank components back (truncation).
+A and B to the largest rank and averages them weighted by the norm of each device's update (sparsity-weighted);
+each device keeps the first ``r_i`` rank components of the result (truncation), zero beyond its active rank.
 
 Local training adds the rank self-pruning regulariser ``lambda * sum ||gamma B[:, p:] A[p:, :]||_F`` over the
 rank components beyond ``p = floor(pruning * r)``; when that tail shrank over a round, the device's active rank
@@ -16,15 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
 from ..parts import EXPERT_ROLES, role_parameters
-from .base import Strategy, Upload, fit, largest, lora_pairs
-
-
-def rank_for(n_experts: int, match: str, expert_rank: int = 8) -> int:
-    """LoRA rank matching CoMiGS's parameter count (section 4.3.1): ``full`` counts all ``n`` experts of rank 8,
-    ``active`` the top-2 that run per token."""
-    return expert_rank * (n_experts if match == "full" else min(2, n_experts))
+from .base import Upload, fit, largest, lora_pairs
+from .ranked import RankedLoRA, rank_shape
 
 
 def tail_norm(model: nn.Module, keep: int) -> torch.Tensor:
@@ -41,13 +35,9 @@ def tail_norm(model: nn.Module, keep: int) -> torch.Tensor:
 
 
 @dataclass
-class HetLoRA(Strategy):
-    match: str = "active"
+class HetLoRA(RankedLoRA):
     reg: float = 5e-3
     pruning: float = 0.99
-
-    def adapter_config(self, user: int, n_experts: int) -> AdapterConfig:
-        return AdapterConfig(rank=rank_for(n_experts, self.match, self.rank), n_generalists=1, n_specialists=0)
 
     def _active(self, user: int, rank: int) -> int:
         return self.state.setdefault("active_rank", {}).setdefault(str(user), rank)
@@ -60,31 +50,28 @@ class HetLoRA(Strategy):
             return self.reg * tail_norm(model, keep)
         return reg
 
-    def aggregate(self, uploads: list[Upload], peer_loss=None):
-        names = uploads[0].tensors
-        pairs = lora_pairs(names)
-        weights = {}
-        for module, (a_name, b_name) in pairs.items():  # sparsity-weighted: ||Delta W_i||_F per module
+    def server_rule(self, uploads: list[Upload]) -> dict[str, torch.Tensor]:
+        """Every factor zero-padded to the largest rank, averaged with weights ``||gamma_i B_i A_i||_F`` per module
+        (float64 sums)."""
+        pairs = lora_pairs(uploads[0].tensors)
+        merged = {}
+        for a_name, b_name in pairs.values():
             norms = [u.scale * float(torch.linalg.matrix_norm(u.tensors[b_name] @ u.tensors[a_name])) for u in uploads]
             total = sum(norms)
-            weights[module] = [n / total if total > 0 else 1 / len(uploads) for n in norms]
-        merged = {}
-        for module, (a_name, b_name) in pairs.items():
+            weights = [n / total if total > 0 else 1 / len(uploads) for n in norms]
             for name in (a_name, b_name):
                 shape = list(largest(uploads, name).shape)
                 acc = torch.zeros(shape, dtype=torch.float64)
-                for w, u in zip(weights[module], uploads):
+                for w, u in zip(weights, uploads):
                     acc += w * fit(u.tensors[name], shape).to(torch.float64)
                 merged[name] = acc.to(torch.float32)
-        out = []
-        for u in uploads:
-            active = self._active(u.user, u.rank)
-            mine = {}
-            for name, t in u.tensors.items():
-                cut = fit(merged[name], t.shape)
-                mine[name] = fit(fit(cut, _rank_shape(name, t.shape, active)), t.shape)  # zero pruned components
-            out.append(mine)
-        return out
+        return merged
+
+    def receive(self, global_tensors, own, own_loss=None):
+        """The first ``r_i`` components of the merged factors, zero beyond the device's active (pruned) rank."""
+        active = self._active(own.user, own.rank)
+        return {name: fit(fit(global_tensors[name], rank_shape(name, t.shape, active)), t.shape)
+                for name, t in own.tensors.items()}
 
     def _tail(self, user: int, model: nn.Module) -> float:
         rank = next(iter(role_parameters(model, EXPERT_ROLES).values())).shape[0]
@@ -107,13 +94,6 @@ class HetLoRA(Strategy):
                 for a_name, b_name in lora_pairs(params).values():
                     params[a_name][keep:].zero_()
                     params[b_name][:, keep:].zero_()
-
-
-def _rank_shape(name: str, shape: torch.Size, rank: int) -> tuple[int, ...]:
-    """The shape of a LoRA factor cut to ``rank`` components (A: rows, B: columns)."""
-    if name.endswith("lora_A"):
-        return (min(rank, shape[0]), shape[1])
-    return (shape[0], min(rank, shape[1]))
 
 
 def hetlora(match: str) -> HetLoRA:

@@ -29,8 +29,8 @@ class TwoModules(Strategy):
 class FrozenA(TwoModules):
     """Two modules whose A matrices never change: only the B matrices travel."""
 
-    def shared_tensors(self, model):
-        return {k: v for k, v in self.initial_tensors(model).items() if not k.endswith("lora_A")}
+    def travels(self, name: str) -> bool:
+        return not name.endswith("lora_A")
 
 
 def local() -> Strategy:

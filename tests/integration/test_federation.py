@@ -204,8 +204,82 @@ def test_a_fedavg_federation_averages_every_lora_module_and_refuses_other_strate
             routers = read_adapter_file(ckpt / "router.safetensors")[0]
             assert all(float(t.abs().max()) == 0 for t in routers.values())  # fixed equal gates
         done = subprocess.run([sys.executable, "-m", "device_sdk", "init-federation", "--server", server.url,
-                               "--admin-token", ADMIN_TOKEN, "--model", "tiny-llama", "--strategy", "flexlora-full"],
+                               "--admin-token", ADMIN_TOKEN, "--model", "tiny-llama", "--strategy", "local"],
                               env=env(), capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "runs in `python -m device_sdk simulate` only" in done.stderr
+    finally:
+        server.stop()
+
+
+def _checkpoint_state(state: Path) -> dict:
+    return json.loads((latest_checkpoint(state / "checkpoints") / "state.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["hetlora-full", "flexlora-full", "pcl", "ffa-lora"])
+def test_per_device_rules_run_over_the_network(tmp_path, name):
+    """Devices with 1, 2 and 4 experts run the strategy against a real server: HetLoRA/FlexLoRA with LoRA ranks
+    8/16/32 (uploads checked against each device's rank), PCL's relayed peers mixed by each device's own trust,
+    FFA-LoRA's A kept fixed at global version 0 and never uploaded."""
+    server = Server(tmp_path / "agg").start()
+    try:
+        users = make_users(tmp_path / "users")
+        secret = init_federation(server.url, "--strategy", name, "--max-experts", "4")
+        states = [tmp_path / f"state-{u.name}" for u in users]
+        procs = [start_device(server.url, secret, u, s, n, tmp_path / "cache", 2, 2, i, "--strategy", name,
+                              "--peer-eval-tokens", "64")
+                 for i, (u, s, n) in enumerate(zip(users, states, (0, 1, 3)))]
+        wait_all(procs, states)
+        data = server.data_dir / "blobs"
+        history = [h for h in status(server.url)["history"] if h["status"] == "closed"]
+        assert [h["round"] for h in history] == [1, 2] and {h["rule"] for h in history} <= {name, "mean"}
+        first = load_file(str(data / "globals" / "v000000.safetensors"))
+        last = load_file(str(data / "globals" / "v000002.safetensors"))
+        held = [shared_of_checkpoint(s) for s in states]
+        uploads = [load_file(str(p)) for p in sorted((data / "updates" / "r000002").glob("*.safetensors"))]
+        key_a = next(k for k in first if k.endswith("q_proj.lora.lora_A"))
+        key_b = key_a[: -len("lora_A")] + "lora_B"
+        if name in ("hetlora-full", "flexlora-full"):
+            assert first[key_a].shape[0] == 32  # the largest rank the federation admits (--max-experts 4)
+            assert sorted(u[key_a].shape[0] for u in uploads) == [8, 16, 32]  # device ids follow enrollment order
+            assert [h[key_a].shape[0] for h in held] == [8, 16, 32]
+            if name == "flexlora-full":  # every device holds the best rank-r_i split of the averaged update
+                for h, r in zip(held, (8, 16, 32)):
+                    scale = 16.0 / r ** 0.5
+                    expected = last[key_b][:, :r] @ last[key_a][:r]
+                    assert torch.allclose(scale * h[key_b] @ h[key_a], expected, atol=1e-5)
+            else:  # HetLoRA: the first r_i components of the merged factors (zero beyond a pruned rank)
+                for h, state in zip(held, states):
+                    r = h[key_a].shape[0]
+                    active = _checkpoint_state(state)["strategy_state"]["active_rank"]["0"]
+                    assert torch.equal(h[key_a][:active], last[key_a][:active])
+                    assert float(h[key_a][active:r].abs().sum()) == 0
+        elif name == "pcl":
+            assert {k.split("/")[0] for k in last} == {"peer0", "peer1", "peer2"}  # the server only relays
+            for h, state in zip(held, states):
+                trust = _checkpoint_state(state)["strategy_state"]["trust"]["0"][-1]
+                assert sum(trust) == pytest.approx(1.0)
+                mixed = sum(w * last[f"peer{j}/{key_b}"].double() for j, w in enumerate(trust))
+                assert torch.allclose(h[key_b].double(), mixed, atol=1e-6)
+        else:
+            assert all(not k.endswith("lora_A") for u in uploads for k in u)  # only B travels
+            assert all(not k.endswith("lora_A") for k in last)
+            for h in held:
+                assert all(torch.equal(h[k], first[k]) for k in first if k.endswith("lora_A"))
+                assert all(torch.equal(h[k], last[k]) for k in last)
+    finally:
+        server.stop()
+
+
+def test_a_device_above_the_federations_largest_rank_is_refused_at_enrollment(tmp_path):
+    server = Server(tmp_path / "agg").start()
+    try:
+        secret = init_federation(server.url, "--strategy", "hetlora-full", "--max-experts", "2")
+        answer = httpx.post(server.url + "/enroll", json={"enroll_secret": secret, "name": "big", "capabilities": {
+            "n_specialists": 0, "rank": 32, "strategy": "hetlora-full"}}, timeout=10)
+        assert answer.status_code == 422 and "exceeds the federation's largest rank 16" in answer.json()["detail"]
+        answer = httpx.post(server.url + "/enroll", json={"enroll_secret": secret, "name": "odd", "capabilities": {
+            "n_specialists": 0, "rank": 12, "strategy": "hetlora-full"}}, timeout=10)
+        assert answer.status_code == 422 and "not a multiple" in answer.json()["detail"]
+        assert status(server.url)["devices"] == 0
     finally:
         server.stop()

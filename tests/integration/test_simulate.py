@@ -131,13 +131,15 @@ def test_cli_refuses_bad_settings_clearly(users_dir, tmp_path):
     assert done.returncode == 2 and "unknown strategies ['fedprox']" in done.stderr
 
 
-@pytest.mark.parametrize("name", ["comigs-1g1s", "ffa-lora"])
+@pytest.mark.parametrize("name", ["comigs-1gxs", "ffa-lora", "hetlora-full", "flexlora-full", "pcl"])
 def test_via_server_gives_identical_results_to_in_process(users_dir, name):
+    """The server runs each strategy's own rule (mean, FFA's B-only mean, HetLoRA/FlexLoRA across ranks 24/16/8,
+    PCL's relay scored on each device), so results are bit-identical to the in-process run."""
     from device_sdk.sim.via_server import LoopbackAggregator
 
     base = load_base_model("tiny-llama")
     users = load_users(users_dir, base.tokenizer)
-    cfg = _cfg(users_dir)
+    cfg = _cfg(users_dir, experts=(3, 2, 1))
     local_models, server_models = [], []
     in_process = run_strategy(cfg, name, 5, users, base, models_out=local_models)
     with LoopbackAggregator() as server:
@@ -146,18 +148,22 @@ def test_via_server_gives_identical_results_to_in_process(users_dir, name):
     assert through["via_server"] and not in_process["via_server"]
     assert [h["round"] for h in status["history"] if h.get("participants")] == [1, 2]
     assert through["test_ppl"] == in_process["test_ppl"]
+    assert through["strategy_state"] == in_process["strategy_state"]
     for a, b in zip(local_models, server_models):
         sa, sb = a.state_dict(), b.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    if name.startswith(("hetlora", "flexlora")):
+        ranks = [m.get_parameter("model.layers.0.self_attn.q_proj.lora.lora_A").shape[0] for m in local_models]
+        assert ranks == [24, 16, 8]
 
 
-def test_via_server_refuses_personalised_rules(users_dir):
+def test_via_server_refuses_strategies_that_share_nothing(users_dir):
     from device_sdk.errors import ConfigError
     from device_sdk.sim.via_server import LoopbackAggregator, ServerRounds
     from device_sdk.strategies import make_strategy
 
-    with LoopbackAggregator() as server, pytest.raises(ConfigError, match="flexlora-full aggregates per device"):
-        ServerRounds(server, make_strategy("flexlora-full"), "tiny-llama", 8, 16.0, {}, [])
+    with LoopbackAggregator() as server, pytest.raises(ConfigError, match="local shares nothing through a server"):
+        ServerRounds(server, make_strategy("local"), "tiny-llama", 8, 16.0, {}, [])
 
 
 def test_demo_preset_prints_the_table_and_the_report_path(users_dir, tmp_path):

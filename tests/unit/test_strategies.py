@@ -7,7 +7,8 @@ from device_sdk.errors import ConfigError
 from device_sdk.parts import Role, iter_role_parameters
 from device_sdk.strategies import ALL, Upload, fit, make_strategy, mean_tensors
 from device_sdk.strategies.flexlora import average_delta, svd_factors
-from device_sdk.strategies.hetlora import HetLoRA, rank_for
+from device_sdk.strategies.hetlora import HetLoRA
+from device_sdk.strategies.ranked import rank_for
 from device_sdk.strategies.pcl import trust_from_losses
 
 from .._tiny import tiny_model_for
@@ -79,17 +80,30 @@ def test_svd_reproduces_a_rank_r_update_exactly():
 
 
 def test_flexlora_averages_every_clients_update_not_only_the_last():
-    ups = _uploads([_lora(2, seed=1), _lora(2, seed=2), _lora(2, seed=3)], tokens=[100, 300, 600], scale=1.5)
+    ups = _uploads([_lora(2, seed=1), _lora(2, seed=2), _lora(6, seed=3)], tokens=[100, 300, 600], scale=1.5)
     expected = sum(w * 1.5 * u.tensors["m.lora_B"].double() @ u.tensors["m.lora_A"].double()
                    for w, u in zip((0.1, 0.3, 0.6), ups))
     assert torch.allclose(average_delta(ups, "m.lora_A", "m.lora_B"), expected)
-    for u in ups:  # a rank-6 device can hold the rank <= 6 average exactly
-        u.rank = 6
     out = make_strategy("flexlora-full").aggregate(ups)
-    got = 1.5 * out[0]["m.lora_B"].double() @ out[0]["m.lora_A"].double()
-    assert torch.allclose(got, expected, atol=1e-4)
+    assert [o["m.lora_A"].shape[0] for o in out] == [2, 2, 6]  # every device keeps its own rank
+    got = 1.5 * out[2]["m.lora_B"].double() @ out[2]["m.lora_A"].double()
+    assert torch.allclose(got, expected, atol=1e-4)  # rank 6 holds the 5 x 6 average exactly
     last_only = 1.5 * ups[-1].tensors["m.lora_B"].double() @ ups[-1].tensors["m.lora_A"].double()
     assert not torch.allclose(got, last_only, atol=1e-2)
+    small = 1.5 * out[0]["m.lora_B"].double() @ out[0]["m.lora_A"].double()  # rank 2: the best rank-2 approximation
+    tail = float(torch.linalg.svdvals(expected)[2:].norm())
+    assert float(torch.linalg.matrix_norm(small - expected)) == pytest.approx(tail, rel=1e-4)
+
+
+def test_flexlora_devices_rescale_the_scale_free_global_factors_by_their_own_lora_scale():
+    ups = _uploads([_lora(2, seed=1), _lora(4, seed=2)], scale=1.0)
+    ups[1].scale = 4.0
+    strategy = make_strategy("flexlora-full")
+    merged = strategy.server_rule(ups)
+    assert merged["m.lora_A"].shape == (4, 6) and merged["m.lora_B"].shape == (5, 4)  # the largest rank
+    mine = strategy.receive(merged, ups[1])
+    assert torch.allclose(4.0 * mine["m.lora_B"] @ mine["m.lora_A"], merged["m.lora_B"] @ merged["m.lora_A"],
+                          atol=1e-5)
 
 
 def test_fit_pads_with_zeros_and_truncates_rank_components():
@@ -148,11 +162,16 @@ def test_pcl_trust_is_row_stochastic_and_favours_models_that_fit_own_data():
     assert trust[2, 0] == pytest.approx(1 / 3)  # indifferent user: uniform row
     ups = _uploads([_lora(2, seed=1), _lora(2, seed=2), _lora(2, seed=3)])
     table = losses.tolist()
-    keyed = {id(u.tensors): u.user for u in ups}
-    out = make_strategy("pcl").aggregate(ups, peer_loss=lambda i, tensors: table[i][keyed[id(tensors)]])
+
+    def owner(tensors):  # which upload a peer model came from (the server relays them unchanged)
+        return next(u.user for u in ups if torch.equal(u.tensors["m.lora_A"], tensors["m.lora_A"]))
+
+    strategy = make_strategy("pcl")
+    out = strategy.aggregate(ups, peer_loss=lambda i, tensors: table[i][owner(tensors)])
     expected = sum(float(trust[1, j]) * ups[j].tensors["m.lora_A"] for j in range(3))
     assert torch.allclose(out[1]["m.lora_A"], expected, atol=1e-6)
-    with pytest.raises(ConfigError, match="peer_loss"):
+    assert strategy.state["trust"]["1"][0] == pytest.approx(trust[1].tolist())
+    with pytest.raises(ConfigError, match="validation loss"):
         make_strategy("pcl").aggregate(ups)
 
 

@@ -218,3 +218,19 @@ def test_train_router_mode_samples_router_batches_from_training_data(monkeypatch
     result, _ = train_local(model, data, cfg)
     assert len(result.router) == 2 and len(seen) == 4
     assert all(tokens is data.train for tokens in seen)
+
+
+def test_loss_with_scores_other_tensors_and_restores_the_models_own():
+    from device_sdk.evaluate import evaluate, loss_with
+
+    model = make_model(n_generalists=1, n_specialists=1)
+    stream = np.random.default_rng(0).integers(0, 200, size=400)
+    own = {k: p.detach().clone() for k, p in model.named_parameters() if k.endswith("lora_B")}
+    other = {k: torch.randn_like(t) for k, t in own.items()}
+    before = evaluate(model, stream, 32).loss
+    swapped = loss_with(model, other, stream, 32)
+    assert swapped != before
+    assert all(torch.equal(model.get_parameter(k), t) for k, t in own.items())  # restored
+    assert evaluate(model, stream, 32).loss == before
+    with pytest.raises(KeyError, match="not parameters of the model"):
+        loss_with(model, {"nope": torch.zeros(1)}, stream, 32)

@@ -46,3 +46,43 @@ def test_round_waits_for_min_devices_even_after_its_deadline(tmp_path):
     _, token2 = fed.enroll("secret-secret", "d2", Capabilities(n_specialists=3, rank=8))
     fed.upload(fed.authenticate(token2), 1, _payload(5.0))
     assert fed.maybe_close() == 1
+
+
+def test_a_federation_is_created_only_with_a_strategy_a_server_can_run(tmp_path):
+    import pytest
+
+    from aggregator.errors import InvalidUpdate
+
+    fed = Federation(Store(tmp_path))
+    with pytest.raises(InvalidUpdate, match="'local' shares nothing"):
+        fed.create(FederationConfig(base_model="m", strategy="local"), "secret-secret")
+    with pytest.raises(InvalidUpdate, match="unknown strategy 'fedprox'"):
+        fed.create(FederationConfig(base_model="m", strategy="fedprox"), "secret-secret")
+    with pytest.raises(InvalidUpdate, match="leave aggregation at 'mean'"):
+        fed.create(FederationConfig(base_model="m", strategy="flexlora-full", aggregation="token_weighted"),
+                   "secret-secret")
+    assert fed.config() is None  # nothing was stored
+
+
+def test_hetlora_uploads_are_checked_against_the_global_shapes_cut_to_the_devices_rank(tmp_path):
+    import pytest
+
+    from aggregator.errors import InvalidUpdate
+
+    fed = Federation(Store(tmp_path))
+    fed.create(FederationConfig(base_model="m", strategy="hetlora-full", min_devices=2), "secret-secret")
+    fed.set_initial(st_save({"m.lora_A": torch.zeros(16, 4), "m.lora_B": torch.zeros(3, 16)}))
+    _, small = fed.enroll("secret-secret", "small", Capabilities(n_specialists=0, rank=8))
+    _, large = fed.enroll("secret-secret", "large", Capabilities(n_specialists=0, rank=16))
+    with pytest.raises(InvalidUpdate, match=r"shape \[16, 4\], expected \[8, 4\]"):
+        fed.upload(fed.authenticate(small), 1, st_save({"m.lora_A": torch.ones(16, 4), "m.lora_B": torch.ones(3, 16)}))
+    fed.upload(fed.authenticate(small), 1, st_save({"m.lora_A": torch.ones(8, 4), "m.lora_B": torch.ones(3, 8)},
+                                                   metadata={"tokens": "5"}))
+    fed.upload(fed.authenticate(large), 1, st_save({"m.lora_A": torch.ones(16, 4), "m.lora_B": torch.ones(3, 16)},
+                                                   metadata={"tokens": "5"}))
+    assert fed.maybe_close() == 1
+    from safetensors.torch import load_file
+
+    merged = load_file(str(fed.store.global_blob(1)[0]))
+    assert merged["m.lora_A"].shape == (16, 4)  # the largest rank; the small device keeps the first 8
+    assert fed.store.round(1).summary["rule"] == "hetlora-full"
