@@ -41,6 +41,9 @@ class Capabilities(BaseModel):
     rank: int = Field(gt=0)
     base_model: str | None = Field(default=None, description="checked against the federation's when given")
     strategy: str | None = Field(default=None, description="checked against the federation's when given")
+    alpha: float | None = Field(default=None, gt=0, description="LoRA alpha; checked against the federation's when "
+                                                              "given (the server weighs HetLoRA/FlexLoRA updates by "
+                                                              "the LoRA scale)")
 
 
 class EnrollRequest(BaseModel):

@@ -98,7 +98,7 @@ class Federation:
         if not self.store.check_enroll_secret(secret):
             raise Unauthorized("wrong enrollment secret; ask the federation's admin for it")
         self._check_rank(capabilities.rank, config)
-        for field in ("base_model", "strategy"):  # refused before enrolling: a wrong device never blocks a round
+        for field in ("base_model", "strategy", "alpha"):  # refused before enrolling: it never blocks a round
             declared, expected = getattr(capabilities, field), getattr(config, field)
             if declared is not None and declared != expected:
                 raise InvalidUpdate(f"the federation runs {field} {expected!r}, this device {declared!r}; join with "

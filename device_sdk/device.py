@@ -156,7 +156,8 @@ class Device:
             answer = client.enroll(self.cfg.enroll_secret, self.cfg.name or socket.gethostname(),
                                    {"n_specialists": self.adapter.n_specialists,
                                     "n_generalists": self.adapter.n_generalists, "rank": self.adapter.rank,
-                                    "base_model": self.base_name, "strategy": self.cfg.strategy})
+                                    "base_model": self.base_name, "strategy": self.cfg.strategy,
+                                    "alpha": self.adapter.alpha})
         finally:
             client.close()
         credentials = {"device_id": answer["device_id"], "token": answer["token"], "server": self.cfg.server}

@@ -86,3 +86,16 @@ def test_hetlora_uploads_are_checked_against_the_global_shapes_cut_to_the_device
     merged = load_file(str(fed.store.global_blob(1)[0]))
     assert merged["m.lora_A"].shape == (16, 4)  # the largest rank; the small device keeps the first 8
     assert fed.store.round(1).summary["rule"] == "hetlora-full"
+
+
+def test_a_device_with_another_lora_alpha_is_refused_before_enrolling(tmp_path):
+    import pytest
+
+    from aggregator.errors import InvalidUpdate
+
+    fed = Federation(Store(tmp_path))
+    fed.create(FederationConfig(base_model="m", alpha=16.0), "secret-secret")
+    with pytest.raises(InvalidUpdate, match="alpha 16.0, this device 8.0"):
+        fed.enroll("secret-secret", "d", Capabilities(n_specialists=1, rank=8, alpha=8.0))
+    assert fed.store.devices() == []
+    fed.enroll("secret-secret", "d", Capabilities(n_specialists=1, rank=8, alpha=16.0))
