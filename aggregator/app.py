@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -18,7 +17,7 @@ from .errors import AggregatorError
 from .routes import admin, devices, status
 from .service import Federation
 from .settings import Settings
-from .store import Store
+from .store import Store, new_token
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ def admin_token(settings: Settings) -> str:
     path = settings.data_dir / "admin_token"
     if path.is_file():
         return path.read_text().strip()
-    token = secrets.token_urlsafe(24)
+    token = new_token(24)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import threading
 import time
 
@@ -23,7 +22,7 @@ from . import aggregate
 from .blobs import parse_safetensors, sha256, to_bytes
 from .errors import Conflict, InvalidUpdate, NotFound, NotReady, RoundClosed, Unauthorized
 from .schemas import Capabilities, FederationConfig
-from .store import Device, Round, Store
+from .store import Device, Round, Store, new_token
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class Federation:
         if config.aggregation != "mean" and not strategy.server_mean:
             raise InvalidUpdate(f"aggregation {config.aggregation!r} applies to mean-rule strategies; "
                                 f"{config.strategy} weighs uploads by its own rule: leave aggregation at 'mean'")
-        secret = enroll_secret or secrets.token_urlsafe(16)
+        secret = enroll_secret or new_token(16)
         self.store.create_federation(config.model_dump(), secret)
         return secret
 

@@ -64,6 +64,14 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def new_token(nbytes: int = 32) -> str:
+    """A random URL-safe secret that never starts with ``-`` (command lines would read it as an option)."""
+    while True:
+        token = secrets.token_urlsafe(nbytes)
+        if not token.startswith("-"):
+            return token
+
+
 @dataclass(frozen=True)
 class Device:
     id: int
@@ -165,7 +173,7 @@ class Store:
 
     # devices ----------------------------------------------------------------------------------------------------
     def add_device(self, name: str, capabilities: dict) -> tuple[int, str]:
-        token = secrets.token_urlsafe(32)
+        token = new_token(32)
         with self._tx() as db:
             cur = db.execute("INSERT INTO devices (name, token_hash, capabilities, enrolled_at) VALUES (?, ?, ?, ?)",
                              (name, token_hash(token), json.dumps(capabilities), time.time()))

@@ -99,3 +99,12 @@ def test_a_device_with_another_lora_alpha_is_refused_before_enrolling(tmp_path):
         fed.enroll("secret-secret", "d", Capabilities(n_specialists=1, rank=8, alpha=8.0))
     assert fed.store.devices() == []
     fed.enroll("secret-secret", "d", Capabilities(n_specialists=1, rank=8, alpha=16.0))
+
+
+def test_generated_secrets_never_start_with_a_dash(monkeypatch):
+    """A secret like '-x...' breaks `join --enroll-secret S` (argparse reads it as an option); it happened in CI."""
+    import aggregator.store as store
+
+    drawn = iter(["-starts-with-dash", "fine-token"])
+    monkeypatch.setattr(store.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert store.new_token(16) == "fine-token"
