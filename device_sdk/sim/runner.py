@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from ..adapters import assign_tensors
 from ..config import TrainConfig
 from ..data import UserData, eval_windows
+from ..errors import ConfigError
 from ..evaluate import autocast, evaluate, loss_with
 from ..inject import adapter_config, inject_adapters, routed_blocks
 from ..models import BaseModel
@@ -27,6 +29,7 @@ from ..strategies import Strategy, Upload, make_strategy
 from ..tokenizer import Tokenizer
 from ..train import init_train_state, train_local
 from .config import SimConfig
+from .resume import load_progress, save_progress
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +120,7 @@ def _sample_ids(tokens: np.ndarray, n: int) -> np.ndarray:
 
 def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], base: BaseModel,
                  progress: bool = False, models_out: list | None = None, server=None,
-                 sample_texts: dict[str, np.ndarray] | None = None) -> dict:
+                 sample_texts: dict[str, np.ndarray] | None = None, resume_dir: Path | None = None) -> dict:
     """Run ``rounds`` rounds of strategy ``name`` for every user and return its record (see module doc).
 
     Args:
@@ -128,6 +131,8 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
             runs the strategy's server rule, each simulated device its receive step), or ``None`` for in-process.
         sample_texts: ``{user: token stream}`` to draw the routing report's texts from (default: each user's test
             stream; in the out-of-distribution setting pass each user's own-topic stream).
+        resume_dir: save every finished round here and continue from the last saved one (in-process runs only;
+            see :mod:`device_sdk.sim.resume`); the caller removes it once the record is stored.
     """
     start = time.perf_counter()
     strategy = make_strategy(name)
@@ -175,22 +180,31 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
                          max_tokens=cfg.peer_eval_tokens)
 
     names = [u.name for u in users]
-    iterations = [0]
-    curves = {n: [p] for n, p in zip(names, evaluate_all())}
     learned_routers = strategy.router_mode != "fixed"
 
     def score(model: nn.Module, x: torch.Tensor) -> list[dict]:
         return expert_scores(model, x, cfg.precision) if learned_routers else []
 
-    scores = {m.name: [{"iteration": 0, "layers": score(model, x)}]
-              for m, model, x in zip(members, models, score_batches)}
-    train_loss: dict[str, list[float]] = {m.name: [] for m in members}
-    rounds = range(1, cfg.rounds + 1)
+    if resume_dir is not None and rounds_via is not None:
+        raise ConfigError("a run through the aggregator cannot resume mid-way (the server's rounds restart)")
+    saved = None if resume_dir is None else load_progress(resume_dir, models, states, base.name)
+    if saved is not None:
+        log.info("%s seed %d: resuming after round %d from %s", name, seed, saved["round"], resume_dir)
+        iterations, curves, scores = saved["iterations"], saved["test_ppl"], saved["expert_scores"]
+        train_loss, strategy.state = saved["train_loss"], saved["strategy_state"]
+        start -= saved["seconds"]
+    else:
+        iterations = [0]
+        curves = {n: [p] for n, p in zip(names, evaluate_all())}
+        scores = {m.name: [{"iteration": 0, "layers": score(model, x)}]
+                  for m, model, x in zip(members, models, score_batches)}
+        train_loss = {m.name: [] for m in members}
+    rounds = range(1 if saved is None else saved["round"] + 1, cfg.rounds + 1)
     if progress:
         from tqdm.auto import tqdm
 
         rounds = tqdm(rounds, desc=f"{name} seed {seed}", unit="round", leave=False)
-    for _ in rounds:
+    for number in rounds:
         tokens = []
         for i, (member, model) in enumerate(zip(members, models)):
             strategy.begin_round(i, model)
@@ -216,6 +230,11 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
             scores[m.name].append({"iteration": states[0].step, "layers": score(model, x)})
         log.info("%s seed %d iteration %d: mean test ppl %.2f", name, seed, states[0].step,
                  float(np.mean([c[-1] for c in curves.values()])))
+        if resume_dir is not None:
+            save_progress(resume_dir, number, models, states, base.name,
+                          {"iterations": iterations, "test_ppl": curves, "expert_scores": scores,
+                           "train_loss": train_loss, "strategy_state": _jsonable(strategy.state),
+                           "seconds": time.perf_counter() - start})
 
     texts = sample_texts or {u.name: u.test for u in users}
     routing = routing_report([test_model(u) for u in range(len(users))], names, texts, base.tokenizer,

@@ -19,6 +19,7 @@ from ..strategies import make_strategy
 from .config import SimConfig
 from .figures import plot_expert_scores, plot_learning_curves
 from .report import write_results
+from .resume import discard
 from .routing_html import routing_page
 from .runner import run_strategy
 from .via_server import LoopbackAggregator
@@ -35,12 +36,13 @@ def read_cached(path: Path) -> dict | None:
     return record if isinstance(record, dict) and "final" in record else None
 
 
-def _run(cfg: SimConfig, strategy: str, seed: int, users, base, progress: bool, texts) -> dict:
+def _run(cfg: SimConfig, strategy: str, seed: int, users, base, progress: bool, texts, partial: Path) -> dict:
     chosen = make_strategy(strategy)
     if not (cfg.via_server and chosen.collaborative):
         if cfg.via_server:
             log.info("%s shares nothing through a server: in-process", strategy)
-        return run_strategy(cfg, strategy, seed, users, base, progress=progress, sample_texts=texts)
+        return run_strategy(cfg, strategy, seed, users, base, progress=progress, sample_texts=texts,
+                            resume_dir=partial)
     with LoopbackAggregator() as server:
         return run_strategy(cfg, strategy, seed, users, base, progress=progress, server=server, sample_texts=texts)
 
@@ -82,8 +84,10 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
             continue
         if record is None:
             log.info("[%d/%d] %s seed %d%s", i, len(jobs), strategy, seed, " via the aggregator" * cfg.via_server)
-            record = _run(cfg, strategy, seed, users, base, progress, texts)
+            partial = runs_dir / "partial" / path.stem
+            record = _run(cfg, strategy, seed, users, base, progress, texts, partial)
             atomic_write_bytes(path, json.dumps(record).encode())
+            discard(partial)
         else:
             log.info("[%d/%d] %s seed %d: cached (%s)", i, len(jobs), strategy, seed, path.name)
         records.append(record)

@@ -101,6 +101,7 @@ def test_simulate_writes_the_report_and_reuses_cached_runs(users_dir, tmp_path):
     assert "layer 2/2" in html and "layer 1/2" not in html
     runs = sorted((out / "runs").glob("*.json"))
     assert len(runs) == 6
+    assert not list((out / "runs" / "partial").glob("*"))  # round checkpoints go once a run's record is stored
     wider = simulate(replace(cfg, seeds=(1, 2, 3)), out, cached_only=True)  # seed 3 not run: reported as missing
     assert len(wider["records"]) == 6 and ("pcl", 3) in wider["missing"]
     assert len(list((out / "runs").glob("*.json"))) == 6
@@ -129,6 +130,36 @@ def test_cli_refuses_bad_settings_clearly(users_dir, tmp_path):
     assert done.returncode == 2 and "--experts has 2 values for 3 users" in done.stderr
     done = run("--strategies", "local,fedprox")
     assert done.returncode == 2 and "unknown strategies ['fedprox']" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["comigs-1gxs", "hetlora-full", "pcl"])
+def test_a_killed_run_resumes_after_its_last_round_with_identical_numbers(users_dir, tmp_path, monkeypatch, name):
+    import device_sdk.sim.runner as runner
+
+    base = load_base_model("tiny-llama")
+    users = load_users(users_dir, base.tokenizer)
+    cfg = _cfg(users_dir, rounds=3, experts=(3, 2, 1))
+    whole_models, resumed_models = [], []
+    whole = run_strategy(cfg, name, 3, users, base, models_out=whole_models)
+    real, calls = runner.train_local, []
+
+    def killed_in_round_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2 * len(users):
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_local", killed_in_round_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_strategy(cfg, name, 3, users, base, resume_dir=tmp_path / "partial")
+    assert json.loads((tmp_path / "partial" / "progress.json").read_text())["round"] == 2
+    monkeypatch.setattr(runner, "train_local", real)
+    resumed = run_strategy(cfg, name, 3, users, base, models_out=resumed_models, resume_dir=tmp_path / "partial")
+    for key in ("iterations", "test_ppl", "expert_scores", "train_loss", "strategy_state", "routing"):
+        assert resumed[key] == whole[key], key
+    for a, b in zip(whole_models, resumed_models):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.mark.parametrize("name", ["comigs-1gxs", "ffa-lora", "hetlora-full", "flexlora-full", "pcl"])
