@@ -8,9 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import LB_MODES, PRECISIONS, AdapterConfig, TrainConfig
+from .config import LB_MODES, AdapterConfig, TrainConfig
 from .errors import SDKError
 from .local import LocalRunConfig, run_local
+from .precision import PRECISIONS
 from .strategies import DEFAULT_NETWORKED, NETWORKED
 
 log = logging.getLogger("device_sdk")
@@ -39,7 +40,8 @@ def _add_train_local(sub) -> None:
     p.add_argument("--lb-weight", type=float, default=0.01)
     p.add_argument("--lb-mode", choices=LB_MODES, default="switch")
     p.add_argument("--routing", choices=("auto", "dense", "sparse"), default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 where the CPU has native bf16, else fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps (0: at the end)")
     p.add_argument("--eval-tokens", type=int, default=None, help="evaluate on the first N test tokens only "
@@ -85,7 +87,8 @@ def _add_join(sub) -> None:
     p.add_argument("--ctx", type=int, default=128)
     p.add_argument("--router-period", type=int, default=30)
     p.add_argument("--router-steps", type=int, default=10)
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 where the CPU has native bf16, else fp32")
     p.add_argument("--eval-tokens", type=int, default=0, help="test tokens for per-round perplexity "
                    "(0: skip, -1: whole test set)")
     p.add_argument("--seed", type=int, default=0)
@@ -165,6 +168,17 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,2,2,2, got {text!r}")
 
 
+def _user_ints(text: str) -> tuple[tuple[str, int], ...]:
+    pairs = []
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        user, _, number = item.partition("=")
+        try:
+            pairs.append((user.strip(), int(number)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected USER=TOKENS pairs such as nl=16384,de=16384, got {item!r}")
+    return tuple(pairs)
+
+
 def _add_simulate(sub) -> None:
     from .sim import PRESETS
     from .strategies import ALL
@@ -188,6 +202,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--ood", action="store_true", default=None,
                    help="validation/test = uniform mixture of all users' (out-of-distribution setting)")
     p.add_argument("--users", type=lambda t: tuple(t.split(",")), default=None, help="subset of user folders")
+    p.add_argument("--train-tokens", type=_user_ints, default=None,
+                   help="low-data users: train these on the first N tokens of their data only, e.g. de=16384,nl=16384")
     p.add_argument("--routing-layers", type=_int_list, default=None,
                    help="layers (1-based) shown in routing.html, e.g. 1,15,30 (default: first and last)")
     p.add_argument("--cached-only", action="store_true",
@@ -209,7 +225,7 @@ def _simulate(args: argparse.Namespace) -> int:
                       router_period=args.router_period, router_steps=args.router_steps, seeds=args.seeds,
                       ood=args.ood, users=args.users, model=args.model, precision=args.precision,
                       eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, via_server=args.via_server,
-                      routing_layers=args.routing_layers)
+                      routing_layers=args.routing_layers, train_tokens=args.train_tokens)
     result = simulate(cfg, args.out, progress=True, cached_only=args.cached_only)
     print()
     print(result["files"]["results.md"].read_text())

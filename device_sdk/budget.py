@@ -31,6 +31,7 @@ from torch import nn
 from .config import AdapterConfig
 from .errors import BudgetError
 from .inject import family_spec
+from .precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,9 @@ class MemoryModel:
         return (self.s_step + tokens * (self.s_token + n_experts * self.s_expert_token)) * size
 
 
-def load_memory_model(precision: str = "bf16") -> MemoryModel:
-    """The calibrated budget model for ``precision`` (``fp32`` or ``bf16``)."""
+def load_memory_model(precision: str = "auto") -> MemoryModel:
+    """The calibrated budget model for ``precision`` (``fp32``, ``bf16``, or ``auto``: what this CPU trains in)."""
+    precision = resolve_precision(precision)
     text = resources.files("device_sdk").joinpath("calibration/memory.json").read_text()
     data = json.loads(text)
     entry = data["models"][precision]
@@ -127,7 +129,7 @@ class BudgetDecision:
 
 
 def specialists_for_budget(shape: ModelShape, budget_mb: float, tokens: int, rank: int = 8, n_generalists: int = 1,
-                           precision: str = "bf16", memory_model: MemoryModel | None = None,
+                           precision: str = "auto", memory_model: MemoryModel | None = None,
                            max_specialists: int = MAX_SPECIALISTS,
                            max_step_s: float | None = None) -> BudgetDecision:
     """The largest number of specialists whose predicted peak RSS fits ``budget_mb`` (and whose predicted step

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError
+from .precision import PRECISIONS, resolve_precision
 
 ROUTING_MODES = ("auto", "dense", "sparse")
 LB_MODES = ("switch", "importance", "none")
-PRECISIONS = ("fp32", "bf16")
 #: How routers learn: ``validation`` (CoMiGS: s steps on validation batches every tau expert steps), ``train`` (the
 #: same schedule on fresh training batches; the paper's Table 4 ablation), ``joint`` (one optimizer step of experts
 #: and routers together on each training batch, as pFedMoE), ``fixed`` (never trained; uniform gates).
@@ -115,7 +115,9 @@ class TrainConfig:
         schedule_steps: length of the one-cycle schedule (``None``: ``steps``); a federation spans all rounds.
         warmup_fraction: fraction of the schedule spent warming up.
         grad_clip: max global gradient norm per optimizer (0 disables).
-        precision: ``bf16`` runs forward/backward under CPU bf16 autocast (adapters stay fp32), ``fp32`` does not.
+        precision: ``bf16`` runs forward/backward under CPU bf16 autocast (adapters stay fp32), ``fp32`` does not;
+            ``auto`` (the default) becomes ``bf16`` on CPUs with native bf16 and ``fp32`` elsewhere
+            (:mod:`device_sdk.precision`), so a built config always holds one of the two.
         seed: seeds batch sampling and adapter initialisation.
         log_every: record the training loss every this many steps.
         eval_every: evaluate validation loss every this many steps (0: only at the end).
@@ -137,7 +139,7 @@ class TrainConfig:
     schedule_steps: int | None = None
     warmup_fraction: float = 0.1
     grad_clip: float = 1.0
-    precision: str = "bf16"
+    precision: str = "auto"
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0
@@ -167,6 +169,8 @@ class TrainConfig:
             problems.append(f"router_mode must be one of {ROUTER_MODES}, got {self.router_mode!r}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        else:
+            object.__setattr__(self, "precision", resolve_precision(self.precision))
         if self.schedule_steps is not None and self.schedule_steps < self.steps:
             problems.append(f"schedule_steps ({self.schedule_steps}) must be >= steps ({self.steps})")
         if not 0 < self.warmup_fraction < 1:

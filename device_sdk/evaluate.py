@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import eval_windows
+from .precision import resolve_precision
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class EvalResult:
 
 
 def autocast(precision: str):
-    """CPU bf16 autocast for ``precision == "bf16"``, else a no-op context."""
-    if precision == "bf16":
+    """CPU bf16 autocast for ``precision`` ``bf16`` (or ``auto`` on a CPU with native bf16), else a no-op context."""
+    if resolve_precision(precision) == "bf16":
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ..config import PRECISIONS
+from ..precision import PRECISIONS, resolve_precision
 from ..errors import ConfigError
 from ..strategies import ALL, CORE
 
@@ -41,6 +41,8 @@ class SimConfig:
         peer_eval_tokens: validation tokens per model evaluation for PCL's trust and for expert scores.
         via_server: aggregate through a real aggregator process on loopback (plain-mean strategies; the others
             run in-process). Results are identical, so runs share the cache.
+        train_tokens: ``((user, n), ...)``: these users train on the first ``n`` tokens of their training stream
+            only (low-data users, as in the paper's section 4.3.2); empty: every user keeps all of its data.
     """
 
     data: Path
@@ -55,7 +57,7 @@ class SimConfig:
     lr: float = 2e-3
     router_lr: float = 2e-3
     lb_weight: float = 0.01
-    precision: str = "bf16"
+    precision: str = "auto"
     ood: bool = False
     seeds: tuple[int, ...] = (1,)
     model: str = "smollm2-135m"
@@ -64,6 +66,7 @@ class SimConfig:
     peer_eval_tokens: int = 4096
     via_server: bool = False
     routing_layers: tuple[int, ...] | None = None
+    train_tokens: tuple[tuple[str, int], ...] = ()
     cache_dir: Path | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -85,8 +88,17 @@ class SimConfig:
             problems.append(f"eval_tokens must be >= 1 or None, got {self.eval_tokens}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        else:  # the cache key holds what the runs really use, never "auto"
+            object.__setattr__(self, "precision", resolve_precision(self.precision))
         if not self.seeds:
             problems.append("no seeds given")
+        capped = [user for user, _ in self.train_tokens]
+        if len(set(capped)) != len(capped):
+            problems.append(f"train_tokens names a user twice: {capped}")
+        small = [f"{user}={n}" for user, n in self.train_tokens if n < self.ctx + 1]
+        if small:
+            problems.append(f"train_tokens {small} leave less than one training window of ctx+1 = {self.ctx + 1} "
+                            "tokens; give more tokens or lower ctx")
         if problems:
             raise ConfigError("invalid simulation settings: " + "; ".join(problems))
 
@@ -105,11 +117,28 @@ class SimConfig:
 
     def run_key(self, strategy: str, seed: int, users: list[str]) -> str:
         """Cache key of one (strategy, seed) run: every setting that changes its numbers."""
-        relevant = {k: v for k, v in asdict(self).items()
-                    if k not in ("strategies", "seeds", "cache_dir", "extra", "via_server", "routing_layers")}
+        ignored = {"strategies", "seeds", "cache_dir", "extra", "via_server", "routing_layers"}
+        if not self.train_tokens:  # keys of runs on full data stay as they were before the setting existed
+            ignored.add("train_tokens")
+        relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
         relevant.update(data=str(Path(self.data).resolve()), users=users, strategy=strategy, seed=seed)
         digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return f"{strategy}-seed{seed}-{digest}"
+
+
+def cap_training(users: list, train_tokens: tuple[tuple[str, int], ...]) -> list:
+    """``users`` (:class:`device_sdk.data.UserData`) with the named users' training streams cut to their first
+    ``n`` tokens (validation and test untouched).
+
+    Raises:
+        ConfigError: if a named user is not among ``users``.
+    """
+    caps = dict(train_tokens)
+    unknown = sorted(set(caps) - {u.name for u in users})
+    if unknown:
+        raise ConfigError(f"--train-tokens names users {unknown} that are not in the data; the users are "
+                          f"{sorted(u.name for u in users)}")
+    return [replace(u, train=u.train[: caps[u.name]]) if u.name in caps else u for u in users]
 
 
 def with_preset(name: str | None, **explicit) -> SimConfig:
@@ -127,4 +156,4 @@ def with_preset(name: str | None, **explicit) -> SimConfig:
     return SimConfig(**settings)
 
 
-__all__ = ["PRESETS", "SimConfig", "replace", "with_preset"]
+__all__ = ["PRESETS", "SimConfig", "cap_training", "replace", "with_preset"]

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..fileio import atomic_write_bytes
 from ..models import default_cache_dir, load_base_model
 from ..strategies import make_strategy
-from .config import SimConfig
+from .config import SimConfig, cap_training
 from .figures import plot_expert_scores, plot_learning_curves
 from .report import write_results
 from .resume import discard
@@ -67,6 +67,7 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
     base = load_base_model(cfg.model, cache_dir=cache_dir)
     users = load_users(Path(cfg.data), base.tokenizer, list(cfg.users) if cfg.users else None,
                        cache_dir=cache_dir / "tokens")
+    users = cap_training(users, cfg.train_tokens)
     names = [u.name for u in users]
     texts = None
     if cfg.ood:  # targets become the mixture; the routing report keeps each user's own-topic text
@@ -97,6 +98,8 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
         log.warning("%d of %d runs not finished yet (left out): %s", len(missing), len(jobs),
                     ", ".join(f"{s} seed {seed}" for s, seed in missing))
     title = f"{Path(cfg.data).name}{' (out of distribution)' if cfg.ood else ''}"
+    if cfg.train_tokens:
+        title += " (low data: " + ", ".join(f"{u} {n} training tokens" for u, n in cfg.train_tokens) + ")"
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "cache_dir")}
     settings.update(users=names, torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
                     machine=platform.machine(), runs_missing=[f"{s} seed {seed}" for s, seed in missing])

@@ -214,3 +214,23 @@ def test_out_of_distribution_targets_the_mixture_and_routes_own_topic_texts(user
     texts = {s["text_of"]: "".join(s["tokens"]) for s in samples}
     assert set(texts) == {"u1", "u2", "u3"} and len(set(texts.values())) == 3  # each user's own topic
     assert any(word in texts["u1"] for word in ("alpha", "beta", "gamma", "delta"))
+
+
+def test_low_data_users_train_on_their_first_tokens_only(users_dir, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "device_sdk", "simulate", "--data", str(users_dir), "--out",
+                               str(tmp_path / "o"), "--model", "tiny-llama", "--precision", "fp32",
+                               "--strategies", "local", "--rounds", "1", "--local-steps", "2", "--batch", "2",
+                               "--ctx", "32", "--eval-tokens", "128", *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+    done = run("--train-tokens", "u1=40")
+    assert done.returncode == 0, done.stderr[-3000:]
+    settings = json.loads((tmp_path / "o" / "results.json").read_text())["settings"]
+    assert settings["train_tokens"] == [["u1", 40]]
+    assert run().returncode == 0  # the same settings on full data: another cached run, not the capped one
+    assert len(list((tmp_path / "o" / "runs").glob("local-seed1-*.json"))) == 2
+    done = run("--train-tokens", "zz=100")
+    assert done.returncode == 2 and "['zz']" in done.stderr and "['u1', 'u2', 'u3']" in done.stderr
+    done = run("--train-tokens", "u1=many")
+    assert done.returncode == 2 and "USER=TOKENS" in done.stderr

@@ -1,0 +1,62 @@
+"""Simulation settings: cache keys, low-data users (``train_tokens``) and their validation."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_sdk.data import UserData
+from device_sdk.errors import ConfigError
+from device_sdk.sim import SimConfig
+from device_sdk.sim.config import cap_training
+
+
+def _user(name: str, n: int) -> UserData:
+    return UserData(name, np.arange(n), np.arange(50), np.arange(40))
+
+
+def test_cache_keys_of_full_data_runs_did_not_change_when_train_tokens_came():
+    # Finished runs are cached under this key (docs/results/*/runs): a new setting must not orphan them.
+    cfg = SimConfig(data=Path("/srv/data/split"), experts=(4, 2), precision="bf16")
+    assert cfg.run_key("comigs-1gxs", 2, ["a", "b"]) == "comigs-1gxs-seed2-df72b6a6d68e"
+
+
+def test_capped_runs_get_their_own_cache_key():
+    cfg = SimConfig(data=Path("/srv/data/split"), ctx=32)
+    capped = SimConfig(data=Path("/srv/data/split"), ctx=32, train_tokens=(("a", 100),))
+    other = SimConfig(data=Path("/srv/data/split"), ctx=32, train_tokens=(("a", 200),))
+    keys = {c.run_key("local", 1, ["a", "b"]) for c in (cfg, capped, other)}
+    assert len(keys) == 3
+
+
+def test_cap_training_cuts_only_the_named_users_training_stream():
+    users = [_user("a", 1000), _user("b", 1000)]
+    capped = cap_training(users, (("b", 300),))
+    assert len(capped[0].train) == 1000 and capped[0] is users[0]
+    assert np.array_equal(capped[1].train, np.arange(300))  # the first tokens, in order
+    assert np.array_equal(capped[1].valid, users[1].valid) and np.array_equal(capped[1].test, users[1].test)
+    assert len(users[1].train) == 1000  # the caller's data is not modified
+
+
+def test_cap_training_names_unknown_users_and_the_real_ones():
+    with pytest.raises(ConfigError, match=r"\['zz'\].*\['a', 'b'\]"):
+        cap_training([_user("a", 10), _user("b", 10)], (("zz", 5),))
+
+
+def test_auto_precision_is_resolved_before_it_reaches_the_cache_key(monkeypatch):
+    from device_sdk import precision
+
+    keys = {}
+    for native in (True, False):
+        monkeypatch.setattr(precision, "native_bf16", lambda native=native: native)
+        cfg = SimConfig(data=Path("/srv/data/split"))
+        assert cfg.precision == ("bf16" if native else "fp32")
+        keys[native] = cfg.run_key("local", 1, ["a"])
+    assert keys[True] == SimConfig(data=Path("/srv/data/split"), precision="bf16").run_key("local", 1, ["a"])
+    assert keys[False] == SimConfig(data=Path("/srv/data/split"), precision="fp32").run_key("local", 1, ["a"])
+
+
+def test_train_tokens_below_one_window_or_named_twice_are_refused_together():
+    with pytest.raises(ConfigError) as err:
+        SimConfig(data=Path("d"), ctx=128, train_tokens=(("a", 100), ("a", 500)))
+    assert "names a user twice" in str(err.value) and "a=100" in str(err.value) and "ctx+1 = 129" in str(err.value)
