@@ -7,8 +7,9 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ..precision import PRECISIONS, resolve_precision
+from ..data import UserData
 from ..errors import ConfigError
+from ..precision import PRECISIONS, resolve_precision
 from ..strategies import ALL, CORE
 
 #: Settings of each preset; command-line flags given explicitly override them.
@@ -126,9 +127,9 @@ class SimConfig:
         return f"{strategy}-seed{seed}-{digest}"
 
 
-def cap_training(users: list, train_tokens: tuple[tuple[str, int], ...]) -> list:
-    """``users`` (:class:`device_sdk.data.UserData`) with the named users' training streams cut to their first
-    ``n`` tokens (validation and test untouched).
+def cap_training(users: list[UserData], train_tokens: tuple[tuple[str, int], ...]) -> list[UserData]:
+    """``users`` with the named users' training streams cut to their first ``n`` tokens (validation and test
+    untouched; the caller's arrays are not modified).
 
     Raises:
         ConfigError: if a named user is not among ``users``.
