@@ -38,20 +38,20 @@ def test_calibration_reproduces_the_measured_peaks(smollm2_shape, precision):
 
 
 def test_more_memory_never_means_fewer_specialists(smollm2_shape):
-    counts = [specialists_for_budget(smollm2_shape, mb, tokens=1024).n_specialists
+    counts = [specialists_for_budget(smollm2_shape, mb, tokens=1024, precision="bf16").n_specialists
               for mb in range(3150, 3600, 10)]
     assert counts == sorted(counts) and counts[0] < counts[-1]
 
 
 def test_larger_batches_leave_room_for_fewer_specialists(smollm2_shape):
-    small = specialists_for_budget(smollm2_shape, 3300, tokens=256).n_specialists
-    large = specialists_for_budget(smollm2_shape, 3300, tokens=1024).n_specialists
+    small = specialists_for_budget(smollm2_shape, 3300, tokens=256, precision="bf16").n_specialists
+    large = specialists_for_budget(smollm2_shape, 3300, tokens=1024, precision="bf16").n_specialists
     assert large < small
 
 
 def test_a_budget_below_one_expert_fails_with_what_to_do(smollm2_shape):
     with pytest.raises(BudgetError, match="raise --budget-mb, lower --batch or --ctx"):
-        specialists_for_budget(smollm2_shape, 300, tokens=1024)
+        specialists_for_budget(smollm2_shape, 300, tokens=1024, precision="bf16")
 
 
 def test_shape_of_gpt2_family_is_read_from_conv1d_layers():
@@ -64,10 +64,10 @@ def test_a_time_budget_limits_the_specialists(smollm2_shape):
     model = load_memory_model("bf16")
     if model.s_token is None:
         pytest.skip("calibration has no step times")
-    unlimited = specialists_for_budget(smollm2_shape, 100_000, tokens=1024)
+    unlimited = specialists_for_budget(smollm2_shape, 100_000, tokens=1024, precision="bf16")
     t1 = model.predict_step_s(smollm2_shape, 2, 1024)
-    limited = specialists_for_budget(smollm2_shape, 100_000, tokens=1024, max_step_s=t1 * 1.0001)
+    limited = specialists_for_budget(smollm2_shape, 100_000, tokens=1024, max_step_s=t1 * 1.0001, precision="bf16")
     assert limited.n_specialists == 1 < unlimited.n_specialists
     assert limited.predicted_step_s <= t1 * 1.0001
     with pytest.raises(BudgetError, match="time budget"):
-        specialists_for_budget(smollm2_shape, 100_000, tokens=1024, max_step_s=1e-6)
+        specialists_for_budget(smollm2_shape, 100_000, tokens=1024, max_step_s=1e-6, precision="bf16")
