@@ -232,6 +232,7 @@ class Device:
         current = self._wait_for_new_round()
         number = current["round"]
         self.sync(current["base_version"])
+        log.info("round %d: training on global version %d", number, current["base_version"])
         start = time.perf_counter()
         self.strategy.begin_round(0, self.model)
         result, self.state = train_local(self.model, self.data, self.train_cfg, self.state, progress=progress,

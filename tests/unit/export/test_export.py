@@ -1,8 +1,10 @@
 """Export of tiny personalised models to ExecuTorch and ONNX, checked against PyTorch."""
 
 import json
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from export.errors import ExportError, VerificationError
 from export.executorch import PteRunner
 from export.load import load_personalized
 from export.onnx import OnnxRunner
-from export.pipeline import ExportOptions, export_checkpoint
+from export.pipeline import ExportOptions, export_checkpoint, update_program_adapters
 from export.verify import compare, require
 
 from ...conftest import make_model
@@ -24,24 +26,55 @@ from ...conftest import make_model
 ROOT = Path(__file__).resolve().parents[3]
 
 
+@dataclass
+class Exported:
+    run: Path  # the checkpoint folder that was exported
+    out: Path  # the export folder
+    model: torch.nn.Module
+    manifest: dict
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``exported(family)``: one fp32 export (both formats, max_seq 128) per tiny model family with 2 specialists,
+    made once per module and shared by the tests that read it: an ExecuTorch lowering takes one to two minutes of
+    Python on a 2-core CPU. Tests that change an export work on a copy."""
+    made: dict[str, Exported] = {}
+
+    def get(family: str) -> Exported:
+        if family not in made:
+            root = tmp_path_factory.mktemp(family)
+            model = make_model(family, adapter_seed=1, n_specialists=2)  # random B: every expert and router matters
+            with torch.no_grad():  # but two equal (zero) tensors in tiny-llama: each must still get its own key
+                for name, p in model.named_parameters():
+                    if name.endswith("lora_B") and ".layers.0." in name and (".q_proj." in name or ".v_proj." in name):
+                        p.zero_()
+            save_adapters(model, root / "run" / "adapters", family)
+            manifest = export_checkpoint(root / "run", root / "out", ExportOptions(max_seq=128))
+            made[family] = Exported(root / "run", root / "out", model.eval(), manifest)
+        return made[family]
+
+    return get
+
+
 @pytest.fixture(params=["tiny-gpt2", "tiny-llama"])
 def adapters_dir(request, tmp_path):
-    model = make_model(request.param, n_specialists=2)  # random B: every expert and router matters
+    model = make_model(request.param, n_specialists=2)
     save_adapters(model, tmp_path / "run" / "adapters", request.param)
     return tmp_path / "run", model
 
 
-def test_both_formats_match_pytorch_at_two_sequence_lengths(adapters_dir, tmp_path):
-    run, model = adapters_dir
-    manifest = export_checkpoint(run, tmp_path / "out", ExportOptions(max_seq=128))
+@pytest.mark.parametrize("family", ["tiny-gpt2", "tiny-llama"])
+def test_both_formats_match_pytorch_at_two_sequence_lengths(exported, family):
+    done = exported(family)
+    manifest, model = done.manifest, done.model
     assert set(manifest["verification"]) == {"model.pte", "model.onnx"}
     assert all(v["passed"] and v["seq_lens"] == [16, 64] for v in manifest["verification"].values())
-    assert manifest["adapter"]["n_specialists"] == 2 and manifest["base_model"] in ("tiny-gpt2", "tiny-llama")
+    assert manifest["adapter"]["n_specialists"] == 2 and manifest["base_model"] == family
     assert {"model.pte", "model.onnx", "tokenizer.json"} <= set(manifest["files"])
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+    assert json.loads((done.out / "manifest.json").read_text()) == manifest
 
-    model.eval()
-    pte, onnx = PteRunner(tmp_path / "out" / "model.pte"), OnnxRunner(tmp_path / "out" / "model.onnx")
+    pte, onnx = PteRunner(done.out / "model.pte"), OnnxRunner(done.out / "model.onnx")
     for length in (7, 40):
         x = torch.randint(0, 257, (1, length))
         with torch.no_grad():
@@ -100,48 +133,39 @@ def test_unsupported_options_fail_clearly(kwargs, message):
         ExportOptions(**kwargs)
 
 
-def test_update_adapters_after_a_round_keeps_program_and_base_file(tmp_path):
-    model = make_model("tiny-llama", adapter_seed=1, n_specialists=1)
-    with torch.no_grad():  # zero B matrices are equal tensors: they must still get keys of their own
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B") and ".layers.0." in name:
-                p.zero_()
-    save_adapters(model, tmp_path / "round1", "tiny-llama")
-    export_checkpoint(tmp_path / "round1", tmp_path / "phone", ExportOptions(formats=("pte",), max_seq=64))
-    program = (tmp_path / "phone" / "model.pte").read_bytes()
-    base = (tmp_path / "phone" / "base.ptd").read_bytes()
-    keys = json.loads((tmp_path / "phone" / "adapter_keys.json").read_text())
-    assert len(set(keys.values())) == len(keys)
+def test_update_adapters_after_a_round_keeps_program_and_base_file(exported, tmp_path):
+    first = exported("tiny-llama")
+    phone = tmp_path / "phone"
+    shutil.copytree(first.out, phone)
+    program, base = (phone / "model.pte").read_bytes(), (phone / "base.ptd").read_bytes()
+    keys = json.loads((phone / "adapter_keys.json").read_text())
+    assert len(set(keys.values())) == len(keys)  # the zero B matrices kept keys of their own
 
-    newer = make_model("tiny-llama", adapter_seed=2, n_specialists=1)  # the next round's adapters
+    newer = make_model("tiny-llama", adapter_seed=2, n_specialists=2)  # the next round's adapters
     save_adapters(newer, tmp_path / "round2", "tiny-llama")
-    from export.pipeline import update_program_adapters
-
-    update_program_adapters(tmp_path / "phone", tmp_path / "round2")
-    assert (tmp_path / "phone" / "model.pte").read_bytes() == program
-    assert (tmp_path / "phone" / "base.ptd").read_bytes() == base
-    runner = PteRunner(tmp_path / "phone" / "model.pte")
+    update_program_adapters(phone, tmp_path / "round2")
+    assert (phone / "model.pte").read_bytes() == program
+    assert (phone / "base.ptd").read_bytes() == base
+    runner = PteRunner(phone / "model.pte")
     x = torch.randint(0, 257, (1, 21))
     newer.eval()
     with torch.no_grad():
         expected = newer(input_ids=x).logits
+        assert not torch.allclose(expected, first.model(input_ids=x).logits, atol=1e-3)
     torch.testing.assert_close(runner(x), expected, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(expected, model.eval()(input_ids=x).logits, atol=1e-3)
 
-    export_checkpoint(tmp_path / "round2", tmp_path / "phone2", ExportOptions(formats=("pte",), max_seq=64))
+    export_checkpoint(tmp_path / "round2", tmp_path / "phone2", ExportOptions(formats=("pte",), max_seq=128))
     assert (tmp_path / "phone2" / "base.ptd").read_bytes() == base  # base data identical across rounds
 
 
-def test_update_adapters_rejects_a_different_shape(tmp_path):
-    save_adapters(make_model("tiny-llama", n_specialists=1), tmp_path / "a", "tiny-llama")
-    export_checkpoint(tmp_path / "a", tmp_path / "phone", ExportOptions(formats=("pte",), max_seq=32))
-    save_adapters(make_model("tiny-llama", n_specialists=2), tmp_path / "b", "tiny-llama")
-    from export.pipeline import update_program_adapters
-
-    before = (tmp_path / "phone" / "adapters.ptd").read_bytes()
+def test_update_adapters_rejects_a_different_shape(exported, tmp_path):
+    phone = tmp_path / "phone"
+    shutil.copytree(exported("tiny-llama").out, phone)
+    save_adapters(make_model("tiny-llama", n_specialists=1), tmp_path / "b", "tiny-llama")
+    before = (phone / "adapters.ptd").read_bytes()
     with pytest.raises(ExportError, match="do not fit the program"):
-        update_program_adapters(tmp_path / "phone", tmp_path / "b")
-    assert (tmp_path / "phone" / "adapters.ptd").read_bytes() == before
+        update_program_adapters(phone, tmp_path / "b")
+    assert (phone / "adapters.ptd").read_bytes() == before
 
 
 def test_int4_onnx_quantises_base_matmuls_only_and_holds_quality(tmp_path):
@@ -167,24 +191,19 @@ def test_int4_onnx_quantises_base_matmuls_only_and_holds_quality(tmp_path):
         ExportOptions(formats=("pte",), quantize="int4")
 
 
-def test_8da4w_program_shrinks_the_base_file_and_holds_quality(tmp_path):
-    model = make_model("tiny-llama", n_specialists=1)
-    save_adapters(model, tmp_path / "a", "tiny-llama")
-    fp32 = export_checkpoint(tmp_path / "a", tmp_path / "fp32", ExportOptions(formats=("pte",), max_seq=64))
-    q = export_checkpoint(tmp_path / "a", tmp_path / "q", ExportOptions(formats=("pte",), quantize="8da4w",
-                                                                         max_seq=64))
+def test_8da4w_program_shrinks_the_base_file_and_holds_quality(exported, tmp_path):
+    fp32 = exported("tiny-llama")
+    q = export_checkpoint(fp32.run, tmp_path / "q", ExportOptions(formats=("pte",), quantize="8da4w", max_seq=128))
     assert q["verification"]["model.pte"]["passed"] and q["export"]["quantize"] == "8da4w"
-    assert q["files"]["base.ptd"]["bytes"] < 0.5 * fp32["files"]["base.ptd"]["bytes"]
-    assert q["files"]["adapters.ptd"]["bytes"] == fp32["files"]["adapters.ptd"]["bytes"]  # adapters stay fp32
+    assert q["files"]["base.ptd"]["bytes"] < 0.5 * fp32.manifest["files"]["base.ptd"]["bytes"]
+    assert q["files"]["adapters.ptd"]["bytes"] == fp32.manifest["files"]["adapters.ptd"]["bytes"]  # adapters: fp32
     with pytest.raises(ExportError, match="add the pte format"):
         ExportOptions(formats=("onnx",), quantize="8da4w")
 
 
-def test_8da8w_program_holds_quality_with_int8_weights(tmp_path):
-    model = make_model("tiny-llama", n_specialists=1)
-    save_adapters(model, tmp_path / "a", "tiny-llama")
-    q = export_checkpoint(tmp_path / "a", tmp_path / "q", ExportOptions(formats=("pte",), quantize="8da8w",
-                                                                         max_seq=64))
+def test_8da8w_program_holds_quality_with_int8_weights(exported, tmp_path):
+    q = export_checkpoint(exported("tiny-llama").run, tmp_path / "q",
+                          ExportOptions(formats=("pte",), quantize="8da8w", max_seq=64))
     result = q["verification"]["model.pte"]
     assert result["passed"] and q["export"]["quantize"] == "8da8w"
     assert abs(result["ppl_exported"] / result["ppl_pytorch"] - 1) < 0.05
