@@ -28,6 +28,8 @@ demo-local: data
 	$(PY) -m device_sdk train-local --data $(DATA)/$(DEMO_USER) --model smollm2-135m --specialists 1 \
 		--steps $(STEPS) --eval-every 25 --out runs/demo-$(DEMO_USER)
 
-# Test suite: tiny in-process models, plus the marked real-model checks (they fit in CI).
+# Test suite: tiny in-process models, plus the marked real-model checks (they fit in CI). Two workers, one test
+# file each at a time (a file's tests share module fixtures such as one ExecuTorch lowering).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile

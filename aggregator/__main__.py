@@ -1,4 +1,4 @@
-"""``python -m aggregator serve [--data-dir DIR] [--host H] [--port P]``."""
+"""``python -m aggregator serve [--data-dir DIR] [--host H] [--port P] [--port-file FILE]``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default=None, help="AGGREGATOR_HOST, default 127.0.0.1")
     serve.add_argument("--port", type=int, default=None, help="AGGREGATOR_PORT, default 8700 (0: any free port)")
     serve.add_argument("--max-upload-mb", type=float, default=None)
+    serve.add_argument("--port-file", type=Path, default=None,
+                       help="once listening, write the bound port to this file (with --port 0: no race for a port)")
     args = parser.parse_args(argv)
     limit_malloc_fragmentation()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -45,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app
+    from .serving import PortReportingServer
     from .settings import Settings
 
     overrides = {k: v for k, v in {"data_dir": args.data_dir, "host": args.host, "port": args.port,
                                    "max_upload_mb": args.max_upload_mb}.items() if v is not None}
     settings = Settings(**overrides)
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level="info")
-    server = uvicorn.Server(config)
+    server = PortReportingServer(config, args.port_file) if args.port_file else uvicorn.Server(config)
     server.run()
     return 0
 

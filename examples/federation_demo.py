@@ -1,6 +1,6 @@
 """A real federation on one machine: the aggregator on loopback and one device process per user.
 
-Starts ``python -m aggregator serve`` on a free port, creates the federation (``init-federation``), then runs
+Starts ``python -m aggregator serve`` on a port the system picks, creates the federation (``init-federation``), then runs
 ``python -m device_sdk join`` for every user folder under --data with its own specialist count, and prints each
 device's test perplexity per round as it comes. Ends with a table of test perplexity per device and round.
 
@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import shutil
@@ -23,13 +22,9 @@ from pathlib import Path
 
 import httpx
 
+from device_sdk.loopback import start_aggregator, stop_aggregator
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -56,25 +51,17 @@ def main() -> int:
         return 2
     counts = dict(pair.split("=") for pair in args.specialists.split(",") if pair)
     args.out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     admin = "demo-admin-" + os.urandom(8).hex()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "AGGREGATOR_ADMIN_TOKEN": admin, "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": str(args.threads)}
     for old in (args.out / "aggregator", args.out / "devices"):  # a demo starts a new federation every time
         shutil.rmtree(old, ignore_errors=True)
     data_dir = args.out / "aggregator"
-    server = subprocess.Popen([sys.executable, "-m", "aggregator", "serve", "--data-dir", str(data_dir), "--port",
-                               str(port)], env=env, stdout=open(args.out / "aggregator.log", "wb"),
-                              stderr=subprocess.STDOUT)
+    (args.out / "aggregator.log").unlink(missing_ok=True)
+    server, port = start_aggregator(data_dir, args.out / "aggregator.log", env)
+    url = f"http://127.0.0.1:{port}"
     procs = []
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
         print(f"aggregator on {url} (data in {data_dir}); OpenAPI docs at {url}/docs", flush=True)
         init = subprocess.run([sys.executable, "-m", "device_sdk", "init-federation", "--server", url,
                                "--admin-token", admin, "--model", args.model, "--min-devices", str(len(users))],
@@ -125,8 +112,7 @@ def main() -> int:
         for _, _, p in procs:
             if p.poll() is None:
                 p.kill()
-        server.terminate()
-        server.wait(timeout=30)
+        stop_aggregator(server)
     if args.export != "none":
         return export_device(args, env)
     return 0

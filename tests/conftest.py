@@ -14,7 +14,8 @@ import torch  # noqa: E402
 from device_sdk.config import AdapterConfig  # noqa: E402
 from device_sdk.inject import inject_adapters  # noqa: E402
 from device_sdk.models import load_base_model  # noqa: E402
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads at most; under pytest-xdist the workers split the cores between them.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

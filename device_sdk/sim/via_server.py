@@ -12,29 +12,20 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import torch
 
 from ..client import AggregatorClient
 from ..config import AdapterConfig
 from ..errors import ConfigError, SDKError
+from ..loopback import start_aggregator, stop_aggregator
 from ..strategies import Strategy, Upload
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LoopbackAggregator:
@@ -43,40 +34,27 @@ class LoopbackAggregator:
     def __init__(self, startup_s: float = 120.0) -> None:
         self.startup_s = startup_s
         self.admin_token = secrets.token_urlsafe(24)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port: int | None = None
+        self.url = ""
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> LoopbackAggregator:
         self._tmp = tempfile.TemporaryDirectory(prefix="sim-aggregator-")
         folder = Path(self._tmp.name)
-        root = Path(__file__).resolve().parents[2]
-        env = {**os.environ, "AGGREGATOR_ADMIN_TOKEN": self.admin_token, "AGGREGATOR_TICK_S": "0.1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "AGGREGATOR_ADMIN_TOKEN": self.admin_token, "AGGREGATOR_TICK_S": "0.1"}
         self.log_path = folder / "aggregator.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "aggregator", "serve", "--data-dir", str(folder / "data"),
-                                      "--host", "127.0.0.1", "--port", str(self.port)], env=env,
-                                     stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
-        deadline = time.time() + self.startup_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise SDKError(f"the aggregator exited on start: {self.log_path.read_text()[-1500:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.1)
-        self.__exit__(None, None, None)
-        raise SDKError(f"the aggregator did not answer on {self.url} within {self.startup_s:.0f} s")
+        try:
+            self.proc, self.port = start_aggregator(folder / "data", self.log_path, env, startup_s=self.startup_s)
+        except SDKError:
+            self._tmp.cleanup()
+            raise
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        if self.proc is not None:
+            stop_aggregator(self.proc)
         if self._tmp is not None:
             self._tmp.cleanup()
 

@@ -1,0 +1,102 @@
+"""Shared by the export tests: one fp32 export per model family and test module, and the checks run on it.
+
+An ExecuTorch lowering of a tiny model takes one to two minutes of single-threaded Python on a 2-core CPU, so a
+module exports each family once and its tests read that export (tests that change an export work on a copy). The
+export tests are split over two modules so that two pytest workers share the lowerings.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from device_sdk.adapters import save_adapters
+from export.executorch import PteRunner
+from export.onnx import OnnxRunner
+from export.pipeline import ExportOptions, export_checkpoint
+
+from ...conftest import make_model
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@dataclass
+class Exported:
+    run: Path  # the checkpoint folder that was exported
+    out: Path  # the export folder
+    model: torch.nn.Module
+    manifest: dict
+
+
+def personalised_run(family: str, folder: Path, adapter_seed: int = 1) -> tuple[Path, torch.nn.Module]:
+    """A checkpoint folder with a tiny model's adapters (2 specialists, random B: every expert and router matters),
+    except that tiny-llama's layer-0 q and v LoRA B are zero: equal tensors must still get adapter keys of their
+    own."""
+    model = make_model(family, adapter_seed=adapter_seed, n_specialists=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B") and ".layers.0." in name and (".q_proj." in name or ".v_proj." in name):
+                p.zero_()
+    save_adapters(model, folder / "adapters", family)
+    return folder, model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``exported(family)``: the fp32 export (both formats, max_seq 128) of :func:`personalised_run`, made once."""
+    made: dict[str, Exported] = {}
+
+    def get(family: str) -> Exported:
+        if family not in made:
+            root = tmp_path_factory.mktemp(family)
+            run, model = personalised_run(family, root / "run")
+            manifest = export_checkpoint(run, root / "out", ExportOptions(max_seq=128))
+            made[family] = Exported(run, root / "out", model, manifest)
+        return made[family]
+
+    return get
+
+
+def check_both_formats(done: Exported) -> None:
+    """The manifest says both files passed at two lengths, and both runtimes match PyTorch on other inputs."""
+    manifest, model = done.manifest, done.model
+    assert set(manifest["verification"]) == {"model.pte", "model.onnx"}
+    assert all(v["passed"] and v["seq_lens"] == [16, 64] for v in manifest["verification"].values())
+    assert manifest["adapter"]["n_specialists"] == 2
+    assert {"model.pte", "model.onnx", "tokenizer.json"} <= set(manifest["files"])
+    assert json.loads((done.out / "manifest.json").read_text()) == manifest
+    # the base weights live in base.ptd (a few small constants may be folded into the program)
+    assert manifest["files"]["base.ptd"]["bytes"] >= 0.95 * base_parameter_bytes(manifest["base_model"])
+
+    pte, onnx = PteRunner(done.out / "model.pte"), OnnxRunner(done.out / "model.onnx")
+    for length in (7, 40):
+        x = torch.randint(0, 257, (1, length))
+        with torch.no_grad():
+            ref = model(input_ids=x).logits
+        torch.testing.assert_close(pte(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(onnx(x), ref, rtol=1e-4, atol=1e-4)
+    x = torch.randint(0, 257, (3, 11))  # ONNX keeps a dynamic batch
+    with torch.no_grad():
+        torch.testing.assert_close(onnx(x), model(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+
+
+def base_parameter_bytes(family: str) -> int:
+    """fp32 bytes of a tiny base model's parameters (tied weights once)."""
+    from device_sdk.models import load_base_model
+
+    unique = {id(p): p for p in load_base_model(family).model.parameters()}
+    return 4 * sum(p.numel() for p in unique.values())
+
+
+def phone(folder: Path, *args: str) -> str:
+    """Run the phone stand-in (examples/phone_inference.py) on an export folder; returns its stdout."""
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "phone_inference.py"), "--model-dir", str(folder),
+                           "--prompt", "ab", "--tokens", "4", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
