@@ -2,8 +2,8 @@
 
 bf16 autocast halves a training step's time where the CPU multiplies bf16 natively (x86 with AVX-512, Arm with
 BF16; oneDNN's bf16 path) and makes it several times SLOWER where it does not (AVX2-only x86: every bf16 matmul
-is emulated; on a 2-core AMD EPYC a training step measured 15.7x slower than fp32, see docs/results.md). ``auto`` picks for the
-machine at hand.
+is emulated; on a 2-core AMD EPYC a training step measured 15.7x slower than fp32, see docs/results.md).
+``auto`` picks for the machine at hand.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """A real federation on one machine: the aggregator on loopback and one device process per user.
 
-Starts ``python -m aggregator serve`` on a port the system picks, creates the federation (``init-federation``), then runs
-``python -m device_sdk join`` for every user folder under --data with its own specialist count, and prints each
-device's test perplexity per round as it comes. Ends with a table of test perplexity per device and round.
+Starts ``python -m aggregator serve`` on a port the system picks, creates the federation (``init-federation``),
+then runs ``python -m device_sdk join`` for every user folder under --data with its own specialist count, and
+prints each device's test perplexity per round as it comes. Ends with a table of test perplexity per device and
+round.
 
     python examples/federation_demo.py --data data/multilingual --specialists de=3,fr=2,it=1,nl=0 --rounds 3
 """

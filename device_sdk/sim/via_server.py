@@ -34,8 +34,7 @@ class LoopbackAggregator:
     def __init__(self, startup_s: float = 120.0) -> None:
         self.startup_s = startup_s
         self.admin_token = secrets.token_urlsafe(24)
-        self.port: int | None = None
-        self.url = ""
+        self.port: int | None = None  # bound on start
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.proc: subprocess.Popen | None = None
 
@@ -49,8 +48,11 @@ class LoopbackAggregator:
         except SDKError:
             self._tmp.cleanup()
             raise
-        self.url = f"http://127.0.0.1:{self.port}"
         return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 from pathlib import Path
 
-
 from device_sdk.loopback import start_aggregator, stop_aggregator
 
 ROOT = Path(__file__).resolve().parents[2]
