@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import LB_MODES, AdapterConfig, TrainConfig
+from .config import LB_MODES, MIXINGS, AdapterConfig, TrainConfig
 from .errors import SDKError
 from .local import LocalRunConfig, run_local
 from .precision import PRECISIONS
@@ -40,6 +40,8 @@ def _add_train_local(sub) -> None:
     p.add_argument("--lb-weight", type=float, default=0.01)
     p.add_argument("--lb-mode", choices=LB_MODES, default="switch")
     p.add_argument("--routing", choices=("auto", "dense", "sparse"), default="auto")
+    p.add_argument("--mixing", choices=MIXINGS, default="mlp",
+                   help="mlp: every expert a whole MLP (the paper's model); projection: gates per projection")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 where the CPU has native bf16, else fp32")
     p.add_argument("--seed", type=int, default=0)
@@ -52,7 +54,7 @@ def _add_train_local(sub) -> None:
 def _train_local(args: argparse.Namespace) -> int:
     adapter = AdapterConfig(rank=args.rank, alpha=args.alpha, n_generalists=args.generalists,
                             n_specialists=args.specialists if args.specialists is not None else 0,
-                            routing=args.routing)
+                            routing=args.routing, mixing=args.mixing)
     train = TrainConfig(steps=args.steps, batch_size=args.batch, context=args.ctx, lr_experts=args.lr,
                         lr_router=args.router_lr, lb_weight=args.lb_weight, lb_mode=args.lb_mode,
                         router_period=args.router_period, router_steps=args.router_steps,
@@ -187,7 +189,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--data", required=True, type=Path, help="split folder with one folder per user")
     p.add_argument("--out", required=True, type=Path, help="report folder (runs are cached in OUT/runs)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="quick: six core strategies in about an hour; paper: the paper's settings; demo: minutes")
+                   help="scaled: the paper's epochs and validation ratio at our compute (the results table); quick: the "
+                        "same compute on all data; paper: the paper's settings; demo: minutes")
     p.add_argument("--strategies", type=lambda t: tuple(s.strip() for s in t.split(",") if s.strip()),
                    default=None, help=f"comma-separated, from: {', '.join(ALL)}")
     p.add_argument("--experts", type=_int_list, default=None,
@@ -204,6 +207,14 @@ def _add_simulate(sub) -> None:
     p.add_argument("--users", type=lambda t: tuple(t.split(",")), default=None, help="subset of user folders")
     p.add_argument("--train-tokens", type=_user_ints, default=None,
                    help="low-data users: train these on the first N tokens of their data only, e.g. de=16384,nl=16384")
+    p.add_argument("--train-prefix", type=int, default=None,
+                   help="every user trains on the first N tokens of its training data (preset scaled: 16384)")
+    p.add_argument("--valid-prefix", type=int, default=None,
+                   help="every user's validation data is its first N tokens (preset scaled: 8192)")
+    p.add_argument("--mixing", choices=MIXINGS, default=None,
+                   help="mlp: every expert a whole MLP (the paper's model, default); projection: gates per projection")
+    p.add_argument("--lb-mode", choices=LB_MODES, default=None,
+                   help="load balancing (default: each strategy's own: switch; importance for comigs-1gxs)")
     p.add_argument("--routing-layers", type=_int_list, default=None,
                    help="layers (1-based) shown in routing.html, e.g. 1,15,30 (default: first and last)")
     p.add_argument("--cached-only", action="store_true",
@@ -225,7 +236,9 @@ def _simulate(args: argparse.Namespace) -> int:
                       router_period=args.router_period, router_steps=args.router_steps, seeds=args.seeds,
                       ood=args.ood, users=args.users, model=args.model, precision=args.precision,
                       eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, via_server=args.via_server,
-                      routing_layers=args.routing_layers, train_tokens=args.train_tokens)
+                      routing_layers=args.routing_layers, train_tokens=args.train_tokens,
+                      train_prefix=args.train_prefix, valid_prefix=args.valid_prefix, mixing=args.mixing,
+                      lb_mode=args.lb_mode)
     result = simulate(cfg, args.out, progress=True, cached_only=args.cached_only)
     print()
     print(result["files"]["results.md"].read_text())

@@ -5,7 +5,8 @@ Layout of a saved adapter folder::
     attention.safetensors   generalist.safetensors   specialist.safetensors   router.safetensors
 
 Keys are the parameters' qualified names in the adapted model. Metadata (all strings): ``format``, ``role``,
-``base_model``, ``rank``, ``alpha``, ``n_generalists``, ``n_specialists``, ``top_k``. Roles without tensors
+``base_model``, ``rank``, ``alpha``, ``n_generalists``, ``n_specialists``, ``top_k``, ``mixing`` (files without it
+were written by the projection form, the only one before it existed). Roles without tensors
 (e.g. specialists of a 1-expert device) are not written.
 """
 
@@ -32,8 +33,13 @@ def adapter_metadata(model: nn.Module, base_model: str, role: Role) -> dict[str,
     return {
         "format": FORMAT, "role": role.value, "base_model": base_model, "rank": str(cfg.rank),
         "alpha": str(cfg.alpha), "n_generalists": str(cfg.n_generalists), "n_specialists": str(cfg.n_specialists),
-        "top_k": str(cfg.top_k),
+        "top_k": str(cfg.top_k), "mixing": cfg.mixing,
     }
+
+
+def file_mixing(metadata: dict[str, str]) -> str:
+    """The mixing form an adapter file was trained with (files from before the setting hold ``projection``)."""
+    return metadata.get("mixing", "projection")
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -100,6 +106,8 @@ def load_adapters(model: nn.Module, folder: Path, base_model: str,
         tensors, meta = read_adapter_file(path)
         expected = {"role": role.value, "base_model": base_model, "rank": str(cfg.rank), "alpha": str(cfg.alpha)}
         wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+        if cfg.n_experts > 1 and file_mixing(meta) != cfg.mixing:
+            wrong["mixing"] = (file_mixing(meta), cfg.mixing)
         if wrong:
             raise AdapterFileError(f"{path} does not fit this model: " + ", ".join(
                 f"{k} is {got!r}, model has {want!r}" for k, (got, want) in wrong.items()))

@@ -8,7 +8,21 @@ from .errors import ConfigError
 from .precision import PRECISIONS, resolve_precision
 
 ROUTING_MODES = ("auto", "dense", "sparse")
-LB_MODES = ("switch", "importance", "none")
+#: How a block mixes its experts: ``mlp`` (each expert a whole MLP, outputs mixed; the paper's model) or
+#: ``projection`` (gates applied to the low-rank update of every projection around one shared nonlinearity).
+MIXINGS = ("mlp", "projection")
+#: Load balancing (losses.py): ``switch`` (uniform weights), ``importance`` (generalist-favoured, paper eq. 5), each
+#: with the fraction f_j taken from the top-k gates (it keeps a gradient when k = E); ``count`` and
+#: ``importance-count`` take f_j as the fraction of top-k memberships (paper eq. 6); ``none``.
+LB_MODES = ("switch", "importance", "count", "importance-count", "none")
+#: Expert learning-rate schedules: ``one-cycle`` (linear warm-up, cosine decay) or ``cosine`` (cosine decay from the
+#: peak, no warm-up: the authors' code, torch's CosineAnnealingLR).
+SCHEDULES = ("one-cycle", "cosine")
+#: The optimizer of the authors' code (epfml/CoMiGS, ``collab_utils/clients.py``): AdamW betas (0.9, 0.95), weight
+#: decay 0.01 on experts and routers, expert cosine schedule ending at lr/10 without warm-up, no gradient clipping.
+#: Its LoRA dropout defaults to 0, so LoRA has none here either. The simulation presets use it (docs/strategies.md).
+REFERENCE_OPTIMIZER = {"betas": (0.9, 0.95), "weight_decay": 0.01, "schedule": "cosine", "final_lr_fraction": 0.1,
+                       "grad_clip": 0.0}
 #: How routers learn: ``validation`` (CoMiGS: s steps on validation batches every tau expert steps), ``train`` (the
 #: same schedule on fresh training batches; the paper's Table 4 ablation), ``joint`` (one optimizer step of experts
 #: and routers together on each training batch, as pFedMoE), ``fixed`` (never trained; uniform gates).
@@ -32,10 +46,13 @@ class AdapterConfig:
         n_generalists: generalist experts per MLP block (experts ``0 .. n_generalists-1``; shared across devices).
         n_specialists: specialist experts per MLP block (after the generalists; never leave the device).
         top_k: experts mixed per token; the effective k is ``min(top_k, n_experts)``.
-        routing: ``dense`` computes all experts on every token as one gated, concatenated rank-``E*r`` update
-            (per-token cost ``E*r*(D_in+D_out)``, no per-expert outputs), ``sparse`` runs each expert only on its
-            routed tokens; ``auto`` is dense while ``E*r <= DENSE_MAX_RANK`` and sparse beyond (measured in
-            benchmarks/train_step.py: on CPU the gated dense form beats token gathering at 2, 4 and 8 experts).
+        mixing: ``mlp`` (default, the paper's model): expert e is the block's MLP with its own LoRA on each MLP
+            projection and the block outputs ``sum_e g_e MLP_e(x)`` (:mod:`device_sdk.mixture`); ``projection``:
+            every projection adds ``sum_e g_e B_e A_e x`` around one shared nonlinearity (the SDK's earlier form).
+        routing: ``dense`` keeps every shape fixed (projection form: one gated, concatenated rank-``E*r`` update;
+            mlp form: k slots per token, each running its selected expert through masked concatenated low-rank
+            terms), ``sparse`` runs each expert only on its routed tokens; ``auto`` is dense while
+            ``E*r <= DENSE_MAX_RANK`` and sparse beyond (measured in benchmarks/train_step.py).
         router_init_std: standard deviation of the router's normal initialisation.
         attention_targets: attention projections that get one LoRA each (``None``: the family default).
         mlp_module: name (suffix) of the MLP blocks that become mixtures (``None``: the family default).
@@ -48,6 +65,7 @@ class AdapterConfig:
     n_specialists: int = 1
     top_k: int = 2
     routing: str = "auto"
+    mixing: str = "mlp"
     router_init_std: float = 0.02
     attention_targets: tuple[str, ...] | None = None
     mlp_module: str | None = None
@@ -70,6 +88,8 @@ class AdapterConfig:
             problems.append(f"top_k must be >= 1, got {self.top_k}")
         if self.routing not in ROUTING_MODES:
             problems.append(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if self.mixing not in MIXINGS:
+            problems.append(f"mixing must be one of {MIXINGS}, got {self.mixing!r}")
         if self.router_init_std < 0:
             problems.append(f"router_init_std must be >= 0, got {self.router_init_std}")
         _raise_if(problems, "AdapterConfig")
@@ -105,15 +125,18 @@ class TrainConfig:
         steps: expert steps in this run.
         batch_size: sequences per step (training and validation batches alike).
         context: tokens per sequence (paper: 128).
-        lr_experts: peak learning rate of the expert optimizer (one-cycle cosine schedule).
+        lr_experts: peak learning rate of the expert optimizer (see ``schedule``).
         lr_router: constant learning rate of the router optimizer.
+        betas: AdamW betas of both optimizers.
         weight_decay: AdamW weight decay of both optimizers.
         lb_weight: lambda, weight of the load-balancing loss.
         lb_mode: ``switch`` (uniform), ``importance`` (generalist-favoured, paper eq. 5) or ``none``.
         router_period: tau; after every tau-th expert step the router takes ``router_steps`` steps.
         router_steps: s, router steps per router update, each on a fresh validation batch.
-        schedule_steps: length of the one-cycle schedule (``None``: ``steps``); a federation spans all rounds.
-        warmup_fraction: fraction of the schedule spent warming up.
+        schedule: expert learning-rate schedule, one of :data:`SCHEDULES`.
+        final_lr_fraction: the schedule ends at ``final_lr_fraction * lr_experts``.
+        schedule_steps: length of the schedule (``None``: ``steps``); a federation spans all rounds.
+        warmup_fraction: fraction of the one-cycle schedule spent warming up.
         grad_clip: max global gradient norm per optimizer (0 disables).
         precision: ``bf16`` runs forward/backward under CPU bf16 autocast (adapters stay fp32), ``fp32`` does not;
             ``auto`` (the default) becomes ``bf16`` on CPUs with native bf16 and ``fp32`` elsewhere
@@ -131,11 +154,14 @@ class TrainConfig:
     context: int = 128
     lr_experts: float = 2e-3
     lr_router: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     lb_weight: float = 0.01
     lb_mode: str = "switch"
     router_period: int = 30
     router_steps: int = 10
+    schedule: str = "one-cycle"
+    final_lr_fraction: float = 1e-3
     schedule_steps: int | None = None
     warmup_fraction: float = 0.1
     grad_clip: float = 1.0
@@ -163,6 +189,12 @@ class TrainConfig:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.weight_decay < 0 or self.lb_weight < 0 or self.grad_clip < 0:
             problems.append("weight_decay, lb_weight and grad_clip must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 < self.final_lr_fraction <= 1:
+            problems.append(f"final_lr_fraction must be in (0, 1], got {self.final_lr_fraction}")
         if self.lb_mode not in LB_MODES:
             problems.append(f"lb_mode must be one of {LB_MODES}, got {self.lb_mode!r}")
         if self.router_mode not in ROUTER_MODES:

@@ -36,20 +36,21 @@ def autocast(precision: str):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens: np.ndarray, context: int, batch_size: int = 8, precision: str = "fp32",
-             max_tokens: int | None = None, progress: bool = False) -> EvalResult:
+             max_tokens: int | None = None, progress: bool = False, spread: bool = False) -> EvalResult:
     """Loss over non-overlapping windows of ``context`` tokens covering ``tokens`` (every token predicted once).
 
     Args:
         model: a causal LM returning ``.logits`` of shape (B, T, V).
         tokens: 1-D token stream.
-        max_tokens: evaluate only the first ``max_tokens`` tokens (deterministic prefix).
+        max_tokens: evaluate only the first ``max_tokens`` tokens (deterministic prefix), or with ``spread`` that
+            many tokens in windows spread evenly over the whole stream (:func:`device_sdk.data.eval_windows`).
         progress: show a progress bar (for command-line use).
     """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     n_windows = math.ceil((min(len(tokens), (max_tokens or len(tokens)) + 1) - 1) / context)
-    windows = eval_windows(tokens, context, batch_size, max_tokens)
+    windows = eval_windows(tokens, context, batch_size, max_tokens, spread=spread)
     if progress:
         from tqdm.auto import tqdm
 

@@ -10,24 +10,28 @@ from torch import nn
 from .config import AdapterConfig
 from .errors import InjectionError
 from .lora import LoRALinear, LoRAMoELinear, RoutedMLP, RoutingSlot, linear_dims
+from .mixture import GPT2_MLP, LLAMA_MLP, ExpertMLPs, MLPForm
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class FamilySpec:
-    """Where adapters go in one model family."""
+    """Where adapters go in one model family, and how its MLP computes (``None``: unknown, projection mixing
+    only)."""
 
     attention_targets: tuple[str, ...]
     mlp_module: str
     mlp_targets: tuple[str, ...]
+    mlp_form: MLPForm | None = None
 
 
-GPT2 = FamilySpec(("attn.c_attn", "attn.c_proj"), "mlp", ("c_fc", "c_proj"))
+GPT2 = FamilySpec(("attn.c_attn", "attn.c_proj"), "mlp", ("c_fc", "c_proj"), GPT2_MLP)
 LLAMA = FamilySpec(
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     "mlp",
     ("gate_proj", "up_proj", "down_proj"),
+    LLAMA_MLP,
 )
 FAMILIES: dict[str, FamilySpec] = {"gpt2": GPT2, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA}
 
@@ -51,11 +55,24 @@ def family_spec(model: nn.Module, cfg: AdapterConfig) -> FamilySpec:
             f"no default adapter targets for model type {model_type!r} (known: {sorted(FAMILIES)}); pass "
             "attention_targets, mlp_module and mlp_targets in AdapterConfig"
         )
-    return FamilySpec(
+    spec = FamilySpec(
         attention_targets=cfg.attention_targets or default.attention_targets,
         mlp_module=cfg.mlp_module or default.mlp_module,
         mlp_targets=cfg.mlp_targets or default.mlp_targets,
+        mlp_form=default.mlp_form if default is not None else None,
     )
+    if cfg.mixing == "mlp" and cfg.n_experts > 1:
+        form = spec.mlp_form
+        if form is None:
+            raise InjectionError(
+                f"mixing='mlp' needs to know how a {model_type!r} MLP block computes (known: {sorted(FAMILIES)}); "
+                "use AdapterConfig(mixing='projection') for this model")
+        if set(spec.mlp_targets) != {*form.inputs, form.output}:
+            raise InjectionError(
+                f"mixing='mlp' makes each expert the whole MLP, so every MLP projection {[*form.inputs, form.output]} "
+                f"needs a LoRA; got mlp_targets={list(spec.mlp_targets)}. Target all of them or use "
+                "AdapterConfig(mixing='projection')")
+    return spec
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -120,7 +137,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
                                     cfg.sparse)
             _set_submodule(mlp, child, wrapped)
             n_projections += 1
-        routed = RoutedMLP(mlp, d_model, cfg.n_experts, cfg.k, cfg.router_init_std, slot)
+        experts = ExpertMLPs(mlp, spec.mlp_form) if cfg.mixing == "mlp" and cfg.n_experts > 1 else None
+        routed = RoutedMLP(mlp, d_model, cfg.n_experts, cfg.k, cfg.router_init_std, slot, experts)
         _set_submodule(model, mlp_name, routed)
 
     setattr(model, ADAPTER_CONFIG_ATTR, cfg)

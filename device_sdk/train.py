@@ -85,13 +85,14 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
 def init_train_state(model: nn.Module, cfg: TrainConfig) -> TrainState:
     """Fresh optimizers, schedule (spanning ``cfg.schedule_steps or cfg.steps``) and sampler for ``model``."""
     experts, routers = expert_parameters(model, cfg), router_parameters(model)
-    expert_opt = torch.optim.AdamW(experts, lr=cfg.lr_experts, weight_decay=cfg.weight_decay)
+    expert_opt = torch.optim.AdamW(experts, lr=cfg.lr_experts, betas=cfg.betas, weight_decay=cfg.weight_decay)
     router_opt = None
     if routers and cfg.router_mode != "fixed":
-        router_opt = torch.optim.AdamW(routers, lr=cfg.lr_router, weight_decay=cfg.weight_decay)
+        router_opt = torch.optim.AdamW(routers, lr=cfg.lr_router, betas=cfg.betas, weight_decay=cfg.weight_decay)
     total = cfg.schedule_steps or cfg.steps
+    warmup = cfg.warmup_fraction if cfg.schedule == "one-cycle" else 0.0
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        expert_opt, lambda step: one_cycle_cosine(step, total, cfg.warmup_fraction))
+        expert_opt, lambda step: one_cycle_cosine(step, total, warmup, end=cfg.final_lr_fraction))
     generator = torch.Generator().manual_seed(cfg.seed)
     return TrainState(expert_opt, router_opt, schedule, step=0, generator=generator)
 
@@ -100,11 +101,12 @@ def one_cycle_cosine(step: int, total: int, warmup_fraction: float, start: float
                      end: float = 1e-3) -> float:
     """Learning-rate multiplier of a one-cycle cosine schedule: a linear warm-up from ``start`` to 1 over
     ``warmup_fraction`` of ``total`` steps (at least one step), then a cosine decay to ``end`` at ``total``;
-    constant at ``end`` past the end."""
-    warmup = max(1, round(warmup_fraction * total))
+    constant at ``end`` past the end. ``warmup_fraction = 0`` is a plain cosine decay from 1 (torch's
+    CosineAnnealingLR with ``eta_min = end * lr``)."""
+    warmup = max(1, round(warmup_fraction * total)) if warmup_fraction > 0 else 0
     if step < warmup:
         return start + (1 - start) * step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))  # 0 at the peak, 1 at the end
     return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

@@ -128,11 +128,53 @@ def load_user_data(folder: Path, tokenizer: Tokenizer, cache_dir: Path | None = 
     return UserData(name=folder.name, **splits)
 
 
-def ood_mixture(users: list[UserData], split: str) -> np.ndarray:
+#: Longest piece (tokens) a document is cut into when streams are interleaved.
+INTERLEAVE_PIECE = 512
+
+
+def _pieces(stream: np.ndarray, eos: int | None, piece: int) -> list[np.ndarray]:
+    """A stream cut after every ``eos`` token (documents), documents longer than ``piece`` cut into pieces."""
+    ends = (np.flatnonzero(stream == eos) + 1).tolist() if eos is not None else []
+    bounds = [0, *[e for e in ends if e < len(stream)], len(stream)]
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out.extend(stream[i : min(b, i + piece)] for i in range(a, b, piece))
+    return out
+
+
+def interleave(streams: list[np.ndarray], eos: int | None, piece: int = INTERLEAVE_PIECE) -> np.ndarray:
+    """Mix streams document by document: the next document (or piece of at most ``piece`` tokens of a long one)
+    always comes from the stream with the fewest tokens emitted so far (ties: the first), until all are used.
+    Every prefix of the result therefore holds each stream in proportion, within one piece, as long as every
+    stream lasts; deterministic.
+
+    Args:
+        streams: 1-D token arrays whose documents end with ``eos`` (``None``: cut in fixed pieces only).
+        piece: longest contiguous piece taken at once.
+    """
+    if piece < 1:
+        raise DataError(f"interleave piece must be >= 1 token, got {piece}")
+    queues = [_pieces(np.asarray(s), eos, piece) for s in streams]
+    emitted, position, out = [0] * len(streams), [0] * len(streams), []
+    while True:
+        open_ = [i for i, q in enumerate(queues) if position[i] < len(q)]
+        if not open_:
+            break
+        i = min(open_, key=lambda j: (emitted[j], j))
+        chunk = queues[i][position[i]]
+        out.append(chunk)
+        emitted[i] += len(chunk)
+        position[i] += 1
+    return np.concatenate(out) if out else np.zeros(0, dtype=streams[0].dtype)
+
+
+def ood_mixture(users: list[UserData], split: str, eos: int | None, piece: int = INTERLEAVE_PIECE) -> np.ndarray:
     """A uniform mixture of all users' ``split`` streams: the same number of tokens from each user (the smallest
-    stream's size divided by the number of users), so the mixture is about as large as the smallest stream."""
+    stream's size divided by the number of users), :func:`interleave`-d document by document, so the mixture is
+    about as large as the smallest stream and every prefix holds each user's text in equal shares (within one
+    piece)."""
     share = min(len(u.split(split)) for u in users) // len(users)
-    return np.concatenate([u.split(split)[:share] for u in users])
+    return interleave([u.split(split)[:share] for u in users], eos, piece)
 
 
 def load_users(root: Path, tokenizer: Tokenizer, users: list[str] | None = None, ood: bool = False,
@@ -141,7 +183,8 @@ def load_users(root: Path, tokenizer: Tokenizer, users: list[str] | None = None,
 
     Args:
         ood: if true, every user's valid and test streams become the uniform mixture of all users' streams
-            (out-of-distribution setting: train on one's own topic, target the mixture).
+            (out-of-distribution setting: train on one's own topic, target the mixture), interleaved document by
+            document (:func:`ood_mixture`).
 
     Raises:
         DataError: if ``root`` has no user folders or a named user is missing.
@@ -153,7 +196,8 @@ def load_users(root: Path, tokenizer: Tokenizer, users: list[str] | None = None,
             raise DataError(f"{root} holds no user folders (expected {root}/<user>/train.txt[.gz] ...)")
     data = [load_user_data(root / u, tokenizer, cache_dir) for u in users]
     if ood:
-        valid, test = ood_mixture(data, "valid"), ood_mixture(data, "test")
+        eos = tokenizer.eos_token_id
+        valid, test = ood_mixture(data, "valid", eos), ood_mixture(data, "test", eos)
         data = [UserData(u.name, u.train, valid, test) for u in data]
     return data
 
@@ -178,16 +222,39 @@ def sample_batch(tokens: np.ndarray, batch_size: int, context: int,
     return batch[:, :-1], batch[:, 1:]
 
 
-def eval_windows(tokens: np.ndarray, context: int, batch_size: int,
-                 max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def spread_windows(tokens: np.ndarray, context: int, max_tokens: int) -> np.ndarray:
+    """``max_tokens // context`` windows of ``context + 1`` tokens at evenly spaced, deterministic starts across
+    the whole stream, laid end to end as a (n, context + 1) array (every window predicts ``context`` tokens); a
+    stream too short for that many non-overlapping windows gives all of its full windows instead.
+
+    Raises:
+        DataError: if the stream is shorter than one window.
+    """
+    _check_length(tokens, context, "the evaluation stream")
+    n_full = (len(tokens) - 1) // context
+    n = max(1, min(max_tokens // context, n_full))
+    starts = np.linspace(0, len(tokens) - context - 1, n).round().astype(np.int64) if n < n_full else \
+        np.arange(n_full) * context
+    return np.stack([np.asarray(tokens[s : s + context + 1], dtype=np.int64) for s in starts])
+
+
+def eval_windows(tokens: np.ndarray, context: int, batch_size: int, max_tokens: int | None = None,
+                 spread: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Deterministic, non-overlapping windows covering the stream (or its first ``max_tokens`` tokens).
 
     Every token after the first is predicted exactly once. Full windows come in batches of up to ``batch_size``;
-    a final shorter window (if any) comes alone.
+    a final shorter window (if any) comes alone. With ``spread`` and ``max_tokens``, the windows are instead
+    :func:`spread_windows` across the whole stream (a sample of every part of it, not of its first documents).
 
     Yields:
         ``(x, y)``, (b, t) int64 each.
     """
+    if spread and max_tokens is not None:
+        rows = spread_windows(tokens, context, max_tokens)
+        for start in range(0, len(rows), batch_size):
+            batch = torch.from_numpy(rows[start : start + batch_size])
+            yield batch[:, :-1], batch[:, 1:]
+        return
     if max_tokens is not None:
         tokens = tokens[: max_tokens + 1]
     _check_length(tokens, 1, "the evaluation stream")

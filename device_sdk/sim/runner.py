@@ -20,7 +20,7 @@ from torch import nn
 
 from ..adapters import assign_tensors
 from ..config import TrainConfig
-from ..data import UserData, eval_windows
+from ..data import UserData, eval_windows, interleave
 from ..errors import ConfigError
 from ..evaluate import autocast, evaluate, loss_with
 from ..inject import adapter_config, inject_adapters, routed_blocks
@@ -37,14 +37,15 @@ log = logging.getLogger(__name__)
 ROUTING_SAMPLE_TOKENS = 48
 
 
-def user_model(base: nn.Module, strategy: Strategy, user: int, n_experts: int, seed: int) -> nn.Module:
+def user_model(base: nn.Module, strategy: Strategy, user: int, n_experts: int, seed: int,
+               mixing: str = "mlp") -> nn.Module:
     """A model for one user: a structural copy of ``base`` that shares (does not copy) the frozen base weights,
-    with the strategy's adapters injected (initialised from ``seed``)."""
+    with the strategy's adapters injected (initialised from ``seed``; experts mixed as ``mixing`` says)."""
     memo = {id(p): p for p in base.parameters()}
     memo.update({id(b): b for b in base.buffers()})
     model = copy.deepcopy(base, memo)
     torch.manual_seed(seed)
-    model = inject_adapters(model, strategy.adapter_config(user, n_experts))
+    model = inject_adapters(model, replace(strategy.adapter_config(user, n_experts), mixing=mixing))
     strategy.prepare(user, model)
     return model
 
@@ -55,9 +56,12 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     assign_tensors({name: params[name] for name in tensors if name in params}, tensors, "aggregated tensors")
 
 
-def pooled(users: list[UserData]) -> UserData:
-    """All users' streams concatenated (the centralized baseline's data)."""
-    return UserData("all", *(np.concatenate([u.split(s) for u in users]) for s in ("train", "valid", "test")))
+def pooled(users: list[UserData], eos: int | None) -> UserData:
+    """All users' data for the centralized baseline: training streams concatenated (batches are random windows),
+    validation and test interleaved document by document (any prefix, e.g. the expert-score batch, holds every
+    user)."""
+    train = np.concatenate([u.train for u in users])
+    return UserData("all", train, *(interleave([u.split(s) for u in users], eos) for s in ("valid", "test")))
 
 
 @torch.no_grad()
@@ -137,16 +141,21 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
     start = time.perf_counter()
     strategy = make_strategy(name)
     experts = cfg.experts_for(len(users))
-    members = [pooled(users)] if strategy.centralized else users
+    members = [pooled(users, base.tokenizer.eos_token_id)] if strategy.centralized else users
     batch = cfg.batch * (len(users) if strategy.centralized else 1)
-    models = [user_model(base.model, strategy, i, experts[i], seed) for i in range(len(members))]
+    models = [user_model(base.model, strategy, i, experts[i], seed, cfg.mixing) for i in range(len(members))]
     train_cfgs = [TrainConfig(steps=cfg.local_steps, batch_size=batch, context=cfg.ctx, lr_experts=cfg.lr,
-                              lr_router=cfg.router_lr, lb_weight=cfg.lb_weight, router_period=cfg.router_period,
+                              lr_router=cfg.router_lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                              schedule=cfg.schedule, final_lr_fraction=cfg.final_lr_fraction,
+                              grad_clip=cfg.grad_clip, lb_weight=cfg.lb_weight, router_period=cfg.router_period,
                               router_steps=cfg.router_steps, schedule_steps=cfg.rounds * cfg.local_steps,
                               precision=cfg.precision, seed=seed * 1000 + i, log_every=cfg.local_steps,
                               eval_batches=1)  # the end-of-round validation loss is not reported here
                   for i in range(len(members))]
-    train_cfgs = [replace(c, **strategy.train_overrides()) for c in train_cfgs]
+    overrides = strategy.train_overrides()
+    if cfg.lb_mode is not None:
+        overrides["lb_mode"] = cfg.lb_mode
+    train_cfgs = [replace(c, **overrides) for c in train_cfgs]
     states = [init_train_state(m, c) for m, c in zip(models, train_cfgs)]
 
     def uploads_of(tensors_of) -> list[Upload]:
@@ -170,7 +179,7 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
 
     def evaluate_all() -> list[float]:
         return [evaluate(test_model(u), users[u].test, cfg.ctx, max(8, cfg.batch), cfg.precision,
-                         max_tokens=cfg.eval_tokens).perplexity for u in range(len(users))]
+                         max_tokens=cfg.eval_tokens, spread=True).perplexity for u in range(len(users))]
 
     score_batches = [next(eval_windows(m.valid, cfg.ctx, max(1, cfg.peer_eval_tokens // cfg.ctx)))[0]
                      for m in members]

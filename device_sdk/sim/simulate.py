@@ -67,13 +67,15 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
     base = load_base_model(cfg.model, cache_dir=cache_dir)
     users = load_users(Path(cfg.data), base.tokenizer, list(cfg.users) if cfg.users else None,
                        cache_dir=cache_dir / "tokens")
-    users = cap_training(users, cfg.train_tokens)
     names = [u.name for u in users]
     texts = None
     if cfg.ood:  # targets become the mixture; the routing report keeps each user's own-topic text
         texts = {u.name: u.test for u in users}
-        valid, test = ood_mixture(users, "valid"), ood_mixture(users, "test")
+        eos = base.tokenizer.eos_token_id
+        valid, test = ood_mixture(users, "valid", eos), ood_mixture(users, "test", eos)
         users = [UserData(u.name, u.train, valid, test) for u in users]
+    # after the mixture: a validation prefix of the (interleaved) mixture still holds every user in equal shares
+    users = cap_training(users, cfg.train_tokens, cfg.train_prefix, cfg.valid_prefix)
     cfg.experts_for(len(users))  # fail early on a wrong --experts list
     records, missing = [], []
     jobs = [(s, seed) for seed in cfg.seeds for s in cfg.strategies]

@@ -64,6 +64,7 @@ class Strategy:
         freeze_lora_a: FFA-LoRA (A matrices fixed at their common initialisation).
         centralized: one model trained on all users' data (an upper bound, not a federation).
         rank: LoRA rank of one expert (the paper's 8).
+        lb_mode: the strategy's load balancing (:data:`device_sdk.config.LB_MODES`).
         state: what a strategy keeps across rounds of one run (HetLoRA's active ranks, PCL's trust matrices);
             saved with the run's record.
     """
@@ -74,6 +75,7 @@ class Strategy:
     freeze_lora_a: bool = False
     centralized: bool = False
     rank: int = 8
+    lb_mode: str = "switch"
     state: dict = field(default_factory=dict)  # per-run mutable state (e.g. HetLoRA's pruned ranks, PCL's trust)
 
     # --- per user -------------------------------------------------------------------------------------------------
@@ -82,9 +84,9 @@ class Strategy:
         return AdapterConfig(rank=self.rank, n_generalists=1, n_specialists=max(0, n_experts - 1))
 
     def train_overrides(self) -> dict:
-        """TrainConfig fields this strategy fixes (``router_mode``, ``freeze_lora_a``; no load balancing without
-        a learned router)."""
-        overrides = {"router_mode": self.router_mode, "freeze_lora_a": self.freeze_lora_a}
+        """TrainConfig fields this strategy fixes (``router_mode``, ``freeze_lora_a``, ``lb_mode``; no load
+        balancing without a learned router)."""
+        overrides = {"router_mode": self.router_mode, "freeze_lora_a": self.freeze_lora_a, "lb_mode": self.lb_mode}
         if self.router_mode == "fixed":
             overrides["lb_weight"] = 0.0
         return overrides

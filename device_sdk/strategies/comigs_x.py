@@ -18,4 +18,4 @@ class ComigsX(Strategy):
 
 
 def comigs_1gxs() -> Strategy:
-    return ComigsX("comigs-1gxs", router_mode="validation")
+    return ComigsX("comigs-1gxs", router_mode="validation", lb_mode="importance")  # generalist-favoured, Table 2

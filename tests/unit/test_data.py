@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from device_sdk.data import eval_windows, load_user_data, load_users, ood_mixture, sample_batch
+from device_sdk.data import UserData, eval_windows, load_user_data, load_users, ood_mixture, sample_batch
 from device_sdk.errors import DataError
 from device_sdk.tokenizer import ByteTokenizer
 
@@ -63,7 +63,26 @@ def test_ood_mixture_takes_an_equal_share_from_each_user(tmp_path):
     assert np.array_equal(mixed, users[1].test)
     assert (mixed == ord("a")).sum() == (mixed == ord("b")).sum() > 0
     assert np.array_equal(users[1].train, load_users(tmp_path, tok)[1].train)
-    assert len(ood_mixture(load_users(tmp_path, tok), "valid")) == 2 * (301 // 2)
+    assert len(ood_mixture(load_users(tmp_path, tok), "valid", tok.eos_token_id)) == 2 * (301 // 2)
+
+
+def test_every_prefix_of_the_ood_mixture_holds_every_user_in_equal_shares():
+    """Users concatenated in order would put only the first user's text in any short prefix (the quick preset's
+    test tokens, PCL's peer scoring and the expert-score batches all read prefixes)."""
+    eos, piece, ctx = 0, 64, 32
+    rng = np.random.default_rng(0)
+    users = []
+    for u in range(4):  # documents of 5-300 tokens; user u's tokens are 10u+1 .. 10u+9
+        docs = [np.append(rng.integers(10 * u + 1, 10 * u + 10, rng.integers(5, 300)), eos) for _ in range(200)]
+        users.append(UserData(str(u), np.zeros(1), np.concatenate(docs), np.concatenate(docs)))
+    mixed = ood_mixture(users, "test", eos, piece)
+    owner = np.where(mixed == eos, -1, (mixed - 1) // 10)
+    for n_windows in (8, 40, 200):
+        counts = np.bincount(owner[: n_windows * ctx][owner[: n_windows * ctx] >= 0], minlength=4)
+        assert counts.max() - counts.min() <= piece + 1, (n_windows, counts)  # equal within one piece
+    share = min(len(u.test) for u in users) // 4
+    assert np.bincount(owner[owner >= 0], minlength=4).tolist() == \
+        [int((u.test[:share] != eos).sum()) for u in users]  # every user's first `share` tokens, nothing else
 
 
 def test_bad_data_fails_clearly(tmp_path, tiny_user):

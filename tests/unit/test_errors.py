@@ -22,7 +22,7 @@ def test_zero_matched_targets_names_what_was_searched():
     with pytest.raises(InjectionError, match=r"attention targets \['q_lin'\] matched no module"):
         inject_adapters(base, AdapterConfig(attention_targets=("q_lin",)))
     with pytest.raises(InjectionError, match=r"MLP targets \['fc9'\] matched nothing inside 'model.layers.0.mlp'"):
-        inject_adapters(load_base_model("tiny-llama").model, AdapterConfig(mlp_targets=("fc9",)))
+        inject_adapters(load_base_model("tiny-llama").model, AdapterConfig(mlp_targets=("fc9",), mixing="projection"))
 
 
 def test_unknown_family_without_targets():

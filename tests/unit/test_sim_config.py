@@ -15,10 +15,15 @@ def _user(name: str, n: int) -> UserData:
     return UserData(name, np.arange(n), np.arange(50), np.arange(40))
 
 
-def test_cache_keys_of_full_data_runs_did_not_change_when_train_tokens_came():
-    # Finished runs are cached under this key (docs/results/*/runs): a new setting must not orphan them.
-    cfg = SimConfig(data=Path("/srv/data/split"), experts=(4, 2), precision="bf16")
-    assert cfg.run_key("comigs-1gxs", 2, ["a", "b"]) == "comigs-1gxs-seed2-df72b6a6d68e"
+def test_every_setting_that_changes_numbers_changes_the_cache_key_and_report_settings_do_not():
+    base = dict(data=Path("/srv/data/split"), experts=(4, 2), precision="bf16")
+    key = SimConfig(**base).run_key("comigs-1gxs", 2, ["a", "b"])
+    changed = [dict(mixing="projection"), dict(lb_mode="count"), dict(betas=(0.9, 0.999)), dict(weight_decay=0.0),
+               dict(schedule="one-cycle"), dict(train_prefix=4096), dict(valid_prefix=4096), dict(grad_clip=1.0)]
+    keys = {SimConfig(**base, **c).run_key("comigs-1gxs", 2, ["a", "b"]) for c in changed}
+    assert len(keys) == len(changed) and key not in keys
+    same = [dict(via_server=True), dict(routing_layers=(1, 2)), dict(cache_dir=Path("/elsewhere"))]
+    assert {SimConfig(**base, **c).run_key("comigs-1gxs", 2, ["a", "b"]) for c in same} == {key}
 
 
 def test_capped_runs_get_their_own_cache_key():
@@ -32,10 +37,20 @@ def test_capped_runs_get_their_own_cache_key():
 def test_cap_training_cuts_only_the_named_users_training_stream():
     users = [_user("a", 1000), _user("b", 1000)]
     capped = cap_training(users, (("b", 300),))
-    assert len(capped[0].train) == 1000 and capped[0] is users[0]
+    assert np.array_equal(capped[0].train, users[0].train) and np.array_equal(capped[0].valid, users[0].valid)
     assert np.array_equal(capped[1].train, np.arange(300))  # the first tokens, in order
     assert np.array_equal(capped[1].valid, users[1].valid) and np.array_equal(capped[1].test, users[1].test)
     assert len(users[1].train) == 1000  # the caller's data is not modified
+
+
+def test_prefixes_cut_every_users_training_and_validation_and_named_caps_cut_further():
+    users = [_user("a", 1000), _user("b", 1000)]
+    capped = cap_training(users, (("b", 300),), train_prefix=500, valid_prefix=20)
+    assert [len(u.train) for u in capped] == [500, 300]
+    assert all(np.array_equal(u.valid, np.arange(20)) for u in capped)
+    assert all(np.array_equal(u.test, np.arange(40)) for u in capped)  # test is never cut
+    with pytest.raises(ConfigError, match="train_prefix must leave at least one window"):
+        SimConfig(data=Path("/srv/data/split"), ctx=128, train_prefix=100)
 
 
 def test_cap_training_names_unknown_users_and_the_real_ones():

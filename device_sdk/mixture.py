@@ -1,0 +1,141 @@
+"""Whole-MLP experts (the paper's model): expert ``e`` is the block's MLP with its own LoRA on every MLP projection,
+and the block outputs ``sum_e g_e(x) * MLP_e(x)`` over the token's top-k experts.
+
+For a gated MLP (Llama: ``MLP(x) = W_down (act(W_gate x) * W_up x)``) expert ``e`` is::
+
+    h_e = act(W_gate x + s B^g_e A^g_e x) * (W_up x + s B^u_e A^u_e x)          # (N, F)
+    MLP_e(x) = W_down h_e + s B^d_e A^d_e h_e
+
+and for a plain MLP (GPT-2: ``c_proj(act(c_fc x))``) the same without the ``up`` factor. Nothing frozen is computed
+more than once: ``W_gate x`` and ``W_up x`` run once for all experts, each expert adds only its low-rank terms and
+its activation, and because ``sum_e g_e W_down h_e = W_down (sum_e g_e h_e)`` the frozen output projection runs once
+on the gated mix. Per token only its k selected experts are computed, so the activation memory grows with k, not E.
+
+Shapes: ``N`` tokens, ``D`` model width, ``F`` MLP width, ``E`` experts, ``k`` experts per token, ``r`` LoRA rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .lora import SPARSE_BUCKET, LoRAMoELinear
+
+
+@dataclass(frozen=True)
+class MLPForm:
+    """How one family's MLP block computes, so that its experts can be whole MLPs.
+
+    Attributes:
+        inputs: projections applied to the block input, in the order the nonlinearity reads them
+            (``(gate, up)`` for a gated MLP, ``(fc,)`` for a plain one).
+        output: the projection after the nonlinearity.
+        activation: attribute of the HF MLP module holding the activation function.
+        dropout: attribute of the HF MLP module holding the output dropout (``None``: none).
+    """
+
+    inputs: tuple[str, ...]
+    output: str
+    activation: str
+    dropout: str | None = None
+
+    @property
+    def gated(self) -> bool:
+        return len(self.inputs) == 2
+
+
+GPT2_MLP = MLPForm(("c_fc",), "c_proj", "act", "dropout")
+LLAMA_MLP = MLPForm(("gate_proj", "up_proj"), "down_proj", "act_fn")
+
+
+class ExpertMLPs:
+    """The computation of a block whose experts are whole MLPs; it holds no parameters of its own.
+
+    The block's projections stay where they are in the HF module (so parameter names, roles and adapter files
+    are those of the projection form); this object reads their frozen base layers and expert LoRAs.
+    """
+
+    def __init__(self, mlp: nn.Module, form: MLPForm) -> None:
+        self.form = form
+        self.mlp = mlp  # owned by the RoutedMLP (this object is no module)
+        self.act: Callable[[torch.Tensor], torch.Tensor] = getattr(mlp, form.activation)
+        self.dropout: nn.Module | None = getattr(mlp, form.dropout) if form.dropout else None
+
+    def _projection(self, name: str) -> LoRAMoELinear:
+        return self.mlp.get_submodule(name)
+
+    def _hidden(self, pre: list[torch.Tensor]) -> torch.Tensor:
+        """The nonlinearity on the input projections' outputs: (N, F) each -> (N, F)."""
+        return self.act(pre[0]) * pre[1] if self.form.gated else self.act(pre[0])
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Mix the selected experts' MLP outputs.
+
+        Args:
+            x: (B, T, D) block input.
+            weights: (B, T, k) gate of each selected expert (rows sum to 1).
+            indices: (B, T, k) the selected experts.
+
+        Returns:
+            (B, T, D) the block output.
+        """
+        shape = x.shape
+        flat_x = x.reshape(-1, shape[-1])  # (N, D)
+        flat_w = weights.reshape(-1, weights.shape[-1])  # (N, k)
+        flat_i = indices.reshape(-1, indices.shape[-1])  # (N, k)
+        inputs = [self._projection(n) for n in self.form.inputs]
+        output = self._projection(self.form.output)
+        base_pre = [p.base(flat_x) for p in inputs]  # frozen input projections, once: (N, F) each
+        # sparse: each expert on its routed tokens (data-dependent shapes); dense: k masked slots (fixed shapes)
+        mix_fn = self._sparse_mix if output.sparse else self._slot_mix
+        h_mix, low = mix_fn(flat_x, flat_w, flat_i, inputs, output, base_pre)
+        out = output.base(h_mix) + output.scale * low  # (N, D)
+        if self.dropout is not None:
+            out = self.dropout(out)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    def _slot_mix(self, x, weights, indices, inputs, output, base_pre) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed shapes: slot j of every token runs the token's j-th expert, its low-rank terms selected by a
+        one-hot mask over the experts' concatenated ranks. Returns ``(sum_j w_j h_j, sum_j w_j lowrank_out_j)``."""
+        n_experts = output.n_experts
+        experts = torch.arange(n_experts, device=x.device)
+        low_in = [p.low_rank_in(x) for p in inputs]  # (N, E, r) each
+        h_mix, low_out = None, None
+        for j in range(indices.shape[-1]):
+            mask = (indices[:, j : j + 1] == experts).to(x.dtype).unsqueeze(-1)  # (N, E, 1)
+            pre = [b + p.scale * p.low_rank_out(a * mask.to(a.dtype)) for b, p, a in zip(base_pre, inputs, low_in)]
+            h = self._hidden(pre)  # (N, F): MLP_{i_j} before its output projection
+            w = weights[:, j : j + 1].to(h.dtype)  # (N, 1)
+            h_mix = h * w if h_mix is None else h_mix + h * w
+            a_out = output.low_rank_in(h)  # (N, E, r)
+            term = a_out * (mask * w.unsqueeze(-1)).to(a_out.dtype)
+            low_out = term if low_out is None else low_out + term
+        return h_mix, output.low_rank_out(low_out)
+
+    def _sparse_mix(self, x, weights, indices, inputs, output, base_pre) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each expert on the tokens routed to it (counts padded to multiples of SPARSE_BUCKET with zero weight)."""
+        h_mix = torch.zeros_like(base_pre[0])  # (N, F)
+        low_out = torch.zeros(x.shape[0], output.base_out_features, dtype=h_mix.dtype, device=x.device)  # (N, D)
+        for e in range(output.n_experts):
+            hit = indices == e  # (N, k)
+            tokens = hit.any(dim=-1).nonzero().squeeze(-1)  # (N_e,)
+            if tokens.numel() == 0:
+                continue
+            w = (weights * hit).sum(dim=-1, keepdim=True).index_select(0, tokens)  # (N_e, 1)
+            pad = -tokens.numel() % SPARSE_BUCKET
+            if pad:
+                tokens = torch.cat([tokens, tokens.new_zeros(pad)])
+                w = torch.cat([w, w.new_zeros(pad, 1)])
+            xe = x.index_select(0, tokens)
+            pre = [b.index_select(0, tokens) + p.scale * p.experts[e](xe) for b, p in zip(base_pre, inputs)]
+            h = self._hidden(pre)  # (N_e, F)
+            w = w.to(h.dtype)
+            h_mix = h_mix.index_add(0, tokens, (h * w).to(h_mix.dtype))
+            low_out = low_out.index_add(0, tokens, (output.experts[e](h) * w).to(low_out.dtype))
+        return h_mix, low_out
+
+
+__all__ = ["GPT2_MLP", "LLAMA_MLP", "ExpertMLPs", "MLPForm"]
