@@ -10,8 +10,55 @@ from ..fileio import atomic_write_bytes
 from ..strategies import ALL
 
 
+#: Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal 1.96).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+#: The strategy every other one is compared with, pair by pair.
+REFERENCE = "comigs-1g1s"
+
+
+def t975(df: int) -> float:
+    """Two-sided 95% quantile of Student's t with ``df >= 1`` degrees of freedom."""
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float] | None:
+    """``(mean, low, high)``: the mean and its 95% t-interval; ``None`` for fewer than two values."""
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    half = t975(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def paired_difference(records: list[dict], strategy: str, reference: str = REFERENCE) -> dict | None:
+    """Relative test-perplexity difference of ``strategy`` against ``reference``, paired by (user, seed).
+
+    Every user of every seed that both strategies ran gives one value ``ppl_strategy / ppl_reference - 1``; the
+    result is their mean with a 95% t-interval over those ``n`` pairs. The users of one seed share a federation, so
+    the pairs are not fully independent: the interval is a yardstick for noise, not an exact test.
+
+    Returns:
+        ``{"n", "mean", "low", "high", "verdict"}`` (fractions; verdict ``better`` / ``worse`` when the interval
+        excludes zero, else ``inside noise``), or ``None`` with fewer than two pairs.
+    """
+    own = {r["seed"]: r for r in records if r["strategy"] == strategy}
+    ref = {r["seed"]: r for r in records if r["strategy"] == reference}
+    diffs = [own[seed]["final"][u] / ref[seed]["final"][u] - 1
+             for seed in sorted(set(own) & set(ref)) for u in ref[seed]["users"] if u in own[seed]["final"]]
+    interval = mean_interval(diffs)
+    if interval is None:
+        return None
+    mean, low, high = interval
+    verdict = "better" if high < 0 else "worse" if low > 0 else "inside noise"
+    return {"n": len(diffs), "mean": mean, "low": low, "high": high, "verdict": verdict}
+
+
 def summarize(records: list[dict]) -> dict:
-    """``{strategy: {"mean", "std", "seeds", "per_user": {user: (mean, std)}}}`` over seeds, in table order."""
+    """``{strategy: {"mean", "std", "seeds", "params", "per_user": {user: (mean, std)}, "vs_reference"}}`` over
+    seeds, in table order. ``std`` (sample standard deviation over seeds of the mean over users) is ``None`` with
+    one seed: one run has no spread to report."""
     by_strategy: dict[str, list[dict]] = {}
     for r in records:
         by_strategy.setdefault(r["strategy"], []).append(r)
@@ -20,12 +67,15 @@ def summarize(records: list[dict]) -> dict:
         runs = by_strategy[name]
         means = [r["mean"] for r in runs]
         users = runs[0]["users"]
+        params = runs[0].get("trainable_params")
         summary[name] = {
-            "mean": statistics.fmean(means), "std": statistics.pstdev(means) if len(means) > 1 else 0.0,
+            "mean": statistics.fmean(means), "std": statistics.stdev(means) if len(means) > 1 else None,
             "seeds": [r["seed"] for r in runs],
+            "params": statistics.fmean(params.values()) if params else None,
             "per_user": {u: (statistics.fmean(r["final"][u] for r in runs),
-                             statistics.pstdev([r["final"][u] for r in runs]) if len(runs) > 1 else 0.0)
+                             statistics.stdev([r["final"][u] for r in runs]) if len(runs) > 1 else None)
                          for u in users},
+            "vs_reference": None if name == REFERENCE else paired_difference(records, name),
         }
     return summary
 
@@ -37,21 +87,38 @@ def pretrained_mean(records: list[dict]) -> float | None:
     return statistics.fmean(first.values())
 
 
+def _ppl(mean: float, std: float | None) -> str:
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ({std:.2f})"
+
+
+def _versus(diff: dict | None) -> str:
+    if diff is None:
+        return ""
+    text = f"{100 * diff['mean']:+.1f}% [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}]"
+    return text + (f" {diff['verdict']}" if diff["verdict"] != "inside noise" else " (noise)")
+
+
+def _params(n: float | None) -> str:
+    return "" if n is None else f"{n / 1e6:.2f}M"
+
+
 def markdown(summary: dict, records: list[dict], title: str, settings: dict) -> str:
-    """The comparison as Markdown: mean test perplexity over users (std over seeds) with a rank marker, like the
-    paper's Table 1, then per-user values."""
+    """The comparison as Markdown: mean test perplexity over users (std over seeds, with two or more seeds), the
+    trainable parameters per device, and every strategy's paired difference against CoMiGS-1G1S with its 95%
+    interval (a difference is called only when the interval excludes zero; no winner is marked), then per-user
+    values."""
     lines = [f"# {title}", ""]
     lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), ""]
     base = pretrained_mean(records)
     if summary:
-        best = min(s["mean"] for s in summary.values())
         users = next(iter(summary.values()))["per_user"].keys()
-        lines += ["| strategy | mean test ppl (std over seeds) | seeds | vs best |", "|---|---|---|---|"]
+        lines += [f"| strategy | mean test ppl (std over seeds) | seeds | trainable params per device | vs {REFERENCE}: "
+                  "mean paired difference [95% interval] over users x seeds |", "|---|---|---|---|---|"]
         if base is not None:
-            lines.append(f"| *pretrained* | {base:.2f} | | |")
+            lines.append(f"| *pretrained* | {base:.2f} | | | |")
         for name, s in summary.items():
-            mark = "**best**" if s["mean"] == best else f"+{100 * (s['mean'] / best - 1):.1f}%"
-            lines.append(f"| {name} | {s['mean']:.2f} ({s['std']:.2f}) | {len(s['seeds'])} | {mark} |")
+            lines.append(f"| {name} | {_ppl(s['mean'], s['std'])} | {len(s['seeds'])} | {_params(s['params'])} | "
+                         f"{_versus(s['vs_reference'])} |")
         lines += ["", "Per user (mean over seeds):", "",
                   "| strategy | " + " | ".join(users) + " |", "|---|" + "---|" * len(users)]
         for name, s in summary.items():
@@ -73,7 +140,8 @@ def write_results(out: Path, records: list[dict], title: str, settings: dict) ->
 
 def combined_markdown(results: list[dict]) -> str:
     """One table in the paper's Table 1 layout: a row per strategy, a column per data split (``results.json``
-    payloads), each cell the mean test perplexity over users with its std over seeds and seed count."""
+    payloads), each cell the mean test perplexity over users (std over seeds where there are two or more, and the
+    seed count) and the paired difference against CoMiGS-1G1S with its 95% interval."""
     columns = [r["title"] for r in results]
     names = [n for n in ALL if any(n in r["summary"] for r in results)]
     lines = ["| strategy | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
@@ -86,9 +154,8 @@ def combined_markdown(results: list[dict]) -> str:
             if s is None:
                 cells.append("")
                 continue
-            best = min(v["mean"] for v in r["summary"].values())
-            cell = f"{s['mean']:.2f} ({s['std']:.2f}, n={len(s['seeds'])})"
-            cells.append(f"**{cell}**" if s["mean"] == best else cell)
+            versus = _versus(s.get("vs_reference"))
+            cells.append(f"{_ppl(s['mean'], s['std'])}, n={len(s['seeds'])}" + (f"; {versus}" if versus else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

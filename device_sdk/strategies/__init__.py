@@ -11,7 +11,19 @@ from .base import Strategy, Upload, fit, mean_tensors
 from .comigs_x import comigs_1gxs
 from .flexlora import flexlora
 from .hetlora import hetlora
-from .homogeneous import centralized, comigs, fedavg, ffa_lora, local, pfedmoe
+from .homogeneous import (
+    centralized,
+    comigs,
+    comigs_tr,
+    fedavg,
+    fedavg_moe,
+    fedavg_moe_tr,
+    ffa_lora,
+    local,
+    local_moe,
+    local_moe_tr,
+    pfedmoe,
+)
 from .pcl import pcl
 
 _FACTORIES = {
@@ -24,6 +36,11 @@ _FACTORIES = {
     "centralized": centralized,
     "pcl": pcl,
     "ffa-lora": ffa_lora,
+    "local-moe": local_moe,
+    "fedavg-moe": fedavg_moe,
+    "local-moe-tr": local_moe_tr,
+    "fedavg-moe-tr": fedavg_moe_tr,
+    "comigs-tr": comigs_tr,
     "comigs-1gxs": comigs_1gxs,
     "hetlora-active": lambda: hetlora("active"),
     "hetlora-full": lambda: hetlora("full"),
@@ -33,15 +50,18 @@ _FACTORIES = {
 
 #: The six core strategies of ``--preset quick``.
 CORE = ("local", "fedavg", "pfedmoe", "comigs-2s", "comigs-2g", "comigs-1g1s")
+#: The paper's Table 4 ablations: routers trained jointly with the experts (ii) or alternating on training batches
+#: (iii), for the expert layouts of Local (2S), FedAvg (2G) and CoMiGS-1G1S.
+ABLATIONS = ("local-moe", "fedavg-moe", "local-moe-tr", "fedavg-moe-tr", "comigs-tr")
 #: Every strategy, in table order.
-ALL = ("centralized",) + CORE[:2] + ("pcl", "ffa-lora") + CORE[2:] + (
+ALL = ("centralized",) + CORE[:2] + ("pcl", "ffa-lora") + ABLATIONS[:2] + CORE[2:3] + ABLATIONS[2:] + CORE[3:] + (
     "comigs-1gxs", "hetlora-active", "hetlora-full", "flexlora-active", "flexlora-full")
 #: Strategies whose per-device shape follows ``--experts`` (the others use two modules everywhere).
 HETEROGENEOUS = ("comigs-1gxs", "hetlora-active", "hetlora-full", "flexlora-active", "flexlora-full")
 
 
 #: Strategies a networked federation runs (all that share tensors through a server).
-NETWORKED = tuple(n for n in ALL if n not in ("local", "centralized"))
+NETWORKED = tuple(n for n in ALL if _FACTORIES[n]().collaborative)
 #: The default strategy of a networked federation: one generalist plus the specialists each device can hold.
 DEFAULT_NETWORKED = "comigs-1gxs"
 
@@ -73,5 +93,5 @@ def make_strategy(name: str) -> Strategy:
     return factory()
 
 
-__all__ = ["ALL", "CORE", "DEFAULT_NETWORKED", "HETEROGENEOUS", "NETWORKED", "Strategy", "Upload", "fit", "make_strategy",
+__all__ = ["ABLATIONS", "ALL", "CORE", "DEFAULT_NETWORKED", "HETEROGENEOUS", "NETWORKED", "Strategy", "Upload", "fit", "make_strategy",
            "mean_tensors", "networked_strategy"]

@@ -66,3 +66,34 @@ def comigs(variant: str) -> Strategy:
     the validation set."""
     generalists = {"2s": 0, "2g": 2, "1g1s": 1}[variant]
     return TwoModules(f"comigs-{variant}", router_mode="validation", generalists=generalists)
+
+
+# --- the paper's Table 4 ablations: the three expert layouts (2S, 2G, 1G1S) with routers that learn otherwise ---
+# Routers stay on the device in all of them, as in CoMiGS, so that each row differs from its CoMiGS counterpart in
+# how the router learns and in nothing else.
+
+
+def local_moe() -> Strategy:
+    """Local-MoE: two local experts, the router trained jointly with them on the training set (nothing shared)."""
+    return TwoModules("local-moe", router_mode="joint", shared_roles=NOTHING, generalists=0)
+
+
+def fedavg_moe() -> Strategy:
+    """FedAvg-MoE: two averaged experts, the router trained jointly with them on the training set."""
+    return TwoModules("fedavg-moe", router_mode="joint", generalists=2)
+
+
+def local_moe_tr() -> Strategy:
+    """Local-MoE-tr: two local experts; the router alternates with them (tau, s) on fresh training batches."""
+    return TwoModules("local-moe-tr", router_mode="train", shared_roles=NOTHING, generalists=0)
+
+
+def fedavg_moe_tr() -> Strategy:
+    """FedAvg-MoE-tr: two averaged experts; the router alternates on fresh training batches."""
+    return TwoModules("fedavg-moe-tr", router_mode="train", generalists=2)
+
+
+def comigs_tr() -> Strategy:
+    """CoMiGS-tr: one generalist and one specialist; the router alternates on fresh training batches instead of
+    the validation set."""
+    return TwoModules("comigs-tr", router_mode="train", generalists=1)

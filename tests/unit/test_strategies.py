@@ -176,8 +176,23 @@ def test_pcl_trust_is_row_stochastic_and_favours_models_that_fit_own_data():
 
 
 def test_every_listed_strategy_builds_and_unknown_names_are_refused():
-    assert len(ALL) == len(set(ALL)) == 14
+    assert len(ALL) == len(set(ALL)) == 19
     for name in ALL:
         assert make_strategy(name).name == name
     with pytest.raises(ConfigError, match="unknown strategy 'fedprox'"):
         make_strategy("fedprox")
+
+
+@pytest.mark.parametrize("joint,train,validation", [("local-moe", "local-moe-tr", "comigs-2s"),
+                                                     ("fedavg-moe", "fedavg-moe-tr", "comigs-2g"),
+                                                     ("pfedmoe", "comigs-tr", "comigs-1g1s")])
+def test_table4_ablations_differ_from_comigs_only_in_how_routers_learn(joint, train, validation):
+    strategies = [make_strategy(n) for n in (joint, train, validation)]
+    assert [s.router_mode for s in strategies] == ["joint", "train", "validation"]
+    assert len({s.adapter_config(0, 2) for s in strategies}) == 1  # the same experts
+    assert all(Role.ROUTER not in s.shared_roles for s in strategies)  # routers never leave the device
+    if joint == "local-moe":  # Local-MoE shares nothing at all; CoMiGS-2S still averages the attention LoRA
+        assert not strategies[0].shared_roles and not strategies[1].shared_roles
+        assert strategies[2].shared_roles == {Role.ATTENTION, Role.GENERALIST}
+    else:
+        assert len({s.shared_roles for s in strategies}) == 1

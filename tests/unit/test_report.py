@@ -1,0 +1,41 @@
+"""The comparison's statistics: paired differences against CoMiGS-1G1S with 95% intervals, std only over seeds."""
+
+import math
+
+import pytest
+
+from device_sdk.sim.report import markdown, mean_interval, paired_difference, summarize, t975
+
+
+def _run(strategy: str, seed: int, ppl: dict[str, float]) -> dict:
+    return {"strategy": strategy, "seed": seed, "users": list(ppl), "final": ppl, "mean": sum(ppl.values()) / len(ppl),
+            "pretrained": {u: 50.0 for u in ppl}, "trainable_params": {u: 4_000_000 for u in ppl}}
+
+
+def test_t_interval_matches_the_textbook_values():
+    assert t975(1) == pytest.approx(12.706) and t975(7) == pytest.approx(2.365) and t975(500) == 1.96
+    mean, low, high = mean_interval([1.0, 2.0, 3.0, 4.0])
+    half = 3.182 * math.sqrt(5 / 3) / 2
+    assert (mean, low, high) == pytest.approx((2.5, 2.5 - half, 2.5 + half))
+    assert mean_interval([1.0]) is None
+
+
+def test_a_consistent_gap_is_called_and_a_noisy_one_is_not():
+    ref = [_run("comigs-1g1s", s, {"a": 20.0, "b": 30.0, "c": 10.0, "d": 40.0}) for s in (1, 2)]
+    worse = [_run("fedavg", s, {"a": 22.0 + s / 10, "b": 33.0, "c": 11.1, "d": 44.0}) for s in (1, 2)]
+    noisy = [_run("local", s, {"a": 19.0, "b": 31.0, "c": 10.4, "d": 39.0 + s}) for s in (1, 2)]
+    diff = paired_difference(ref + worse, "fedavg")
+    assert diff["n"] == 8 and diff["verdict"] == "worse" and 0.09 < diff["mean"] < 0.12 and diff["low"] > 0
+    assert paired_difference(ref + noisy, "local")["verdict"] == "inside noise"
+    assert paired_difference(ref[:1] + worse[:1], "fedavg")["n"] == 4  # one seed: users are the pairs
+    assert paired_difference(ref[:1], "fedavg") is None  # nothing to pair
+
+
+def test_std_over_one_seed_is_not_reported_and_no_winner_is_bolded():
+    records = [_run("comigs-1g1s", 1, {"a": 20.0, "b": 30.0}), _run("local", 1, {"a": 20.1, "b": 29.0}),
+               _run("local", 2, {"a": 20.3, "b": 29.5})]
+    summary = summarize(records)
+    assert summary["comigs-1g1s"]["std"] is None and summary["local"]["std"] is not None
+    text = markdown(summary, records, "t", {})
+    assert "| comigs-1g1s | 25.00 | 1 | 4.00M |" in text  # no "(0.00)" pseudo-std for a single seed
+    assert "**" not in text
