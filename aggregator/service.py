@@ -14,7 +14,6 @@ import time
 
 from safetensors import safe_open
 
-from device_sdk.config import AdapterConfig
 from device_sdk.errors import ConfigError
 from device_sdk.strategies import Strategy, Upload, networked_strategy
 
@@ -224,15 +223,15 @@ class Federation:
         return mean.result()
 
     def _uploads(self, config: FederationConfig, updates: list) -> list[Upload]:
-        """Every stored upload of a round in memory, with the device's rank and LoRA scale (per-device rules)."""
+        """Every stored upload of a round in memory, with the device's rank and the federation's LoRA alpha
+        (per-device rules read each module's scale from its factors' rank)."""
         devices = {d.id: d for d in self.store.devices()}
         uploads = []
         for position, update in enumerate(updates):
             with safe_open(str(update.path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             rank = int(devices[update.device_id].capabilities["rank"])
-            uploads.append(Upload(position, tensors, update.tokens, rank, AdapterConfig(rank=rank,
-                                                                                         alpha=config.alpha).scale))
+            uploads.append(Upload(position, tensors, update.tokens, rank, config.alpha))
         return uploads
 
     def recover(self) -> None:

@@ -36,7 +36,7 @@ model_name, experts, batch, ctx, precision = sys.argv[1], int(sys.argv[2]), int(
 base = load_base_model(model_name)
 shape = model_shape(base.model)
 model = inject_adapters(base.model, AdapterConfig(n_specialists=experts - 1))
-cfg = TrainConfig(steps=4, batch_size=batch, context=ctx, precision=precision)
+cfg = TrainConfig(steps=4, batch_size=batch, context=ctx, precision=precision, device="cpu")  # CPU RSS
 state = init_train_state(model, cfg)
 g = torch.Generator().manual_seed(0)
 times = []

@@ -42,7 +42,7 @@ def train_step_s(precision: str, batch: int, ctx: int, repeats: int) -> float:
     from device_sdk.train import expert_step, init_train_state
 
     model = inject_adapters(load_base_model("smollm2-135m").model, AdapterConfig(n_specialists=1))
-    cfg = TrainConfig(steps=repeats + 1, batch_size=batch, context=ctx, precision=precision)
+    cfg = TrainConfig(steps=repeats + 1, batch_size=batch, context=ctx, precision=precision, device="cpu")
     state = init_train_state(model, cfg)
     xy = torch.randint(0, 49152, (batch, ctx + 1))
     return _median_s(lambda: expert_step(model, state, xy[:, :-1], xy[:, 1:], cfg), repeats)

@@ -56,7 +56,7 @@ def measure(name: str, n_devices: int) -> dict:
         shapes = shared_shapes(strategy, n_experts)
         tensors = {k: torch.randn(shape, generator=g) * 0.02 for k, shape in shapes.items()}
         rank = strategy.adapter_config(0, n_experts).rank
-        uploads.append(Upload(i, tensors, 1024, rank, AdapterConfig(rank=rank).scale))
+        uploads.append(Upload(i, tensors, 1024, rank, AdapterConfig().alpha))
     start = time.perf_counter()
     merged = strategy.server_rule(uploads)
     server_s = time.perf_counter() - start

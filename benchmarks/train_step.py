@@ -2,17 +2,25 @@
 
 Variants (all rank 8, alpha 16 with the rank-stabilised scale, the same attention + MLP targets, the same batch):
   peft        PEFT LoRA: one adapter per projection
-  1G1S        ours: attention LoRA + 2-expert LoRA-MoE per MLP projection, top-2 router (expert step)
+  1G1S        ours: attention LoRA + 2-expert LoRA-MoE per MLP block, top-2 router (expert step)
   1G1S-router ours: one router step (validation batch); amortised at tau=30, s=10 it adds s/tau of this per step
   1G3S-sparse ours, 4 experts, each expert only on its routed tokens
-  1G3S-dense  ours, 4 experts, gated concatenated rank-E*r update on every token
+  1G3S-dense  ours, 4 experts, fixed shapes on every token
 
-Each round runs one step of every variant in turn; times are medians over rounds. Peak memory cannot be told
+Each of ours runs in both mixing forms (``AdapterConfig.mixing``), named ``<variant>/<form>``: ``mlp`` (each expert the
+whole MLP, outputs mixed; dense = k masked slots of (N, F) hidden states) and ``projection`` (gates on every
+projection's low-rank update; dense = one gated concatenated rank-E*r update). The second table puts the two forms
+side by side as ratios to PEFT, with the targets for ``mlp`` (expert step <= 1.05x PEFT time and memory, 1G3S
+<= 1.15x).
+
+Each round runs one step of every variant in turn (the starting variant rotates each round, so no variant always
+runs right after the same neighbour); times are medians over rounds. Peak memory cannot be told
 apart inside one process (the allocator keeps freed pages, so a later step reuses an earlier one's memory), so
 each variant's peak RSS is measured in a fresh process of its own (load, 3 steps, kernel high-water mark), right
 after the timing rounds.
 
     .venv/bin/python benchmarks/train_step.py [--model smollm2-135m] [--rounds 6] [--batch 8] [--ctx 128]
+                                              [--mixing mlp,projection]
 """
 
 from __future__ import annotations
@@ -59,9 +67,10 @@ def peft_step_fn(model_name: str, cfg: TrainConfig):
     return step, sum(p.numel() for p in params)
 
 
-def ours_step_fn(model_name: str, cfg: TrainConfig, n_specialists: int, routing: str, router: bool = False):
+def ours_step_fn(model_name: str, cfg: TrainConfig, n_specialists: int, routing: str, mixing: str,
+                 router: bool = False):
     base = load_base_model(model_name).model
-    model = inject_adapters(base, AdapterConfig(n_specialists=n_specialists, routing=routing))
+    model = inject_adapters(base, AdapterConfig(n_specialists=n_specialists, routing=routing, mixing=mixing))
     state = init_train_state(model, TrainConfig(**{**cfg.to_dict(), "steps": 10_000}))
     model.train()
     fn = router_step if router else expert_step
@@ -70,14 +79,24 @@ def ours_step_fn(model_name: str, cfg: TrainConfig, n_specialists: int, routing:
 
 
 def build(name: str, model: str, cfg: TrainConfig):
+    """The step function of variant ``name``: ``peft`` or ``<variant>/<mixing>`` (e.g. ``1G3S-dense/mlp``)."""
     if name == "peft":
         return peft_step_fn(model, cfg)
-    n_specialists = 3 if name.startswith("1G3S") else 1
-    routing = "sparse" if name.endswith("sparse") else "dense" if name.endswith("dense") else "auto"
-    return ours_step_fn(model, cfg, n_specialists, routing, router=name.endswith("router"))
+    variant, mixing = name.split("/")
+    n_specialists = 3 if variant.startswith("1G3S") else 1
+    routing = "sparse" if variant.endswith("sparse") else "dense" if variant.endswith("dense") else "auto"
+    return ours_step_fn(model, cfg, n_specialists, routing, mixing, router=variant.endswith("router"))
 
 
-VARIANTS = ("peft", "1G1S", "1G1S-router", "1G3S-sparse", "1G3S-dense")
+OURS = ("1G1S", "1G1S-router", "1G3S-sparse", "1G3S-dense")
+MIXINGS = ("mlp", "projection")
+#: Targets of the mlp form, as ratios to PEFT (time and peak memory alike).
+GOALS = {"1G1S": 1.05, "1G3S-sparse": 1.15, "1G3S-dense": 1.15}
+
+
+def variant_names(mixings: tuple[str, ...]) -> list[str]:
+    """``peft`` then every variant of ours in each form, the forms of one variant next to each other."""
+    return ["peft"] + [f"{v}/{m}" for v in OURS for m in mixings]
 
 
 def child_peak(name: str, args) -> float:
@@ -101,9 +120,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--ctx", type=int, default=128)
     parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--mixing", default=",".join(MIXINGS), help="mixing forms of ours, comma-separated")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    cfg = TrainConfig(batch_size=args.batch, context=args.ctx, precision=args.precision)
+    mixings = tuple(args.mixing.split(","))
+    if not mixings or set(mixings) - set(MIXINGS):
+        parser.error(f"--mixing takes forms from {MIXINGS}, got {args.mixing!r}")
+    cfg = TrainConfig(batch_size=args.batch, context=args.ctx, precision=args.precision, device="cpu")  # CPU steps
     if args.child:
         import json
 
@@ -113,13 +136,15 @@ def main() -> None:
             step(x[:, :-1], x[:, 1:])
         print(json.dumps({"peak_mb": peak_rss_mb()}))
         return
-    variants = {name: build(name, args.model, cfg) for name in VARIANTS}
+    names = variant_names(mixings)
+    variants = {name: build(name, args.model, cfg) for name in names}
     params = {name: trainable for name, (_, trainable) in variants.items()}
     g = torch.Generator().manual_seed(0)
     times = {k: [] for k in variants}
     for r in range(args.warmup + args.rounds):
         x = torch.randint(0, 49152, (args.batch, args.ctx + 1), generator=g)
-        for name, (step, _) in variants.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step = variants[name][0]
             start = time.perf_counter()
             step(x[:, :-1], x[:, 1:])
             elapsed = time.perf_counter() - start
@@ -128,26 +153,40 @@ def main() -> None:
         print(f"round {r + 1}/{args.warmup + args.rounds}: " + ", ".join(
             f"{k} {times[k][-1]:.2f}s" for k in variants if times[k]), flush=True)
     del variants
-    mems = {name: child_peak(name, args) for name in VARIANTS}
+    mems = {name: child_peak(name, args) for name in names}
     tokens = args.batch * args.ctx
+    median = {name: statistics.median(times[name]) for name in names}
+    t_peft, m_peft = median["peft"], mems["peft"]
     rows = []
-    t_peft, m_peft = statistics.median(times["peft"]), mems["peft"]
-    for name in VARIANTS:
-        t, m = statistics.median(times[name]), mems[name]
+    for name in names:
+        t, m = median[name], mems[name]
         rows.append({"variant": name, "trainable_params": params[name], "step_s": t, "tokens_per_s": tokens / t,
                      "peak_rss_mb": m, "time_vs_peft": t / t_peft, "mem_vs_peft": m / m_peft})
-    t_amortised = statistics.median(times["1G1S"]) + 10 / 30 * statistics.median(times["1G1S-router"])
-    rows.append({"variant": "1G1S + routers (tau=30, s=10), per expert step", "step_s": t_amortised,
-                 "tokens_per_s": tokens / t_amortised, "time_vs_peft": t_amortised / t_peft})
-    sparse, dense = statistics.median(times["1G3S-sparse"]), statistics.median(times["1G3S-dense"])
-    summary = {"sparse_vs_dense_time": sparse / dense, "sparse_vs_dense_mem": mems["1G3S-sparse"] / mems["1G3S-dense"],
-               "1G1S_vs_peft_time": statistics.median(times["1G1S"]) / t_peft,
-               "1G1S_vs_peft_mem": mems["1G1S"] / m_peft}
+    summary, side = {}, []
+    for mixing in mixings:
+        t_amortised = median[f"1G1S/{mixing}"] + 10 / 30 * median[f"1G1S-router/{mixing}"]
+        rows.append({"variant": f"1G1S/{mixing} + routers (tau=30, s=10), per expert step", "step_s": t_amortised,
+                     "tokens_per_s": tokens / t_amortised, "time_vs_peft": t_amortised / t_peft})
+        sparse, dense = f"1G3S-sparse/{mixing}", f"1G3S-dense/{mixing}"
+        summary[mixing] = {
+            "sparse_vs_dense_time": median[sparse] / median[dense], "sparse_vs_dense_mem": mems[sparse] / mems[dense],
+            **{f"{v}_vs_peft_time": median[f"{v}/{mixing}"] / t_peft for v in OURS},
+            **{f"{v}_vs_peft_mem": mems[f"{v}/{mixing}"] / m_peft for v in OURS},
+            "1G1S_amortised_vs_peft_time": t_amortised / t_peft,
+        }
+    for v in OURS:  # one row per variant, the forms side by side
+        row = {"variant": v, "mlp_goal": GOALS.get(v, "")}
+        for mixing in mixings:
+            row[f"time_{mixing}"] = summary[mixing][f"{v}_vs_peft_time"]
+            row[f"mem_{mixing}"] = summary[mixing][f"{v}_vs_peft_mem"]
+        side.append(row)
     print(table(rows, ["variant", "trainable_params", "step_s", "tokens_per_s", "peak_rss_mb", "time_vs_peft",
                        "mem_vs_peft"]))
+    print(f"\nratios to PEFT ({t_peft:.3g} s/step, {m_peft:.0f} MiB peak RSS)")
+    print(table(side, ["variant", *(f"{q}_{m}" for q in ("time", "mem") for m in mixings), "mlp_goal"]))
     print(summary)
-    path = write_json("train_step", {"args": vars(args), "rows": rows, "summary": summary,
-                                     "raw_times": times, "peak_rss_mb": mems})
+    path = write_json("train_step", {"args": vars(args), "rows": rows, "side_by_side": side, "goals_mlp": GOALS,
+                                     "summary": summary, "raw_times": times, "peak_rss_mb": mems})
     print(f"wrote {path}")
 
 

@@ -16,6 +16,10 @@ from .strategies import DEFAULT_NETWORKED, NETWORKED
 
 log = logging.getLogger("device_sdk")
 
+DEVICE_HELP = ("where to train and evaluate: auto (default) = cuda when torch.cuda.is_available(), else cpu; "
+               "cpu; cuda; cuda:N (one GPU by index)")
+PRECISION_HELP = "auto: bf16 on a GPU that supports it or a CPU with native bf16, else fp32"
+
 
 def _add_train_local(sub) -> None:
     p = sub.add_parser("train-local", help="personalise a base model on one user's data (no federation)")
@@ -42,8 +46,8 @@ def _add_train_local(sub) -> None:
     p.add_argument("--routing", choices=("auto", "dense", "sparse"), default="auto")
     p.add_argument("--mixing", choices=MIXINGS, default="mlp",
                    help="mlp: every expert a whole MLP (the paper's model); projection: gates per projection")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 where the CPU has native bf16, else fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps (0: at the end)")
     p.add_argument("--eval-tokens", type=int, default=None, help="evaluate on the first N test tokens only "
@@ -58,7 +62,7 @@ def _train_local(args: argparse.Namespace) -> int:
     train = TrainConfig(steps=args.steps, batch_size=args.batch, context=args.ctx, lr_experts=args.lr,
                         lr_router=args.router_lr, lb_weight=args.lb_weight, lb_mode=args.lb_mode,
                         router_period=args.router_period, router_steps=args.router_steps,
-                        precision=args.precision, seed=args.seed, eval_every=args.eval_every)
+                        precision=args.precision, device=args.device, seed=args.seed, eval_every=args.eval_every)
     run = LocalRunConfig(data=args.data, model=args.model, out=args.out, adapter=adapter, train=train,
                          specialists_from_budget=args.specialists is None, budget_mb=args.budget_mb,
                          budget_step_s=args.budget_step_s,
@@ -89,8 +93,8 @@ def _add_join(sub) -> None:
     p.add_argument("--ctx", type=int, default=128)
     p.add_argument("--router-period", type=int, default=30)
     p.add_argument("--router-steps", type=int, default=10)
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 where the CPU has native bf16, else fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--eval-tokens", type=int, default=0, help="test tokens for per-round perplexity "
                    "(0: skip, -1: whole test set)")
     p.add_argument("--seed", type=int, default=0)
@@ -105,7 +109,8 @@ def _join(args: argparse.Namespace) -> int:
     from .device import Device, DeviceConfig
 
     train = TrainConfig(steps=args.local_steps, batch_size=args.batch, context=args.ctx,
-                        router_period=args.router_period, router_steps=args.router_steps, precision=args.precision)
+                        router_period=args.router_period, router_steps=args.router_steps, precision=args.precision,
+                        device=args.device)
     cfg = DeviceConfig(server=args.server, data=args.data, state_dir=args.state or Path("device-state") / args.data.name,
                        enroll_secret=args.enroll_secret, model=args.model, name=args.name or args.data.name,
                        train=train, rounds=args.rounds, n_specialists=args.specialists, budget_mb=args.budget_mb,
@@ -222,7 +227,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--via-server", action="store_true", default=None,
                    help="aggregate through a real aggregator on loopback (same results as in-process)")
     p.add_argument("--model", default=None, help="default smollm2-135m")
-    p.add_argument("--precision", choices=PRECISIONS, default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP + " (default auto)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--eval-tokens", type=int, default=None, help="test tokens per user per evaluation (0: all)")
     p.add_argument("--cache-dir", type=Path, default=None)
 
@@ -238,7 +244,7 @@ def _simulate(args: argparse.Namespace) -> int:
                       eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, via_server=args.via_server,
                       routing_layers=args.routing_layers, train_tokens=args.train_tokens,
                       train_prefix=args.train_prefix, valid_prefix=args.valid_prefix, mixing=args.mixing,
-                      lb_mode=args.lb_mode)
+                      lb_mode=args.lb_mode, device=args.device)
     result = simulate(cfg, args.out, progress=True, cached_only=args.cached_only)
     print()
     print(result["files"]["results.md"].read_text())

@@ -5,9 +5,10 @@ Layout of a saved adapter folder::
     attention.safetensors   generalist.safetensors   specialist.safetensors   router.safetensors
 
 Keys are the parameters' qualified names in the adapted model. Metadata (all strings): ``format``, ``role``,
-``base_model``, ``rank``, ``alpha``, ``n_generalists``, ``n_specialists``, ``top_k``, ``mixing`` (files without it
-were written by the projection form, the only one before it existed). Roles without tensors
-(e.g. specialists of a 1-expert device) are not written.
+``base_model``, ``rank``, ``attention_rank`` (files without it: ``rank``, the only attention rank before it
+existed), ``alpha``, ``n_generalists``, ``n_specialists``, ``top_k``, ``mixing`` (files without it were written by the
+projection form, the only one before it existed). Roles without tensors (e.g. specialists of a 1-expert device) are
+not written.
 """
 
 from __future__ import annotations
@@ -32,9 +33,19 @@ def adapter_metadata(model: nn.Module, base_model: str, role: Role) -> dict[str,
     cfg = adapter_config(model)
     return {
         "format": FORMAT, "role": role.value, "base_model": base_model, "rank": str(cfg.rank),
-        "alpha": str(cfg.alpha), "n_generalists": str(cfg.n_generalists), "n_specialists": str(cfg.n_specialists),
-        "top_k": str(cfg.top_k), "mixing": cfg.mixing,
+        "attention_rank": str(cfg.attention_lora_rank), "alpha": str(cfg.alpha),
+        "n_generalists": str(cfg.n_generalists), "n_specialists": str(cfg.n_specialists), "top_k": str(cfg.top_k),
+        "mixing": cfg.mixing,
     }
+
+
+def file_attention_rank(metadata: dict[str, str]) -> int:
+    """The attention LoRA rank an adapter file was written with (files from before the setting: its ``rank``).
+
+    Raises:
+        KeyError, ValueError: for metadata without a readable rank.
+    """
+    return int(metadata.get("attention_rank", metadata["rank"]))
 
 
 def file_mixing(metadata: dict[str, str]) -> str:
@@ -87,8 +98,8 @@ def load_adapters(model: nn.Module, folder: Path, base_model: str,
                   roles: set[Role] | frozenset[Role] = frozenset(Role)) -> list[Role]:
     """Load the adapter files in ``folder`` for ``roles`` into ``model`` (files that are absent are skipped).
 
-    Every file is checked against the model first (base model, rank, alpha, key set, shapes, dtypes, finite
-    values); nothing is copied unless all files pass.
+    Every file is checked against the model first (base model, rank, attention rank, alpha, key set, shapes,
+    dtypes, finite values); nothing is copied unless all files pass.
 
     Returns:
         The roles that were loaded.
@@ -106,6 +117,9 @@ def load_adapters(model: nn.Module, folder: Path, base_model: str,
         tensors, meta = read_adapter_file(path)
         expected = {"role": role.value, "base_model": base_model, "rank": str(cfg.rank), "alpha": str(cfg.alpha)}
         wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+        attention_rank = meta.get("attention_rank", meta.get("rank"))
+        if attention_rank != str(cfg.attention_lora_rank):
+            wrong["attention_rank"] = (attention_rank, str(cfg.attention_lora_rank))
         if cfg.n_experts > 1 and file_mixing(meta) != cfg.mixing:
             wrong["mixing"] = (file_mixing(meta), cfg.mixing)
         if wrong:

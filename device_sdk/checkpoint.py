@@ -47,7 +47,7 @@ def _optimizer_tensors(model: nn.Module, state: TrainState) -> dict[str, torch.T
             continue
         for p, s in opt.state.items():
             for key, value in s.items():
-                out[f"{prefix}/{names[id(p)]}/{key}"] = torch.as_tensor(value).detach().clone()
+                out[f"{prefix}/{names[id(p)]}/{key}"] = torch.as_tensor(value).detach().to("cpu").clone()
     return out
 
 
@@ -118,7 +118,8 @@ def load_checkpoint(path: Path, model: nn.Module, state: TrainState, base_model:
             p = names.get(pname)
             if p is None or id(p) not in ids:
                 raise CheckpointError(f"checkpoint {path} has optimizer state for unknown parameter {pname}")
-            opt.state[p][field] = value
+            # moments follow their parameter's device (a GPU run); AdamW keeps its step counter on the CPU
+            opt.state[p][field] = value if field == "step" else value.to(p.device)
     state.step = int(info["step"])
     state.schedule.last_epoch = int(info["schedule_epoch"])
     for group in state.expert_opt.param_groups:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .device_select import resolve_device
 from .errors import ConfigError
 from .precision import PRECISIONS, resolve_precision
 
@@ -31,6 +32,11 @@ ROUTER_MODES = ("validation", "train", "joint", "fixed")
 DENSE_MAX_RANK = 256
 
 
+def lora_scale(alpha: float, rank: int) -> float:
+    """The rank-stabilised LoRA scale ``gamma = alpha / sqrt(r)`` (paper eq. 4), the one place it is computed."""
+    return alpha / rank**0.5
+
+
 def _raise_if(problems: list[str], what: str) -> None:
     if problems:
         raise ConfigError(f"invalid {what}: " + "; ".join(problems))
@@ -41,8 +47,12 @@ class AdapterConfig:
     """Shape of the adapters attached to a base model.
 
     Attributes:
-        rank: LoRA rank r of every adapter (paper: 8).
-        alpha: LoRA alpha; the update is scaled by ``alpha / sqrt(rank)`` (paper eq. 4, rank-stabilised).
+        rank: LoRA rank r of every MLP expert (paper: 8).
+        alpha: LoRA alpha; every LoRA's update is scaled by ``alpha / sqrt(r)`` with its own rank r (paper eq. 4,
+            rank-stabilised; see :func:`lora_scale`).
+        attention_rank: LoRA rank of the attention projections (``None``: ``rank``). HetLoRA / FlexLoRA scale only
+            the MLP rank with a device's budget and keep the attention LoRA at the expert rank (8), as every other
+            strategy has it (paper section 4.3.1; the authors' code).
         n_generalists: generalist experts per MLP block (experts ``0 .. n_generalists-1``; shared across devices).
         n_specialists: specialist experts per MLP block (after the generalists; never leave the device).
         top_k: experts mixed per token; the effective k is ``min(top_k, n_experts)``.
@@ -61,6 +71,7 @@ class AdapterConfig:
 
     rank: int = 8
     alpha: float = 16.0
+    attention_rank: int | None = None
     n_generalists: int = 1
     n_specialists: int = 1
     top_k: int = 2
@@ -75,6 +86,9 @@ class AdapterConfig:
         problems = []
         if not isinstance(self.rank, int) or self.rank <= 0:
             problems.append(f"rank must be a positive integer, got {self.rank!r}")
+        if self.attention_rank is not None and (not isinstance(self.attention_rank, int)
+                                                or isinstance(self.attention_rank, bool) or self.attention_rank <= 0):
+            problems.append(f"attention_rank must be a positive integer or None, got {self.attention_rank!r}")
         if not self.alpha > 0:
             problems.append(f"alpha must be > 0, got {self.alpha!r}")
         if self.n_generalists < 0 or self.n_specialists < 0:
@@ -105,8 +119,18 @@ class AdapterConfig:
 
     @property
     def scale(self) -> float:
-        """LoRA scale gamma = alpha / sqrt(r) (paper eq. 4)."""
-        return self.alpha / self.rank**0.5
+        """LoRA scale gamma of the MLP experts, ``alpha / sqrt(rank)`` (paper eq. 4)."""
+        return lora_scale(self.alpha, self.rank)
+
+    @property
+    def attention_lora_rank(self) -> int:
+        """The attention LoRA's rank: ``attention_rank``, or ``rank`` when unset."""
+        return self.rank if self.attention_rank is None else self.attention_rank
+
+    @property
+    def attention_scale(self) -> float:
+        """LoRA scale gamma of the attention LoRA, ``alpha / sqrt(attention rank)`` (paper eq. 4)."""
+        return lora_scale(self.alpha, self.attention_lora_rank)
 
     @property
     def sparse(self) -> bool:
@@ -140,7 +164,11 @@ class TrainConfig:
         grad_clip: max global gradient norm per optimizer (0 disables).
         precision: ``bf16`` runs forward/backward under CPU bf16 autocast (adapters stay fp32), ``fp32`` does not;
             ``auto`` (the default) becomes ``bf16`` on CPUs with native bf16 and ``fp32`` elsewhere
-            (:mod:`device_sdk.precision`), so a built config always holds one of the two.
+            (:mod:`device_sdk.precision`), so a built config always holds one of the two. On a CUDA ``device``
+            autocast runs on the GPU and ``auto`` means bf16 where ``torch.cuda.is_bf16_supported()``.
+        device: where training runs: ``auto`` (the default: ``cuda`` when ``torch.cuda.is_available()``, else
+            ``cpu``), ``cpu``, ``cuda`` or ``cuda:N`` (:mod:`device_sdk.device_select`); a built config holds the
+            resolved device, and the model must live there (batches are moved to it).
         seed: seeds batch sampling and adapter initialisation.
         log_every: record the training loss every this many steps.
         eval_every: evaluate validation loss every this many steps (0: only at the end).
@@ -166,6 +194,7 @@ class TrainConfig:
     warmup_fraction: float = 0.1
     grad_clip: float = 1.0
     precision: str = "auto"
+    device: str = "auto"
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0
@@ -199,10 +228,16 @@ class TrainConfig:
             problems.append(f"lb_mode must be one of {LB_MODES}, got {self.lb_mode!r}")
         if self.router_mode not in ROUTER_MODES:
             problems.append(f"router_mode must be one of {ROUTER_MODES}, got {self.router_mode!r}")
+        device_ok = True
+        try:  # first: what "auto" precision means depends on the device
+            object.__setattr__(self, "device", resolve_device(self.device))
+        except ConfigError as err:
+            problems.append(str(err))
+            device_ok = False
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        else:
-            object.__setattr__(self, "precision", resolve_precision(self.precision))
+        elif device_ok:
+            object.__setattr__(self, "precision", resolve_precision(self.precision, self.device))
         if self.schedule_steps is not None and self.schedule_steps < self.steps:
             problems.append(f"schedule_steps ({self.schedule_steps}) must be >= steps ({self.steps})")
         if not 0 < self.warmup_fraction < 1:

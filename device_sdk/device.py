@@ -26,6 +26,7 @@ from .inject import inject_adapters
 from .models import default_cache_dir, load_base_model
 from .parts import role_parameters
 from .strategies import DEFAULT_NETWORKED, Upload, fit, networked_strategy
+from .strategies.base import device_upload
 from .train import init_train_state, train_local, valid_loss
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ class Device:
         n_experts = 1 + self._specialist_count(base.model)
         self.adapter = replace(self.strategy.adapter_config(0, n_experts), alpha=cfg.alpha)
         torch.manual_seed(cfg.seed)
-        self.model = inject_adapters(base.model, self.adapter)
+        # on the training config's device (adapters initialised on the CPU); uploads leave as CPU copies
+        self.model = inject_adapters(base.model, self.adapter).to(cfg.train.device)
         self.strategy.prepare(0, self.model)
         self.data: UserData = load_user_data(cfg.data, base.tokenizer, cache_dir=cache)
         schedule = cfg.train.steps * cfg.rounds
@@ -181,8 +183,9 @@ class Device:
         return self.strategy.shared_tensors(self.model)
 
     def own_upload(self) -> Upload:
-        """This device's shared tensors with its rank and LoRA scale (what a strategy's receive step reads)."""
-        return Upload(0, self.shared_tensors(), 0, self.adapter.rank, self.adapter.scale)
+        """This device's shared tensors with its rank, LoRA alpha and tensor roles (what a strategy's receive step
+        reads)."""
+        return device_upload(0, self.model, self.shared_tensors())
 
     def peer_loss(self, tensors: dict[str, torch.Tensor]) -> float:
         """Validation loss with ``tensors`` loaded in place of this device's shared tensors (PCL's peer score)."""

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import eval_windows
+from .device_select import model_device
 from .precision import resolve_precision
 
 
@@ -27,10 +28,21 @@ class EvalResult:
         return math.exp(self.loss)
 
 
-def autocast(precision: str):
-    """CPU bf16 autocast for ``precision`` ``bf16`` (or ``auto`` on a CPU with native bf16), else a no-op context."""
-    if resolve_precision(precision) == "bf16":
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+def autocast(precision: str, device: str | torch.device = "cpu"):
+    """The one place autocast is built: bf16 autocast on ``device`` for ``precision`` ``bf16`` (or ``auto`` where
+    ``device`` runs bf16 fast, see :func:`device_sdk.precision.resolve_precision`), else a no-op context.
+
+    Args:
+        precision: one of :data:`device_sdk.precision.PRECISIONS`.
+        device: where the computation runs (``cpu``, ``cuda``, ``cuda:N`` or a :class:`torch.device`); autocast is
+            built for its type.
+
+    Returns:
+        A context manager: ``torch.autocast(device_type=<cpu|cuda>, dtype=torch.bfloat16)`` or a null context.
+    """
+    device_type = torch.device(device).type
+    if resolve_precision(precision, device_type) == "bf16":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -45,7 +57,12 @@ def evaluate(model: nn.Module, tokens: np.ndarray, context: int, batch_size: int
         max_tokens: evaluate only the first ``max_tokens`` tokens (deterministic prefix), or with ``spread`` that
             many tokens in windows spread evenly over the whole stream (:func:`device_sdk.data.eval_windows`).
         progress: show a progress bar (for command-line use).
+
+    Returns:
+        The mean loss and the number of predicted tokens. Batches run on the model's device
+        (:func:`device_sdk.device_select.model_device`), under :func:`autocast` for that device.
     """
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -56,8 +73,9 @@ def evaluate(model: nn.Module, tokens: np.ndarray, context: int, batch_size: int
 
         windows = tqdm(windows, total=math.ceil(n_windows / batch_size), desc="evaluate", unit="batch", leave=False)
     for x, y in windows:
-        with autocast(precision):
-            logits = model(input_ids=x, use_cache=False).logits
+        x, y = x.to(device), y.to(device)  # (B, T) each
+        with autocast(precision, device):
+            logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
     model.train(was_training)
@@ -67,7 +85,17 @@ def evaluate(model: nn.Module, tokens: np.ndarray, context: int, batch_size: int
 def loss_with(model: nn.Module, tensors: dict[str, torch.Tensor], tokens: np.ndarray, context: int,
               batch_size: int = 8, precision: str = "fp32", max_tokens: int | None = None) -> float:
     """:func:`evaluate`'s loss with ``tensors`` (``{parameter name: tensor}``, same shapes) loaded in place of the
-    model's own values, which are restored afterwards (PCL scores peer models this way)."""
+    model's own values, which are restored afterwards (PCL scores peer models this way).
+
+    ``tensors`` may live on any device (a server's download is on the CPU); they are copied onto the parameters'
+    device.
+
+    Returns:
+        The mean loss with ``tensors`` loaded.
+
+    Raises:
+        KeyError: if a name in ``tensors`` is not a parameter of the model.
+    """
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:

@@ -84,7 +84,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     """Freeze ``model`` and wrap its attention projections with LoRA and its MLP blocks with LoRA-MoE.
 
     Every MLP block gets one router over ``cfg.n_experts`` experts shared by all its target projections; base
-    weights stay single and frozen (experts add low-rank updates only).
+    weights stay single and frozen (experts add low-rank updates only). Experts have rank ``cfg.rank`` and scale
+    ``cfg.scale``; attention LoRAs rank ``cfg.attention_lora_rank`` and scale ``cfg.attention_scale``.
 
     Args:
         model: a Hugging Face causal LM (GPT-2 and Llama families, or any model with explicit targets).
@@ -117,8 +118,9 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
             "Pass AdapterConfig(mlp_module=...)"
         )
 
-    for name in attention:
-        _set_submodule(model, name, LoRALinear(model.get_submodule(name), cfg.rank, cfg.scale))
+    for name in attention:  # rank and scale of their own (HetLoRA / FlexLoRA scale only the MLP rank)
+        _set_submodule(model, name, LoRALinear(model.get_submodule(name), cfg.attention_lora_rank,
+                                               cfg.attention_scale))
 
     n_projections = 0
     for mlp_name in mlps:

@@ -15,6 +15,7 @@ from .adapters import save_adapters
 from .budget import model_shape, specialists_for_budget
 from .config import AdapterConfig, TrainConfig
 from .data import load_user_data
+from .device_select import device_name
 from .errors import ConfigError
 from .evaluate import evaluate
 from .inject import inject_adapters
@@ -62,7 +63,15 @@ class LocalRunConfig:
 def run_local(run: LocalRunConfig, progress: bool = False) -> dict:
     """Personalise ``run.model`` on the user folder ``run.data``; returns (and writes) the metrics.
 
-    Writes ``out/adapters/*.safetensors``, ``out/metrics.json`` and ``out/curves.png``.
+    Writes ``out/adapters/*.safetensors``, ``out/metrics.json`` and ``out/curves.png``. The model trains and
+    evaluates on ``run.train.device`` (resolved when the :class:`TrainConfig` was built).
+
+    Args:
+        run: the run's settings.
+        progress: show progress bars.
+
+    Returns:
+        The metrics written to ``metrics.json``.
     """
     cache = run.cache_dir or default_cache_dir()
     base = load_base_model(run.model, cache_dir=cache)
@@ -72,6 +81,9 @@ def run_local(run: LocalRunConfig, progress: bool = False) -> dict:
         if run.budget_mb is None:
             adapter = replace(adapter, n_specialists=1)
         else:
+            if run.train.device != "cpu":
+                log.warning("the memory budget model is calibrated for CPU training; on %s it predicts host "
+                            "memory, not GPU memory", run.train.device)
             tokens = run.train.batch_size * run.train.context
             budget = specialists_for_budget(model_shape(base.model, adapter), run.budget_mb, tokens, adapter.rank,
                                             adapter.n_generalists, run.train.precision,
@@ -79,7 +91,7 @@ def run_local(run: LocalRunConfig, progress: bool = False) -> dict:
             adapter = replace(adapter, n_specialists=budget.n_specialists)
     data = load_user_data(run.data, base.tokenizer, cache_dir=cache)
     torch.manual_seed(run.train.seed)
-    model = inject_adapters(base.model, adapter)
+    model = inject_adapters(base.model, adapter).to(run.train.device)  # adapters initialised on the CPU
     log.info("user %s: %d/%d/%d train/valid/test tokens; %d generalist(s), %d specialist(s); parameters %s",
              data.name, len(data.train), len(data.valid), len(data.test), adapter.n_generalists,
              adapter.n_specialists, count_parameters(model))
@@ -116,7 +128,8 @@ def run_local(run: LocalRunConfig, progress: bool = False) -> dict:
                   "curve": result.train, "router_curve": result.router, "valid_curve": result.valid},
         "peak_rss_mb": train_peak,
         "host": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                 "torch": torch.__version__},
+                 "torch": torch.__version__, "device": run.train.device,
+                 "device_name": device_name(run.train.device)},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_learning_curves(result.train, result.valid, result.router, out / "curves.png",

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device_select import model_device
 from .lora import RoutedMLP
 
 
@@ -19,15 +20,24 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def importance_weights(n_experts: int, n_generalists: int) -> torch.Tensor:
+def importance_weights(n_experts: int, n_generalists: int,
+                       device: str | torch.device | None = None) -> torch.Tensor:
     """Generalist-favoured weights of paper eq. 5, normalised to mean 1 so that 2 experts give uniform weights.
 
     With one generalist and top-2 routing the minimiser puts router probability 1/2 on the generalist and
     ``1 / (2 (n-1))`` on each specialist, which is the intent stated in appendix C.4.
+
+    Args:
+        n_experts: experts of the block (E).
+        n_generalists: generalists among them (the weighting needs exactly one; otherwise uniform).
+        device: where the weights are created (``None``: the CPU).
+
+    Returns:
+        (E,) weights with mean 1.
     """
     if n_generalists != 1 or n_experts < 2:
-        return torch.ones(n_experts)
-    w = torch.full((n_experts,), float(n_experts - 1))
+        return torch.ones(n_experts, device=device)
+    w = torch.full((n_experts,), float(n_experts - 1), device=device)
     w[0] = 1.0
     return w * n_experts / w.sum()
 
@@ -67,14 +77,18 @@ def load_balancing_loss(model: nn.Module, mode: str = "switch", n_generalists: i
         mode: one of :data:`device_sdk.config.LB_MODES`: ``switch`` / ``count`` (uniform weights), ``importance``
             / ``importance-count`` (paper eq. 5), ``none``.
         n_generalists: generalists per block (importance weighting needs exactly one).
+
+    Returns:
+        A scalar on the device of the router probabilities (of the model's parameters without routers).
     """
     losses = []
     if mode != "none":
         for module in model.modules():
             if isinstance(module, RoutedMLP) and module.router_probs is not None:
-                e = module.n_experts
-                w = importance_weights(e, n_generalists) if mode.startswith("importance") else torch.ones(e)
+                e, device = module.n_experts, module.router_probs.device
+                w = (importance_weights(e, n_generalists, device) if mode.startswith("importance")
+                     else torch.ones(e, device=device))
                 losses.append(block_balance_loss(module.router_probs, module.gates, w, count=mode.endswith("count")))
     if not losses:
-        return torch.zeros(())
+        return torch.zeros((), device=model_device(model))
     return torch.stack(losses).mean()

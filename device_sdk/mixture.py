@@ -88,14 +88,17 @@ class ExpertMLPs:
         flat_i = indices.reshape(-1, indices.shape[-1])  # (N, k)
         inputs = [self._projection(n) for n in self.form.inputs]
         output = self._projection(self.form.output)
-        base_pre = [p.base(flat_x) for p in inputs]  # frozen input projections, once: (N, F) each
+        # The frozen projections run on (B, T, .) as in the HF block: in an ONNX graph they stay MatMul nodes, which
+        # export/onnx.py's int4 pass quantises (on (N, .) they become Gemm). One view of flat_x per projection keeps
+        # flat_x's gradient summing the same terms in the same order as on (N, D).
+        base_pre = [p.base(flat_x.view(shape)).flatten(0, -2) for p in inputs]  # input projections, once: (N, F) each
         # sparse: each expert on its routed tokens (data-dependent shapes); dense: k masked slots (fixed shapes)
         mix_fn = self._sparse_mix if output.sparse else self._slot_mix
         h_mix, low = mix_fn(flat_x, flat_w, flat_i, inputs, output, base_pre)
-        out = output.base(h_mix) + output.scale * low  # (N, D)
+        out = output.base(h_mix.reshape(*shape[:-1], -1)) + output.scale * low.reshape(*shape[:-1], -1)  # (B, T, D)
         if self.dropout is not None:
             out = self.dropout(out)
-        return out.reshape(*shape[:-1], out.shape[-1])
+        return out
 
     def _slot_mix(self, x, weights, indices, inputs, output, base_pre) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed shapes: slot j of every token runs the token's j-th expert, its low-rank terms selected by a

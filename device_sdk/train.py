@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import UserData, sample_batch
+from .device_select import check_model_device
 from .evaluate import autocast, evaluate
 from .inject import adapter_config, routed_blocks
 from .losses import lm_loss, load_balancing_loss
@@ -124,12 +125,12 @@ def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConf
     """LM loss + lambda * load-balancing loss (+ ``regularizer(model)``) on one batch (eq. 2 / eq. 3).
 
     Args:
-        x, y: (B, T) inputs and next-token targets.
+        x, y: (B, T) inputs and next-token targets, on the model's device (``cfg.device``).
 
     Returns:
         ``(total, lm, lb)`` scalars.
     """
-    with autocast(cfg.precision):
+    with autocast(cfg.precision, cfg.device):
         logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
     lm = lm_loss(logits, y)
     lb = load_balancing_loss(model, cfg.lb_mode, adapter_config(model).n_generalists)
@@ -190,15 +191,21 @@ def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: Train
     routers step with the experts, and ``"fixed"``).
 
     Args:
-        model: a model with adapters (see :func:`device_sdk.inject.inject_adapters`).
+        model: a model with adapters (see :func:`device_sdk.inject.inject_adapters`), on ``cfg.device``; batches
+            (sampled on the CPU) are moved there.
         data: the user's token streams; training batches come from ``train``, router batches from ``valid``.
         state: optimizers and counters to continue from (``None``: start fresh).
         progress: show a progress bar.
 
     Returns:
         The curves of this call and the state to continue from.
+
+    Raises:
+        ConfigError: if the model is not on ``cfg.device``.
+        SDKError: if a trainable parameter has no adapter role.
     """
     check_every_trainable_has_a_role(model)
+    check_model_device(model, cfg.device)
     state = state or init_train_state(model, cfg)
     result = TrainResult()
     model.train()
@@ -209,7 +216,8 @@ def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: Train
         steps = tqdm(steps, desc="train", unit="step")
     start = time.perf_counter()
     for _ in steps:
-        x, y = sample_batch(data.train, cfg.batch_size, cfg.context, state.generator)
+        x, y = sample_batch(data.train, cfg.batch_size, cfg.context, state.generator)  # (B, T) each, CPU int64
+        x, y = x.to(cfg.device), y.to(cfg.device)
         stats = expert_step(model, state, x, y, cfg, regularizer)
         result.tokens += x.numel()
         if state.step % cfg.log_every == 0:
@@ -219,6 +227,7 @@ def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: Train
             source = data.valid if cfg.router_mode == "validation" else data.train
             for _ in range(cfg.router_steps):
                 vx, vy = sample_batch(source, cfg.batch_size, cfg.context, state.generator)
+                vx, vy = vx.to(cfg.device), vy.to(cfg.device)
                 result.router.append({"step": state.step, **router_step(model, state, vx, vy, cfg)})
         if cfg.eval_every and state.step % cfg.eval_every == 0:
             result.valid.append({"step": state.step, "loss": valid_loss(model, data.valid, cfg)})

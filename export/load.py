@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from device_sdk.adapters import file_mixing, load_adapters, read_adapter_file
+from device_sdk.adapters import file_attention_rank, file_mixing, load_adapters, read_adapter_file
 from device_sdk.checkpoint import latest_checkpoint
 from device_sdk.config import AdapterConfig
 from device_sdk.errors import SDKError
@@ -91,7 +91,8 @@ def load_personalized(checkpoint: Path, cache_dir: Path | None = None) -> Person
     try:
         adapter = AdapterConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]),
                                 n_generalists=int(meta["n_generalists"]), n_specialists=int(meta["n_specialists"]),
-                                top_k=int(meta["top_k"]), routing="dense", mixing=file_mixing(meta))
+                                top_k=int(meta["top_k"]), routing="dense", mixing=file_mixing(meta),
+                                attention_rank=file_attention_rank(meta))
     except (KeyError, ValueError, TypeError) as err:
         raise ExportError(f"malformed checkpoint: adapter metadata in {folder} is incomplete ({err})") from err
     base = load_base_model(meta["base_model"], cache_dir=cache_dir)

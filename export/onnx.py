@@ -103,8 +103,11 @@ def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 
     plus a per-block offset term, ``block_size`` values per scale, see :func:`int4_blocks`); adapters and routers
     stay fp32.
 
+    Only MatMul nodes are converted: a projection applied to a 2-D input exports as a Gemm node and stays fp32
+    (GPT-2's Conv1D always does); such base-sized Gemm weights are counted in ``gemm_fp32`` and logged.
+
     Returns:
-        ``{"file", "seconds", "quantized", "kept_fp32", "matmuls"}``.
+        ``{"file", "seconds", "quantized", "kept_fp32", "matmuls", "gemm_fp32"}``.
 
     Raises:
         ExportError: if the model cannot be read or written.
@@ -148,6 +151,11 @@ def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 
             helper.make_node("Add", [base, offset], list(node.output), name=f"{node.name}_int4"),
         ]
         quantized += 1
+    gemm_fp32 = [n.name for n in model.graph.node if n.op_type == "Gemm" and n.input[1] in inits
+                 and len(inits[n.input[1]].dims) == 2 and min(inits[n.input[1]].dims) > max_adapter_dim]
+    if gemm_fp32:
+        log.warning("int4: %d Gemm node(s) with base-sized weights stay fp32 (only MatMul nodes are quantised), "
+                    "e.g. %s", len(gemm_fp32), gemm_fp32[:2])
     used = {i for node in nodes for i in node.input}
     kept = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
@@ -164,4 +172,4 @@ def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 
     log.info("wrote %s in %.1f s: %d MatMul -> int4, %d adapter/router MatMul kept fp32", Path(dst).name, seconds,
              quantized, len(exclude))
     return {"file": Path(dst).name, "seconds": seconds, "quantized": quantized, "kept_fp32": len(exclude),
-            "matmuls": before}
+            "matmuls": before, "gemm_fp32": len(gemm_fp32)}

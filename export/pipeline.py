@@ -185,10 +185,11 @@ def verify_export(checkpoint: Path, out: Path, data: Path | None = None, tol: To
 def update_program_adapters(program_dir: Path, checkpoint: Path) -> Path:
     """Write a checkpoint's adapters into an ExecuTorch export's ``adapters.ptd`` (program and base data stay).
 
-    The new adapters must come from the same base model and adapter shape as the export (checked against the
-    manifest and against every tensor's size).
+    The new adapters must come from the same base model, mixing form and adapter shape as the export (checked
+    against the manifest and against every tensor's size; the two mixing forms have the same tensors, so only the
+    manifest tells them apart).
     """
-    from device_sdk.adapters import read_adapter_file
+    from device_sdk.adapters import file_mixing, read_adapter_file
 
     from .executorch import write_adapters
     from .load import find_adapters
@@ -198,6 +199,7 @@ def update_program_adapters(program_dir: Path, checkpoint: Path) -> Path:
     if not manifest_path.is_file():
         raise ExportError(f"{program_dir} has no {MANIFEST}: it is not an export of this SDK")
     manifest = json.loads(manifest_path.read_text())
+    program_mixing = manifest["adapter"].get("mixing", "projection")  # exports from before the setting: projection
     folder, info = find_adapters(checkpoint)
     tensors = {}
     for path in sorted(folder.glob("*.safetensors")):
@@ -205,6 +207,11 @@ def update_program_adapters(program_dir: Path, checkpoint: Path) -> Path:
         if meta["base_model"] != manifest["base_model"]:
             raise ExportError(f"{path} is for base model {meta['base_model']!r}, the program for "
                               f"{manifest['base_model']!r}")
+        n_experts = int(meta["n_generalists"]) + int(meta["n_specialists"])
+        if n_experts > 1 and file_mixing(meta) != program_mixing:
+            raise ExportError(f"{path} holds {file_mixing(meta)}-mixing adapters, the program computes "
+                              f"{program_mixing} mixing (the tensors fit, the model would not); export the "
+                              "checkpoint again")
         tensors.update(file_tensors)
     written = write_adapters(program_dir, tensors)
     manifest["round"], manifest["global_version"] = info.get("round"), info.get("global_version")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..data import UserData
 from ..config import LB_MODES, MIXINGS, REFERENCE_OPTIMIZER, SCHEDULES
+from ..device_select import resolve_device
 from ..errors import ConfigError
 from ..precision import PRECISIONS, resolve_precision
 from ..strategies import ALL, CORE
@@ -59,6 +60,9 @@ class SimConfig:
             generalist-favoured ``importance`` of eq. 5 for CoMiGS-1GXS, as in the paper's Table 2).
         betas, weight_decay, schedule, final_lr_fraction, grad_clip: the optimizer (see
             :class:`device_sdk.config.TrainConfig`); defaults are the authors' code's.
+        device: where every user's model trains and evaluates: ``auto`` (the default: ``cuda`` when
+            ``torch.cuda.is_available()``, else ``cpu``), ``cpu``, ``cuda`` or ``cuda:N``; resolved when the config
+            is built (``precision="auto"`` then resolves for that device). Part of the cache key unless ``cpu``.
     """
 
     data: Path
@@ -92,6 +96,7 @@ class SimConfig:
     schedule: str = REFERENCE_OPTIMIZER["schedule"]
     final_lr_fraction: float = REFERENCE_OPTIMIZER["final_lr_fraction"]
     grad_clip: float = REFERENCE_OPTIMIZER["grad_clip"]
+    device: str = "auto"
     cache_dir: Path | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -111,10 +116,16 @@ class SimConfig:
             problems.append(f"router_steps must be >= 0, got {self.router_steps}")
         if self.eval_tokens is not None and self.eval_tokens < 1:
             problems.append(f"eval_tokens must be >= 1 or None, got {self.eval_tokens}")
+        device_ok = True
+        try:  # first: what "auto" precision means depends on the device
+            object.__setattr__(self, "device", resolve_device(self.device))
+        except ConfigError as err:
+            problems.append(str(err))
+            device_ok = False
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        else:  # the cache key holds what the runs really use, never "auto"
-            object.__setattr__(self, "precision", resolve_precision(self.precision))
+        elif device_ok:  # the cache key holds what the runs really use, never "auto"
+            object.__setattr__(self, "precision", resolve_precision(self.precision, self.device))
         if not self.seeds:
             problems.append("no seeds given")
         capped = [user for user, _ in self.train_tokens]
@@ -157,7 +168,11 @@ class SimConfig:
             ignored.add("lb_mode")
         if not self.train_tokens:  # keys of runs on full data stay as they were before the setting existed
             ignored.add("train_tokens")
+        if self.device == "cpu":  # keys of CPU runs stay as they were before the setting existed
+            ignored.add("device")
         relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
+        if "device" in relevant:  # GPU kernels change the numbers; which GPU index ran them does not
+            relevant["device"] = self.device.partition(":")[0]
         relevant.update(data=str(Path(self.data).resolve()), users=users, strategy=strategy, seed=seed)
         digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return f"{strategy}-seed{seed}-{digest}"

@@ -68,17 +68,38 @@ def plot_expert_scores(records: list[dict], strategy: str, path: Path, title: st
         n_layers = len(series[0]["layers"])
         if not n_layers:
             ax.text(0.5, 0.5, "no router (one expert)", ha="center", transform=ax.transAxes)
+        for x in iters[1:]:  # the end of every round (scores are taken after each aggregation)
+            ax.axvline(x, color="0.85", lw=0.8, zorder=0)
+        one_role = n_layers and any(series[0]["layers"][0][role] is None for role in ("generalist", "specialist"))
+        per_expert = one_role and "experts" in series[0]["layers"][0]
         for layer in range(n_layers):
             shade = 0.25 + 0.75 * layer / max(1, n_layers - 1)
+            if per_expert:  # one kind of expert only (2S, 2G): the group's sum is 1, so show expert 0's share
+                role = "generalist" if series[0]["layers"][0]["generalist"] is not None else "specialist"
+                cmap = plt.cm.Oranges if role == "generalist" else plt.cm.Blues
+                style = "-" if role == "generalist" else "--"
+                ax.plot(iters, [s["layers"][layer]["experts"][0] for s in series], style, color=cmap(shade),
+                        lw=1.2, marker=".", ms=3)
+                continue
             for role, style, cmap in (("generalist", "-", plt.cm.Oranges), ("specialist", "--", plt.cm.Blues)):
                 values = [s["layers"][layer][role] for s in series]
                 if values[0] is not None:
-                    ax.plot(iters, values, style, color=cmap(shade), lw=1)
-        ax.set_title(user)
-        ax.set_xlabel("iteration")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean router weight")
+                    ax.plot(iters, values, style, color=cmap(shade), lw=1.2, marker=".", ms=3)
+        if per_expert:
+            ax.set_title(f"{user} (weight of expert 0 of 2)")
+        if not per_expert:
+            ax.set_title(user)
+        ax.set_xlabel("iteration (grey: end of a round)")
+        ax.set_ylim(-0.05, 1.05)  # a line at exactly 0 or 1 (e.g. two specialists summed) stays visible
+        ax.grid(alpha=0.3, axis="y")
+    from matplotlib.lines import Line2D
+
+    legend = [Line2D([], [], color=plt.cm.Oranges(0.3), ls="-", label="generalists, first layer"),
+              Line2D([], [], color=plt.cm.Oranges(1.0), ls="-", label="generalists, last layer"),
+              Line2D([], [], color=plt.cm.Blues(0.3), ls="--", label="specialists, first layer"),
+              Line2D([], [], color=plt.cm.Blues(1.0), ls="--", label="specialists, last layer")]
+    axes[0][-1].legend(handles=legend, fontsize=7, loc="center right")
+    axes[0][0].set_ylabel("mean router weight (sum over the group)")
     fig.suptitle(title or f"{strategy}: expert scores per layer (orange: generalists, blue: specialists; "
                  "darker: deeper)")
     fig.tight_layout()

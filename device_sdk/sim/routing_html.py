@@ -28,6 +28,20 @@ def _tokens_html(sample: dict, layer: int) -> str:
     return "".join(spans)
 
 
+def expert_shares(sample: dict, layer: int) -> str:
+    """Each expert's share of the sample's tokens at ``layer`` (top-1), e.g. ``generalist 0: 62% · specialist 1:
+    38%``, as HTML."""
+    top1 = sample["top1"][layer]
+    roles = sample["roles"]
+    n_gen = roles.count("generalist")
+    parts = []
+    for expert, role in enumerate(roles):
+        share = sum(1 for e in top1 if e == expert) / max(1, len(top1))
+        colour = _colour(role, expert, n_gen)
+        parts.append(f'<span style="background:{colour}">{role} {expert}: {100 * share:.0f}%</span>')
+    return " ".join(parts)
+
+
 def routing_page(records: list[dict], path: Path, title: str, layers: tuple[int, ...] | None = None) -> Path | None:
     """Write the page for every strategy with learned routers (first seed of each), showing the chosen routed
     layers (1-based; default the first and the last) of each user's model on its own text (in distribution) and on
@@ -45,7 +59,8 @@ def routing_page(records: list[dict], path: Path, title: str, layers: tuple[int,
                 where = "own text" if sample["text_of"] == user else f"text of {html.escape(sample['text_of'])}"
                 chosen = sorted({0, n_layers - 1}) if not layers else [i - 1 for i in layers if 1 <= i <= n_layers]
                 for layer in chosen:
-                    parts.append(f"<tr><td class=k>{where}<br>layer {layer + 1}/{n_layers}</td>"
+                    parts.append(f"<tr><td class=k>{where}<br>layer {layer + 1}/{n_layers}<br>"
+                                 f"<small>{expert_shares(sample, layer)}</small></td>"
                                  f"<td class=t>{_tokens_html(sample, layer)}</td></tr>")
             parts.append("</table>")
         sections.append("\n".join(parts))

@@ -21,11 +21,14 @@ from torch import nn
 from ..adapters import assign_tensors
 from ..config import TrainConfig
 from ..data import UserData, eval_windows, interleave
+from ..device_select import model_device
 from ..errors import ConfigError
 from ..evaluate import autocast, evaluate, loss_with
 from ..inject import adapter_config, inject_adapters, routed_blocks
 from ..models import BaseModel
+from ..parts import Role, count_parameters
 from ..strategies import Strategy, Upload, make_strategy
+from ..strategies.base import device_upload
 from ..tokenizer import Tokenizer
 from ..train import init_train_state, train_local
 from .config import SimConfig
@@ -40,18 +43,27 @@ ROUTING_SAMPLE_TOKENS = 48
 def user_model(base: nn.Module, strategy: Strategy, user: int, n_experts: int, seed: int,
                mixing: str = "mlp") -> nn.Module:
     """A model for one user: a structural copy of ``base`` that shares (does not copy) the frozen base weights,
-    with the strategy's adapters injected (initialised from ``seed``; experts mixed as ``mixing`` says)."""
+    with the strategy's adapters injected (initialised from ``seed``; experts mixed as ``mixing`` says).
+
+    Adapters are initialised on the CPU (the same numbers on every device) and then follow the base model to its
+    device; the shared base weights are not copied.
+
+    Returns:
+        The user's model, on ``base``'s device.
+    """
     memo = {id(p): p for p in base.parameters()}
     memo.update({id(b): b for b in base.buffers()})
     model = copy.deepcopy(base, memo)
     torch.manual_seed(seed)
     model = inject_adapters(model, replace(strategy.adapter_config(user, n_experts), mixing=mixing))
+    model.to(model_device(base))  # moves the new adapters only: the shared base already lives there
     strategy.prepare(user, model)
     return model
 
 
 def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` into the model's parameters of the same names (checked: names, shapes, dtypes, finite)."""
+    """Copy ``tensors`` (e.g. aggregated on the CPU) into the model's parameters of the same names, on the
+    parameters' device (checked first: names, shapes, dtypes, finite values)."""
     params = dict(model.named_parameters())
     assign_tensors({name: params[name] for name in tensors if name in params}, tensors, "aggregated tensors")
 
@@ -67,18 +79,21 @@ def pooled(users: list[UserData], eos: int | None) -> UserData:
 @torch.no_grad()
 def expert_scores(model: nn.Module, x: torch.Tensor, precision: str) -> list[dict]:
     """Mean top-k gate per layer given to generalists and to specialists (summed within each group) over the
-    tokens of ``x`` (B, T); empty for models without routers (paper Fig. 3 / 10)."""
+    tokens of ``x`` (B, T, any device: it is moved to the model's); empty for models without routers (paper
+    Fig. 3 / 10)."""
     blocks = [b for b in routed_blocks(model) if b.router is not None]
     if not blocks:
         return []
     n_gen = adapter_config(model).n_generalists
-    with autocast(precision):
-        model(input_ids=x, use_cache=False)
+    device = model_device(model)
+    with autocast(precision, device):
+        model(input_ids=x.to(device), use_cache=False)
     scores = []
     for block in blocks:
         mean = block.gates.float().mean(dim=0)  # (E,)
         scores.append({"generalist": float(mean[:n_gen].sum()) if n_gen else None,
-                       "specialist": float(mean[n_gen:].sum()) if block.n_experts > n_gen else None})
+                       "specialist": float(mean[n_gen:].sum()) if block.n_experts > n_gen else None,
+                       "experts": [float(v) for v in mean]})
         block.router_probs = block.gates = None
     return scores
 
@@ -89,14 +104,15 @@ def routing_sample(model: nn.Module, tokenizer: Tokenizer, ids: np.ndarray, prec
     blocks = [b for b in routed_blocks(model) if b.router is not None]
     if not blocks:
         return None
-    x = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]
-    with autocast(precision):
+    device = model_device(model)
+    x = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device)[None]  # (1, T)
+    with autocast(precision, device):
         model(input_ids=x, use_cache=False)
     top1 = [block.gates.float().argmax(dim=-1).tolist() for block in blocks]
     for block in blocks:
         block.router_probs = block.gates = None
     cfg = adapter_config(model)
-    return {"tokens": [tokenizer.decode([int(t)]) for t in ids], "top1": top1,
+    return {"tokens": token_texts(tokenizer, ids), "top1": top1,
             "roles": ["generalist"] * cfg.n_generalists + ["specialist"] * cfg.n_specialists}
 
 
@@ -108,7 +124,8 @@ def routing_report(models: list[nn.Module], names: list[str], texts: dict[str, n
     for model, name in zip(models, names):
         samples = []
         for other, stream in texts.items():
-            sample = routing_sample(model, tokenizer, _sample_ids(stream, ROUTING_SAMPLE_TOKENS), precision)
+            sample = routing_sample(model, tokenizer, _sample_ids(stream, ROUTING_SAMPLE_TOKENS, tokenizer),
+                                    precision)
             if sample is not None:
                 samples.append({"text_of": other, **sample})
         if samples:
@@ -116,9 +133,32 @@ def routing_report(models: list[nn.Module], names: list[str], texts: dict[str, n
     return report
 
 
-def _sample_ids(tokens: np.ndarray, n: int) -> np.ndarray:
-    """``n`` tokens from the middle of a stream (past any leading boilerplate)."""
+def token_texts(tokenizer: Tokenizer, ids) -> list[str]:
+    """The text each token adds to the decoded sequence. A byte-level token holding part of a multi-byte character
+    adds nothing on its own (decoding it alone gives a replacement character); the token that completes the
+    character carries all of it, so the pieces join to the readable text."""
+    ids = [int(t) for t in ids]
+    texts, previous = [], ""
+    for i in range(len(ids)):
+        decoded = tokenizer.decode(ids[: i + 1])
+        if decoded.endswith("\ufffd"):  # an incomplete character so far: it shows with the token that ends it
+            texts.append("")
+            continue
+        texts.append(decoded[len(previous):] if decoded.startswith(previous) else tokenizer.decode([ids[i]]))
+        previous = decoded
+    return texts
+
+
+def _sample_ids(tokens: np.ndarray, n: int, tokenizer: Tokenizer | None = None) -> np.ndarray:
+    """``n`` tokens from the middle of a stream (past any leading boilerplate), starting at a word boundary (the
+    first token within the next ``n`` whose text begins with whitespace) when a tokenizer is given."""
     start = max(0, len(tokens) // 2 - n // 2)
+    if tokenizer is not None:
+        for offset in range(min(n, len(tokens) - start - 1)):
+            piece = tokenizer.decode([int(tokens[start + offset])])
+            if piece[:1].isspace():
+                start += offset
+                break
     return tokens[start : start + n]
 
 
@@ -129,7 +169,8 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
 
     Args:
         users: every user's token streams (already in-/out-of-distribution as configured).
-        base: the frozen base model (shared by all users' models) and its tokenizer.
+        base: the frozen base model (shared by all users' models) and its tokenizer; its model is moved to
+            ``cfg.device`` (in place, once: later runs find it there).
         models_out: if given, receives the trained models (one per user; one for ``centralized``).
         server: a running :class:`device_sdk.sim.via_server.LoopbackAggregator` to aggregate through (the server
             runs the strategy's server rule, each simulated device its receive step), or ``None`` for in-process.
@@ -143,13 +184,15 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
     experts = cfg.experts_for(len(users))
     members = [pooled(users, base.tokenizer.eos_token_id)] if strategy.centralized else users
     batch = cfg.batch * (len(users) if strategy.centralized else 1)
+    base.model.to(cfg.device)  # a no-op once there; every user's model follows it (user_model)
     models = [user_model(base.model, strategy, i, experts[i], seed, cfg.mixing) for i in range(len(members))]
     train_cfgs = [TrainConfig(steps=cfg.local_steps, batch_size=batch, context=cfg.ctx, lr_experts=cfg.lr,
                               lr_router=cfg.router_lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                               schedule=cfg.schedule, final_lr_fraction=cfg.final_lr_fraction,
                               grad_clip=cfg.grad_clip, lb_weight=cfg.lb_weight, router_period=cfg.router_period,
                               router_steps=cfg.router_steps, schedule_steps=cfg.rounds * cfg.local_steps,
-                              precision=cfg.precision, seed=seed * 1000 + i, log_every=cfg.local_steps,
+                              precision=cfg.precision, device=cfg.device, seed=seed * 1000 + i,
+                              log_every=cfg.local_steps,
                               eval_batches=1)  # the end-of-round validation loss is not reported here
                   for i in range(len(members))]
     overrides = strategy.train_overrides()
@@ -159,8 +202,7 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
     states = [init_train_state(m, c) for m, c in zip(models, train_cfgs)]
 
     def uploads_of(tensors_of) -> list[Upload]:
-        return [Upload(i, tensors_of(m), 0, adapter_config(m).rank, adapter_config(m).scale)
-                for i, m in enumerate(models)]
+        return [device_upload(i, m, tensors_of(m)) for i, m in enumerate(models)]
 
     if strategy.collaborative:  # shared tensors (and FFA's fixed A) agree before the first round
         for m, t in zip(models, strategy.initial(uploads_of(strategy.initial_tensors))):
@@ -260,6 +302,8 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
         "train_loss": train_loss, "expert_scores": scores, "routing": routing,
         "strategy_state": _jsonable(strategy.state), "seconds": time.perf_counter() - start,
         "via_server": rounds_via is not None,
+        "trainable_params": {n: sum(count_parameters(test_model(u))[r.value] for r in Role)  # adapters, all roles
+                             for u, n in enumerate(names)},
     }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..data import UserData, load_users, ood_mixture
+from ..device_select import device_name
 from ..errors import ConfigError
 from ..fileio import atomic_write_bytes
 from ..models import default_cache_dir, load_base_model
@@ -104,7 +105,8 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
         title += " (low data: " + ", ".join(f"{u} {n} training tokens" for u, n in cfg.train_tokens) + ")"
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "cache_dir")}
     settings.update(users=names, torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
-                    machine=platform.machine(), runs_missing=[f"{s} seed {seed}" for s, seed in missing])
+                    machine=platform.machine(), device_name=device_name(cfg.device),
+                    runs_missing=[f"{s} seed {seed}" for s, seed in missing])
     json_path, md_path = write_results(out, records, title, settings)
     files = {"results.json": json_path, "results.md": md_path,
              "curves.png": plot_learning_curves(records, out / "curves.png", title)}

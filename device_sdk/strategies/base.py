@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, lora_scale
 from ..errors import ConfigError
-from ..parts import SHARED_ROLES, Role, role_parameters, role_state_dict
+from ..inject import adapter_config
+from ..parts import SHARED_ROLES, Role, iter_role_parameters, role_parameters, role_state_dict
 from ..train import Regularizer
 
 #: ``peer_loss(i, tensors)``: validation loss of user ``i``'s model with ``tensors`` loaded in place of its own
@@ -42,15 +43,30 @@ class Upload:
         user: the device's index in the federation (0..n-1).
         tensors: ``{name: tensor}`` of the shared adapter tensors.
         tokens: training tokens seen this round (for token-weighted rules).
-        rank: the device's LoRA rank.
-        scale: the device's LoRA scale gamma.
+        rank: the device's LoRA rank of one MLP expert (HetLoRA / FlexLoRA: its budget's rank; the attention
+            LoRA may have another, read from its tensors).
+        alpha: the device's LoRA alpha; every LoRA module's scale follows from it and the module's own rank
+            (:meth:`scale_of`).
+        roles: ``{name: role}`` of ``tensors`` where the uploader knows them (a device does; a server, which sees
+            names only, leaves it empty).
     """
 
     user: int
     tensors: dict[str, torch.Tensor]
     tokens: int
     rank: int
-    scale: float
+    alpha: float
+    roles: dict[str, Role] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        """The LoRA scale gamma of the device's MLP experts, ``alpha / sqrt(rank)`` (paper eq. 4)."""
+        return lora_scale(self.alpha, self.rank)
+
+    def scale_of(self, name: str) -> float:
+        """The LoRA scale gamma of the module that factor ``name`` belongs to: ``alpha / sqrt(r)`` with ``r`` its
+        own rank, read from the factor's shape (``lora_A`` (r, D_in): rows; ``lora_B`` (D_out, r): columns)."""
+        return lora_scale(self.alpha, factor_rank(name, self.tensors[name]))
 
 
 @dataclass
@@ -177,6 +193,14 @@ class Strategy:
         return out
 
 
+def device_upload(user: int, model: nn.Module, tensors: dict[str, torch.Tensor], tokens: int = 0) -> Upload:
+    """``tensors`` (taken from ``model``) as user ``user``'s :class:`Upload`: the model's expert rank and alpha and
+    every tensor's role (what a strategy's receive step reads on the device)."""
+    cfg = adapter_config(model)
+    roles = {name: role for name, _, role in iter_role_parameters(model) if name in tensors}
+    return Upload(user, tensors, tokens, cfg.rank, cfg.alpha, roles)
+
+
 def largest(uploads: list[Upload], name: str) -> torch.Tensor:
     """The upload's tensor ``name`` with the most elements (the highest rank)."""
     return max((u.tensors[name] for u in uploads if name in u.tensors), key=lambda t: t.numel())
@@ -218,6 +242,19 @@ def fit(tensor: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tens
     region = tuple(slice(0, min(a, b)) for a, b in zip(tensor.shape, shape))
     out[region] = tensor[region]
     return out
+
+
+def factor_rank(name: str, tensor: torch.Tensor) -> int:
+    """The rank of LoRA factor ``name``: rows of a ``lora_A`` (r, D_in), columns of a ``lora_B`` (D_out, r).
+
+    Raises:
+        ConfigError: for a name that is not a LoRA factor.
+    """
+    if name.endswith("lora_A"):
+        return tensor.shape[0]
+    if name.endswith("lora_B"):
+        return tensor.shape[-1]
+    raise ConfigError(f"{name} is not a LoRA factor (a name ending in lora_A or lora_B); it has no rank")
 
 
 def lora_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, str]]:

@@ -1,6 +1,7 @@
-"""FlexLoRA (Bai et al., 2024): one LoRA per projection with a rank per device; the server averages the full
-updates ``Delta W_i = gamma_i B_i A_i`` weighted by training tokens and gives each device the best rank-``r_i``
-approximation of the average (truncated SVD), split back into ``B`` and ``A``.
+"""FlexLoRA (Bai et al., 2024): one LoRA per MLP projection with a rank per device (attention LoRA of the expert rank
+on every device); the server averages the full updates ``Delta W_i = gamma_i B_i A_i`` weighted by training tokens
+and gives each device the best rank-``r_i`` approximation of the average (truncated SVD), split back into ``B`` and
+``A``. Every module uses its own rank and scale ``gamma = alpha / sqrt(r)`` (paper eq. 4).
 
 The server factorises once, to the largest rank present, with the singular values split evenly between ``B`` and
 ``A`` and no LoRA scale; a device of rank ``r_i`` and scale ``gamma_i`` keeps the first ``r_i`` components (by
@@ -38,12 +39,13 @@ def svd_factors(delta: torch.Tensor, rank: int, scale: float) -> tuple[torch.Ten
 
 
 def average_delta(uploads: list[Upload], a_name: str, b_name: str) -> torch.Tensor:
-    """Token-weighted mean over devices of ``gamma_i B_i A_i`` (D_out, D_in), in float64."""
+    """Token-weighted mean over devices of ``gamma_i B_i A_i`` (D_out, D_in), in float64 (``gamma_i`` the module's
+    scale on device ``i``, from its rank)."""
     total = sum(u.tokens for u in uploads)
     acc = None
     for u in uploads:
         w = u.tokens / total if total > 0 else 1 / len(uploads)
-        delta = u.scale * (u.tensors[b_name].to(torch.float64) @ u.tensors[a_name].to(torch.float64))
+        delta = u.scale_of(a_name) * (u.tensors[b_name].to(torch.float64) @ u.tensors[a_name].to(torch.float64))
         acc = w * delta if acc is None else acc + w * delta
     return acc
 
@@ -59,8 +61,9 @@ class FlexLoRA(RankedLoRA):
         return merged
 
     def receive(self, global_tensors, own, own_loss=None):
-        root = own.scale ** 0.5
-        return {name: fit(global_tensors[name], t.shape) / root for name, t in own.tensors.items()}
+        """Every factor cut to the device's own factor's rank and divided by ``sqrt(gamma)`` of its module."""
+        return {name: fit(global_tensors[name], t.shape) / own.scale_of(name) ** 0.5
+                for name, t in own.tensors.items()}
 
 
 def flexlora(match: str) -> FlexLoRA:

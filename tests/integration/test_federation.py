@@ -238,12 +238,14 @@ def test_per_device_rules_run_over_the_network(tmp_path, name):
         last = load_file(str(data / "globals" / "v000002.safetensors"))
         held = [shared_of_checkpoint(s) for s in states]
         uploads = [load_file(str(p)) for p in sorted((data / "updates" / "r000002").glob("*.safetensors"))]
-        key_a = next(k for k in first if k.endswith("q_proj.lora.lora_A"))
+        key_a = next(k for k in first if k.endswith("gate_proj.experts.0.lora_A"))  # an MLP LoRA
         key_b = key_a[: -len("lora_A")] + "lora_B"
         if name in ("hetlora-full", "flexlora-full"):
             assert first[key_a].shape[0] == 32  # the largest rank the federation admits (--max-experts 4)
             assert sorted(u[key_a].shape[0] for u in uploads) == [8, 16, 32]  # device ids follow enrollment order
             assert [h[key_a].shape[0] for h in held] == [8, 16, 32]
+            attention_a = [k for k in first if k.endswith("q_proj.lora.lora_A")]
+            assert attention_a and all(t[k].shape[0] == 8 for t in (first, last, *uploads, *held) for k in attention_a)
             if name == "flexlora-full":  # every device holds the best rank-r_i split of the averaged update
                 for h, r in zip(held, (8, 16, 32)):
                     scale = 16.0 / r ** 0.5

@@ -72,3 +72,26 @@ def test_non_finite_and_foreign_files_are_rejected(tmp_path):
     (tmp_path / "router.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(AdapterFileError, match="not a readable safetensors file"):
         load_adapters(model, tmp_path, "tiny-llama")
+
+
+def test_files_record_the_attention_rank_and_files_without_it_mean_the_expert_rank(tmp_path):
+    from device_sdk.adapters import file_attention_rank
+
+    source = make_model("tiny-llama", n_generalists=1, n_specialists=0, rank=32, attention_rank=8)
+    save_adapters(source, tmp_path, "tiny-llama")
+    _, meta = read_adapter_file(tmp_path / "attention.safetensors")
+    assert (meta["rank"], meta["attention_rank"]) == ("32", "8") and file_attention_rank(meta) == 8
+    assert load_adapters(make_model("tiny-llama", n_specialists=0, rank=32, attention_rank=8), tmp_path,
+                         "tiny-llama") == [Role.ATTENTION, Role.GENERALIST]
+    with pytest.raises(AdapterFileError, match="attention_rank is '8', model has '32'"):
+        load_adapters(make_model("tiny-llama", n_specialists=0, rank=32), tmp_path, "tiny-llama")
+    old = tmp_path / "old"  # written before attention_rank existed: the attention LoRA had the expert rank
+    old.mkdir()
+    save_adapters(make_model("tiny-llama", n_specialists=0), old, "tiny-llama")
+    for path in old.glob("*.safetensors"):
+        tensors, meta = read_adapter_file(path)
+        save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if k != "attention_rank"})
+    assert file_attention_rank(read_adapter_file(old / "attention.safetensors")[1]) == 8
+    assert load_adapters(make_model("tiny-llama", n_specialists=0), old, "tiny-llama")
+    with pytest.raises(AdapterFileError, match="attention_rank is '8', model has '4'"):
+        load_adapters(make_model("tiny-llama", n_specialists=0, attention_rank=4), old, "tiny-llama")

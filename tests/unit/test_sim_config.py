@@ -75,3 +75,15 @@ def test_train_tokens_below_one_window_or_named_twice_are_refused_together():
     with pytest.raises(ConfigError) as err:
         SimConfig(data=Path("d"), ctx=128, train_tokens=(("a", 100), ("a", 500)))
     assert "names a user twice" in str(err.value) and "a=100" in str(err.value) and "ctx+1 = 129" in str(err.value)
+
+
+def test_the_device_enters_the_cache_key_only_off_the_cpu(monkeypatch):
+    base = dict(data=Path("/srv/data/split"), experts=(4, 2), precision="bf16")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cpu = SimConfig(**base).run_key("comigs-1gxs", 2, ["a", "b"])
+    assert SimConfig(**base, device="cpu").run_key("comigs-1gxs", 2, ["a", "b"]) == cpu  # auto -> cpu here
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    gpu = {SimConfig(**base, device=d).run_key("comigs-1gxs", 2, ["a", "b"]) for d in ("auto", "cuda", "cuda:1")}
+    assert len(gpu) == 1 and cpu not in gpu  # GPU kernels change the numbers; the GPU's index does not
+    assert SimConfig(**base, device="cpu").run_key("comigs-1gxs", 2, ["a", "b"]) == cpu

@@ -20,9 +20,9 @@ def _lora(rank, d_in=6, d_out=5, seed=0, prefix="m"):
             f"{prefix}.lora_B": torch.randn(d_out, rank, generator=g)}
 
 
-def _uploads(tensor_dicts, tokens=None, scale=1.0):
+def _uploads(tensor_dicts, tokens=None, alpha=1.0):
     tokens = tokens or [100] * len(tensor_dicts)
-    return [Upload(i, t, n, t["m.lora_A"].shape[0], scale) for i, (t, n) in enumerate(zip(tensor_dicts, tokens))]
+    return [Upload(i, t, n, t["m.lora_A"].shape[0], alpha) for i, (t, n) in enumerate(zip(tensor_dicts, tokens))]
 
 
 def test_fedavg_of_identical_uploads_is_the_identity_and_of_different_ones_the_mean():
@@ -80,24 +80,27 @@ def test_svd_reproduces_a_rank_r_update_exactly():
 
 
 def test_flexlora_averages_every_clients_update_not_only_the_last():
-    ups = _uploads([_lora(2, seed=1), _lora(2, seed=2), _lora(6, seed=3)], tokens=[100, 300, 600], scale=1.5)
-    expected = sum(w * 1.5 * u.tensors["m.lora_B"].double() @ u.tensors["m.lora_A"].double()
-                   for w, u in zip((0.1, 0.3, 0.6), ups))
+    ups = _uploads([_lora(2, seed=1), _lora(2, seed=2), _lora(6, seed=3)], tokens=[100, 300, 600], alpha=3.0)
+    gamma = [3.0 / 2**0.5, 3.0 / 2**0.5, 3.0 / 6**0.5]  # alpha / sqrt(r) of each device's module (eq. 4)
+    assert [u.scale_of("m.lora_A") for u in ups] == pytest.approx(gamma)
+    expected = sum(w * g * u.tensors["m.lora_B"].double() @ u.tensors["m.lora_A"].double()
+                   for w, g, u in zip((0.1, 0.3, 0.6), gamma, ups))
     assert torch.allclose(average_delta(ups, "m.lora_A", "m.lora_B"), expected)
     out = make_strategy("flexlora-full").aggregate(ups)
     assert [o["m.lora_A"].shape[0] for o in out] == [2, 2, 6]  # every device keeps its own rank
-    got = 1.5 * out[2]["m.lora_B"].double() @ out[2]["m.lora_A"].double()
+    got = gamma[2] * out[2]["m.lora_B"].double() @ out[2]["m.lora_A"].double()
     assert torch.allclose(got, expected, atol=1e-4)  # rank 6 holds the 5 x 6 average exactly
-    last_only = 1.5 * ups[-1].tensors["m.lora_B"].double() @ ups[-1].tensors["m.lora_A"].double()
+    last_only = gamma[2] * ups[-1].tensors["m.lora_B"].double() @ ups[-1].tensors["m.lora_A"].double()
     assert not torch.allclose(got, last_only, atol=1e-2)
-    small = 1.5 * out[0]["m.lora_B"].double() @ out[0]["m.lora_A"].double()  # rank 2: the best rank-2 approximation
+    small = gamma[0] * out[0]["m.lora_B"].double() @ out[0]["m.lora_A"].double()  # rank 2: the best rank-2 approx.
     tail = float(torch.linalg.svdvals(expected)[2:].norm())
     assert float(torch.linalg.matrix_norm(small - expected)) == pytest.approx(tail, rel=1e-4)
 
 
 def test_flexlora_devices_rescale_the_scale_free_global_factors_by_their_own_lora_scale():
-    ups = _uploads([_lora(2, seed=1), _lora(4, seed=2)], scale=1.0)
-    ups[1].scale = 4.0
+    ups = _uploads([_lora(2, seed=1), _lora(4, seed=2)])
+    ups[1].alpha = 8.0  # gamma = 8 / sqrt(4) = 4
+    assert ups[1].scale_of("m.lora_B") == ups[1].scale == 4.0
     strategy = make_strategy("flexlora-full")
     merged = strategy.server_rule(ups)
     assert merged["m.lora_A"].shape == (4, 6) and merged["m.lora_B"].shape == (5, 4)  # the largest rank
@@ -120,7 +123,8 @@ def test_hetlora_pads_to_the_largest_rank_weights_by_update_norm_and_truncates_b
     ups = _uploads([small, large])
     strategy = HetLoRA("hetlora-full", router_mode="fixed", match="full")
     out = strategy.aggregate(ups)
-    norms = [float(torch.linalg.matrix_norm(t["m.lora_B"] @ t["m.lora_A"])) for t in (small, large)]
+    norms = [u.scale_of("m.lora_A") * float(torch.linalg.matrix_norm(u.tensors["m.lora_B"] @ u.tensors["m.lora_A"]))
+             for u in ups]  # ||gamma_i B_i A_i||, gamma_i = alpha / sqrt(r_i)
     w = [n / sum(norms) for n in norms]
     merged_a = w[0] * fit(small["m.lora_A"], (4, 6)) + w[1] * large["m.lora_A"]
     merged_b = w[0] * fit(small["m.lora_B"], (5, 4)) + w[1] * large["m.lora_B"]
@@ -148,8 +152,10 @@ def test_hetlora_prunes_a_shrinking_tail_and_zeroes_it():
                 p[15:] *= 0.5
     strategy.end_round(0, model)
     assert strategy.state["active_rank"]["0"] == 15
-    assert all(float(p[15:].detach().abs().max()) == 0 for n, p, _ in iter_role_parameters(model)
-               if n.endswith("lora_A"))
+    mlp_a = [p for n, p, r in iter_role_parameters(model) if n.endswith("lora_A") and r == Role.GENERALIST]
+    attention_a = [p for n, p, r in iter_role_parameters(model) if n.endswith("lora_A") and r == Role.ATTENTION]
+    assert all(p.shape[0] == 16 and float(p[15:].detach().abs().max()) == 0 for p in mlp_a)
+    assert all(p.shape[0] == 8 and bool((p != 0).all()) for p in attention_a)  # the attention LoRA is never pruned
     reg = strategy.regularizer(0)(model)
     assert reg.requires_grad
 

@@ -1,8 +1,24 @@
-"""Shared by the export tests: one fp32 export per model family and test module, and the checks run on it.
+"""Shared by the export tests: one fp32 export per model family, mixing form and test module, and the checks run
+on it.
 
 An ExecuTorch lowering of a tiny model takes one to two minutes of single-threaded Python on a 2-core CPU, so a
-module exports each family once and its tests read that export (tests that change an export work on a copy). The
-export tests are split over two modules so that two pytest workers share the lowerings.
+module exports each (family, form) once and its tests read that export (tests that change an export work on a copy).
+The export tests are split over two modules so that two pytest workers share the lowerings.
+
+Which mixing form (``AdapterConfig.mixing``) is exported where, each file verified against PyTorch (export/verify.py):
+
+=========================  ===========================================  =============================================
+                           test_export.py                               test_export_gpt2_and_int.py
+=========================  ===========================================  =============================================
+fp32 .pte + .onnx          tiny-llama mlp (gated MLP experts)           tiny-gpt2 mlp (Conv1D, plain MLP experts),
+                                                                        tiny-llama projection
+adapter update (.pte)      tiny-llama mlp                               a projection program refuses mlp adapters
+quantised .pte             8da4w: tiny-llama mlp                        8da8w: tiny-llama projection
+int4 .onnx                                                              tiny-llama mlp and projection
+=========================  ===========================================  =============================================
+
+Projection mixing is family-independent code (LoRAMoELinear's gated update), so one family covers it; the mlp form
+differs per family (gated or not, Linear or Conv1D), so both families run it.
 """
 
 from __future__ import annotations
@@ -34,11 +50,12 @@ class Exported:
     manifest: dict
 
 
-def personalised_run(family: str, folder: Path, adapter_seed: int = 1) -> tuple[Path, torch.nn.Module]:
-    """A checkpoint folder with a tiny model's adapters (2 specialists, random B: every expert and router matters),
-    except that tiny-llama's layer-0 q and v LoRA B are zero: equal tensors must still get adapter keys of their
-    own."""
-    model = make_model(family, adapter_seed=adapter_seed, n_specialists=2)
+def personalised_run(family: str, folder: Path, adapter_seed: int = 1,
+                     mixing: str = "mlp") -> tuple[Path, torch.nn.Module]:
+    """A checkpoint folder with a tiny model's adapters (2 specialists, random B: every expert and router matters;
+    ``mixing`` the MoE form), except that tiny-llama's layer-0 q and v LoRA B are zero: equal tensors must still get
+    adapter keys of their own."""
+    model = make_model(family, adapter_seed=adapter_seed, n_specialists=2, mixing=mixing)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B") and ".layers.0." in name and (".q_proj." in name or ".v_proj." in name):
@@ -49,16 +66,18 @@ def personalised_run(family: str, folder: Path, adapter_seed: int = 1) -> tuple[
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """``exported(family)``: the fp32 export (both formats, max_seq 128) of :func:`personalised_run`, made once."""
-    made: dict[str, Exported] = {}
+    """``exported(family, mixing="mlp")``: the fp32 export (both formats, max_seq 128) of :func:`personalised_run`,
+    made once per module."""
+    made: dict[tuple[str, str], Exported] = {}
 
-    def get(family: str) -> Exported:
-        if family not in made:
-            root = tmp_path_factory.mktemp(family)
-            run, model = personalised_run(family, root / "run")
+    def get(family: str, mixing: str = "mlp") -> Exported:
+        if (family, mixing) not in made:
+            root = tmp_path_factory.mktemp(f"{family}-{mixing}")
+            run, model = personalised_run(family, root / "run", mixing=mixing)
             manifest = export_checkpoint(run, root / "out", ExportOptions(max_seq=128))
-            made[family] = Exported(run, root / "out", model, manifest)
-        return made[family]
+            assert manifest["adapter"]["mixing"] == mixing
+            made[family, mixing] = Exported(run, root / "out", model, manifest)
+        return made[family, mixing]
 
     return get
 

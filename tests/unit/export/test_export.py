@@ -1,5 +1,6 @@
-"""Export of a tiny Llama-style personalised model to ExecuTorch and ONNX: parity with PyTorch, adapter updates
-after a round, 8da4w quantisation, and clear errors. (GPT-2, 8da8w and int4: test_export_gpt2_and_int.py.)"""
+"""Export of a tiny Llama-style personalised model (mlp mixing, the default) to ExecuTorch and ONNX: parity with
+PyTorch, adapter updates after a round, 8da4w quantisation, and clear errors. (GPT-2, the projection form, 8da8w and
+int4: test_export_gpt2_and_int.py; which form is covered where: conftest.py.)"""
 
 import json
 import shutil
@@ -21,7 +22,7 @@ from .conftest import check_both_formats
 def test_tiny_llama_exports_to_both_formats_matching_pytorch(exported):
     done = exported("tiny-llama")
     check_both_formats(done)
-    assert done.manifest["base_model"] == "tiny-llama"
+    assert done.manifest["base_model"] == "tiny-llama" and done.manifest["adapter"]["mixing"] == "mlp"
 
 
 @pytest.fixture(params=["tiny-gpt2", "tiny-llama"])

@@ -1,5 +1,8 @@
-"""Export of a tiny GPT-2 (Conv1D projections) to both formats, the 8da8w ExecuTorch program, the int4 ONNX model,
-and a device's state folder as export input."""
+"""Export of a tiny GPT-2 (Conv1D projections) and of the projection mixing form to both formats, the 8da8w
+ExecuTorch program, the int4 ONNX model in both mixing forms, and a device's state folder as export input. (Which
+form is covered where: conftest.py.)"""
+
+import shutil
 
 import pytest
 
@@ -9,16 +12,32 @@ from device_sdk.config import TrainConfig
 from device_sdk.train import init_train_state
 from export.errors import ExportError
 from export.load import load_personalized
-from export.pipeline import ExportOptions, export_checkpoint
+from export.pipeline import ExportOptions, export_checkpoint, update_program_adapters
 
 from ...conftest import make_model
-from .conftest import check_both_formats, personalised_run, phone
+from .conftest import check_both_formats, phone
 
 
 def test_tiny_gpt2_exports_to_both_formats_matching_pytorch(exported):
     done = exported("tiny-gpt2")
     check_both_formats(done)
     assert done.manifest["base_model"] == "tiny-gpt2"
+
+
+def test_projection_mixing_exports_to_both_formats_matching_pytorch(exported):
+    done = exported("tiny-llama", "projection")  # the earlier form; adapter files without `mixing` load as it
+    check_both_formats(done)
+    assert done.manifest["adapter"]["mixing"] == "projection"
+
+
+def test_update_adapters_refuses_the_other_mixing_form(exported, tmp_path):
+    phone_dir = tmp_path / "phone"
+    shutil.copytree(exported("tiny-llama", "projection").out, phone_dir)
+    save_adapters(make_model("tiny-llama", n_specialists=2, mixing="mlp"), tmp_path / "mlp", "tiny-llama")
+    before = (phone_dir / "adapters.ptd").read_bytes()
+    with pytest.raises(ExportError, match="mlp-mixing adapters, the program computes projection mixing"):
+        update_program_adapters(phone_dir, tmp_path / "mlp")  # same tensor names and shapes, another model
+    assert (phone_dir / "adapters.ptd").read_bytes() == before
 
 
 def test_a_device_state_folder_exports_with_its_round(tmp_path):
@@ -32,8 +51,9 @@ def test_a_device_state_folder_exports_with_its_round(tmp_path):
     assert manifest["round"] == 4 and list(manifest["verification"]) == ["model.onnx"]
 
 
-def test_int4_onnx_quantises_base_matmuls_only_and_holds_quality(tmp_path):
-    model = make_model("tiny-llama", n_specialists=2)
+@pytest.mark.parametrize("mixing", ["mlp", "projection"])
+def test_int4_onnx_quantises_base_matmuls_only_and_holds_quality(tmp_path, mixing):
+    model = make_model("tiny-llama", n_specialists=2, mixing=mixing)
     save_adapters(model, tmp_path / "a", "tiny-llama")
     manifest = export_checkpoint(tmp_path / "a", tmp_path / "out",
                                  ExportOptions(formats=("onnx",), quantize="int4", max_seq=64))
@@ -43,20 +63,26 @@ def test_int4_onnx_quantises_base_matmuls_only_and_holds_quality(tmp_path):
 
     quantized = onnx.load(str(tmp_path / "out" / "model.int4.onnx"))
     assert sum(n.op_type == "MatMulNBits" for n in quantized.graph.node) == 2 * (4 + 3)  # base projections
-    # attention A/B, 3 experts' A/B on 3 projections, routers: fp32 MatMul (besides each int4 node's offset term)
+    # attention A/B, routers and (projection form) 3 experts' A/B on 3 projections: fp32 MatMul (besides each int4
+    # node's offset term); the mlp form runs its experts' A/B on (N, .) inputs, as Gemm nodes, which stay fp32
     kept = [n for n in adapter_matmuls(quantized, 8) if "_int4_" not in n]
-    assert len(kept) == 2 * 4 * 2 + 2 * 3 * 3 * 2 + 2
+    assert len(kept) == 2 * 4 * 2 + (2 * 3 * 3 * 2 if mixing == "projection" else 0) + 2
+    inits = {i.name: list(i.dims) for i in quantized.graph.initializer}
+    gemm = [inits[n.input[1]] for n in quantized.graph.node if n.op_type == "Gemm" and n.input[1] in inits]
+    assert all(min(dims) <= 8 for dims in gemm)  # no base projection left fp32 as a Gemm
     assert sorted(kept) == sorted(adapter_matmuls(onnx.load(str(tmp_path / "out" / "model.onnx")), 8))
     check = manifest["verification"]["model.int4.onnx"]
     assert check["passed"] and check["ppl_rel_diff"] < 0.05
     assert manifest["files"]["model.int4.onnx"]["bytes"] < manifest["files"]["model.onnx"]["bytes"]
+    if mixing == "projection":  # the phone stand-in reads either form alike
+        return
     assert "[onnx]" in phone(tmp_path / "out", "--runtime", "onnx", "--onnx-file", "model.int4.onnx")
     with pytest.raises(ExportError, match="add the onnx format"):
         ExportOptions(formats=("pte",), quantize="int4")
 
 
-def test_8da8w_program_holds_quality_with_int8_weights(tmp_path):
-    run, _ = personalised_run("tiny-llama", tmp_path / "run")
+def test_8da8w_program_holds_quality_with_int8_weights(exported, tmp_path):
+    run = exported("tiny-llama", "projection").run  # 8da4w (test_export.py) covers the mlp form
     q = export_checkpoint(run, tmp_path / "q", ExportOptions(formats=("pte",), quantize="8da8w", max_seq=64))
     result = q["verification"]["model.pte"]
     assert result["passed"] and q["export"]["quantize"] == "8da8w"
