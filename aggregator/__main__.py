@@ -1,4 +1,8 @@
-"""``python -m aggregator serve [--data-dir DIR] [--host H] [--port P] [--port-file FILE]``."""
+"""``python -m aggregator serve [--data-dir DIR] [--host H] [--port P] [--port-file FILE]``.
+
+Exits with status 2 for refused settings (e.g. an admin token shorter than 22 characters) and non-zero when the
+server cannot start (another aggregator serves the data directory).
+"""
 
 from __future__ import annotations
 
@@ -44,18 +48,30 @@ def main(argv: list[str] | None = None) -> int:
     limit_malloc_fragmentation()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    import uvicorn
+    from pydantic import ValidationError
 
-    from .app import create_app
-    from .serving import PortReportingServer
     from .settings import Settings
 
     overrides = {k: v for k, v in {"data_dir": args.data_dir, "host": args.host, "port": args.port,
                                    "max_upload_mb": args.max_upload_mb}.items() if v is not None}
-    settings = Settings(**overrides)
+    try:  # before the heavy imports: a refused setting answers at once
+        settings = Settings(**overrides)
+    except ValidationError as err:  # the messages only: never echo a (refused) secret
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
+        parser.exit(2, f"python -m aggregator serve: invalid settings: {problems}\n")
+
+    import uvicorn
+
+    from .app import create_app
+    from .serving import PortReportingServer
+
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     server = PortReportingServer(config, args.port_file) if args.port_file else uvicorn.Server(config)
     server.run()
+    if not server.started:  # the lifespan refused to start (data directory locked, weak admin token): logged above
+        logging.getLogger("aggregator").error("the aggregator did not start (data directory %s); see the error above",
+                                              settings.data_dir)
+        return 1
     return 0
 
 

@@ -11,12 +11,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
 
-from .errors import AggregatorError
-from .routes import admin, devices, status
+from .docs import install_docs
+from .errors import AggregatorError, DataDirLocked
+from .routes import admin, devices, page, status
 from .service import Federation
-from .settings import Settings
+from .settings import Settings, check_secret
+from .lock import DataDirLock
 from .store import Store, new_token
 
 log = logging.getLogger(__name__)
@@ -54,24 +57,44 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        """Lock the data directory (one server per folder), open the store, redo interrupted aggregations (never
+        fatal: a round that cannot be aggregated ends ``failed``), tick deadlines."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.data_dir)
-        federation = Federation(store)
-        await run_in_threadpool(federation.recover)
-        app.state.settings = settings
-        app.state.federation = federation
-        app.state.admin_token = admin_token(settings)
-        ticker = asyncio.create_task(_tick(federation, settings.tick_s))
         try:
-            yield
+            lock = DataDirLock(settings.data_dir)
+        except DataDirLocked as err:
+            log.error("%s", err)
+            raise
+        try:
+            token = admin_token(settings)
+            try:
+                check_secret(token, f"the admin token in {settings.data_dir / 'admin_token'}")
+            except ValueError as err:
+                log.error("%s", err)
+                raise
+            store = Store(settings.data_dir)
+            federation = Federation(store)
+            await run_in_threadpool(federation.recover)
+            app.state.settings = settings
+            app.state.federation = federation
+            app.state.admin_token = token
+            ticker = asyncio.create_task(_tick(federation, settings.tick_s))
+            try:
+                yield
+            finally:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+                store.close()
         finally:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
-            store.close()
+            lock.release()
 
-    app = FastAPI(title="CoMiGS aggregator", version="0.1.0", lifespan=lifespan,
-                  description="Collects generalist (shared) adapter tensors from devices and serves their average.")
+    # docs_url/redoc_url None: FastAPI's own pages load from a CDN; install_docs serves them from local files.
+    app = FastAPI(title="CoMiGS aggregator", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Collects generalist (shared) adapter tensors from devices and serves their average. "
+                              "Operator's page: [/](/) (configuration, rounds, metrics, devices). Every error "
+                              "answer has the body `ErrorBody`. Authorize with the device token (from `POST "
+                              "/enroll`) for device routes and the admin token for `/admin` routes.")
 
     @app.exception_handler(AggregatorError)
     async def domain_error(request: Request, err: AggregatorError) -> JSONResponse:
@@ -83,7 +106,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(status_code=422, content={"error": "invalid_request", "detail": str(err.errors()[:3]),
                                                       "extra": {}})
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (an unknown path, a method a path does not take) in the same body."""
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        return JSONResponse(status_code=err.status_code, content={"error": code, "detail": str(err.detail),
+                                                                  "extra": {}}, headers=err.headers)
+
     app.include_router(status.router)
     app.include_router(admin.router)
     app.include_router(devices.router)
+    app.include_router(page.router)
+    install_docs(app)
     return app

@@ -1,15 +1,40 @@
-"""FastAPI dependencies: the federation, the calling device, the admin check, bounded request bodies."""
+"""FastAPI dependencies: the federation, the calling device, the admin check, bounded request bodies and path
+numbers.
+
+Each dependency that refuses a request names the statuses it answers with in :data:`DEPENDENCY_ERRORS`; the
+published OpenAPI schema (``aggregator.docs``) declares them on every route that uses it, so a route added later
+documents its 401/403/413 without repeating them.
+"""
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .errors import Forbidden, PayloadTooLarge, Unauthorized
 from .service import Federation
 from .store import Device
+
+#: The largest round number or global version a path may name. Rounds are counted from 1, one per aggregation;
+#: 2^31 - 1 outlasts any federation and stays exact in every JSON client (JavaScript numbers included). Larger
+#: numbers get 422 with the usual error body instead of reaching the database.
+MAX_NUMBER = 2**31 - 1
+
+RoundNumber = Annotated[int, Path(ge=1, le=MAX_NUMBER, description="a round number (rounds count from 1)")]
+GlobalVersion = Annotated[int, Path(ge=0, le=MAX_NUMBER, description="a global version (0: the admin's initial "
+                                                                     "tensors; n: the result of round n)")]
+
+# auto_error=False: a missing or malformed header reaches our checks, which answer with the documented 401 body.
+# Two schemes so that the docs page's Authorize dialog asks for each token where it applies.
+device_bearer = HTTPBearer(scheme_name="deviceToken", auto_error=False,
+                           description="the device token that POST /enroll returned")
+admin_bearer = HTTPBearer(scheme_name="adminToken", auto_error=False,
+                          description="the admin token (AGGREGATOR_ADMIN_TOKEN, or the one the server generated in "
+                                      "<data-dir>/admin_token)")
 
 
 def get_federation(request: Request) -> Federation:
@@ -19,24 +44,26 @@ def get_federation(request: Request) -> Federation:
 FederationDep = Annotated[Federation, Depends(get_federation)]
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials.strip() if credentials is not None else None
 
 
-def get_device(federation: FederationDep, authorization: Annotated[str | None, Header()] = None) -> Device:
-    return federation.authenticate(_bearer(authorization))
+def get_device(federation: FederationDep,
+               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(device_bearer)]) -> Device:
+    return federation.authenticate(_token(credentials))
 
 
 DeviceDep = Annotated[Device, Depends(get_device)]
 
 
-def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
-    token = _bearer(authorization)
+def require_admin(request: Request,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(admin_bearer)]) -> None:
+    token = _token(credentials)
     if token is not None and request.app.state.federation.store.device_for_token(token) is not None:
         raise Forbidden("device tokens cannot call admin endpoints")
-    if token is None or not secrets.compare_digest(token, request.app.state.admin_token):
+    # Bytes, not str: compare_digest refuses non-ASCII strings (a header may carry any Latin-1 character).
+    if token is None or not secrets.compare_digest(token.encode("utf-8"),
+                                                   request.app.state.admin_token.encode("utf-8")):
         raise Unauthorized("admin endpoints need 'Authorization: Bearer <admin token>' (see the server log or "
                            "<data-dir>/admin_token)")
 
@@ -48,7 +75,7 @@ async def read_body(request: Request) -> bytes:
     """The request body, refused with 413 as soon as it exceeds the configured limit."""
     limit = int(request.app.state.settings.max_upload_mb * 2**20)
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {int(declared)} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -60,3 +87,10 @@ async def read_body(request: Request) -> bytes:
 
 
 BodyDep = Annotated[bytes, Depends(read_body)]
+
+#: The error statuses each dependency answers with (declared in OpenAPI on every route that depends on it).
+DEPENDENCY_ERRORS: dict[Callable, tuple[int, ...]] = {
+    get_device: (401,),
+    require_admin: (401, 403),
+    read_body: (413,),
+}

@@ -43,3 +43,15 @@ class InvalidUpdate(AggregatorError):
 
 class NotReady(AggregatorError):
     status, code = 409, "federation_not_ready"
+
+
+class AggregationFailed(AggregatorError):
+    """A round's uploads could not be turned into a publishable global (the round is then ``failed``)."""
+
+    status, code = 500, "aggregation_failed"
+
+
+class DataDirLocked(AggregatorError):
+    """Another aggregator process already serves this data directory."""
+
+    status, code = 500, "data_dir_locked"

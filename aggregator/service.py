@@ -1,13 +1,18 @@
 """The federation's rules: enrollment, upload validation, round closing and aggregation. No HTTP here.
 
-Aggregation runs the federation strategy's server rule (``device_sdk.strategies``, the code the simulation runs):
-the plain mean streams one stored upload at a time; the other rules (HetLoRA, FlexLoRA, PCL's relay) read one
-round's uploads into memory.
+Aggregation runs the federation strategy's server rule (``device_sdk.strategies``, the code the simulation runs).
+The plain-mean rules (``mean``, ``token_weighted``) keep a running float64 sum of the open round's accepted uploads,
+so closing a round is one division and one write; it is rebuilt from the stored uploads after a restart. The other
+rules (HetLoRA, FlexLoRA, PCL's relay) read one round's uploads into memory when the round closes.
+
+An upload is checked for everything its round's rule will need (names, shapes per device rank, finite values within
+the federation's ``max_abs_value``, a positive token count where the rule weighs by tokens, sane metadata numbers)
+before it is stored. What still fails when a round closes (a non-finite global, a disk error) leaves the round
+``failed`` with its reason, visible in ``/status``; the server keeps serving and the admin retries or closes it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -17,11 +22,13 @@ from safetensors import safe_open
 from device_sdk.errors import ConfigError
 from device_sdk.strategies import Strategy, Upload, networked_strategy
 
-from . import aggregate
+from . import aggregate, uploads
 from .blobs import parse_safetensors, sha256, to_bytes
-from .errors import Conflict, InvalidUpdate, NotFound, NotReady, RoundClosed, Unauthorized
+from .errors import (AggregationFailed, AggregatorError, Conflict, InvalidUpdate, NotFound, NotReady, RoundClosed,
+                     Unauthorized)
 from .schemas import Capabilities, FederationConfig
-from .store import Device, Round, Store, new_token
+from .settings import check_secret
+from .store import Added, Device, Round, Store, Update, new_token
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,10 @@ class Federation:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._aggregate_lock = threading.Lock()
+        # Held while an upload is stored and counted, and while a round is marked aggregating: a round's running
+        # mean then holds exactly the uploads its rows name when it closes.
+        self._accept_lock = threading.Lock()
+        self._mean: aggregate.RoundMean | None = None  # the open round's running mean (None: rebuilt on demand)
 
     # admin ------------------------------------------------------------------------------------------------------
     def config(self) -> FederationConfig | None:
@@ -59,8 +70,19 @@ class Federation:
         return {k: aggregate.TensorSpec(tuple(shape), spec[k].dtype) for k, shape in shapes.items()}
 
     def create(self, config: FederationConfig, enroll_secret: str | None) -> str:
+        """Create the federation; returns the enrollment secret (generated when ``enroll_secret`` is None).
+
+        Raises:
+            Conflict: a federation exists. InvalidUpdate: a strategy a server cannot run, an aggregation rule the
+            strategy does not use, or an enrollment secret shorter than 22 characters.
+        """
         if self.store.federation() is not None:
             raise Conflict("a federation already exists in this data directory; use another --data-dir")
+        if enroll_secret is not None:
+            try:
+                check_secret(enroll_secret, "enroll_secret")
+            except ValueError as err:
+                raise InvalidUpdate(str(err)) from err
         try:
             strategy = networked_strategy(config.strategy)
         except ConfigError as err:
@@ -83,7 +105,7 @@ class Federation:
         if not tensors:
             raise InvalidUpdate("the initial global tensors are empty")
         spec = aggregate.spec_of(tensors)
-        aggregate.validate(tensors, spec)  # finite values
+        aggregate.validate(tensors, spec, config.max_abs_value)  # finite values within the federation's bound
         self.store.set_initial_global(payload, {k: v.to_json() for k, v in spec.items()}, config.round_deadline_s)
         log.info("federation ready: %d shared tensors, round 1 open", len(spec))
         return {"tensors": len(spec), "round": 1}
@@ -137,42 +159,102 @@ class Federation:
         return current
 
     def expected_devices(self) -> int:
-        return len(self.store.devices())
+        """The enrolled devices: a round closes early once all of them reported."""
+        return self.store.count_devices()
 
     def upload(self, device: Device, number: int, payload: bytes) -> tuple[bool, int]:
         """Validate and store one device's shared tensors for round ``number``.
+
+        A replay (the same tensors and metadata values, however serialised) is answered as a duplicate; two requests
+        of one device racing for one round store one upload.
 
         Returns:
             ``(duplicate, reports_in_round)``.
 
         Raises:
-            NotFound: the round does not exist yet. RoundClosed: the round is over (the answer names the current
-            round). Conflict: this device already uploaded different bytes for the round. InvalidUpdate: the
-            payload does not match the federation.
+            NotFound: the round does not exist. RoundClosed: the round is over (the answer names the current round),
+            or failed and waits for the admin. Conflict: this device already uploaded other tensors or metadata for
+            the round. InvalidUpdate: the payload does not match the federation or carries out-of-range numbers.
         """
         current = self.current()
         target = self.store.round(number)
         if target is None:
             raise NotFound(f"round {number} does not exist; the current round is {current.round}",
                            current_round=current.round)
-        existing = self.store.update(number, device.id)
-        if existing is not None:
-            if existing.sha256 == sha256(payload):
-                return True, self.store.count_updates(number)
-            raise Conflict(f"device {device.id} already uploaded different tensors for round {number}",
-                           current_round=current.round)
-        if target.status != "open":
-            raise RoundClosed(f"round {number} is closed; join round {current.round}", current_round=current.round)
         tensors, metadata = parse_safetensors(payload)
-        aggregate.validate(tensors, self.upload_spec(int(device.capabilities["rank"])))
-        tokens, metrics = _update_metadata(metadata)
-        if not self.store.add_update(number, device.id, payload, tokens, metrics):
-            raise RoundClosed(f"round {number} closed while uploading; join round {number + 1}",
-                              current_round=number + 1)
+        tokens, metrics = uploads.read_metadata(metadata)
+        digest = aggregate.content_digest(tensors, uploads.canonical_metadata(metadata, tokens, metrics))
+        existing = self.store.update(number, device.id)
+        if existing is not None:  # a replay (the device lost our answer) or a conflict: no need to store anything
+            return self._replayed(existing, digest, payload, number, current), self.store.count_updates(number)
+        if target.status != "open":
+            raise self._not_open(target, current)
+        config, strategy = self.config(), self.strategy()
+        aggregate.validate(tensors, self.upload_spec(int(device.capabilities["rank"])), config.max_abs_value)
+        weight = aggregate.weight_for(config.aggregation, tokens) if strategy.server_mean else None
+        path = self.store.write_update_blob(number, device.id, digest, payload)  # in parallel, outside the lock
+        with self._accept_lock:
+            running = self._running_mean(number, config) if weight is not None else None  # never raises
+            outcome, existing = self.store.insert_update(number, device.id, digest, path, tokens, metrics)
+            if outcome is Added.ADDED and running is not None:
+                try:
+                    running.add(device.id, tensors, weight)
+                except Exception:  # the round's close rebuilds the mean from the stored uploads
+                    log.exception("round %d: the running mean lost device %d's upload; it is rebuilt on close",
+                                  number, device.id)
+                    self._mean = None
+        if outcome is Added.NOT_OPEN:
+            target = self.store.round(number) or target
+            raise self._not_open(target, self.current())
+        if outcome is not Added.ADDED:
+            return self._replayed(existing, digest, payload, number, current), self.store.count_updates(number)
         return False, self.store.count_updates(number)
 
+    def _replayed(self, existing: Update, digest: str, payload: bytes, number: int, current: Round) -> bool:
+        """True for a replay of ``existing``, else raise Conflict. Uploads stored before content digests were
+        compared by their raw SHA-256."""
+        if existing.sha256 == digest or existing.sha256 == sha256(payload):
+            return True
+        raise Conflict(f"device {existing.device_id} already uploaded different tensors or metadata for round "
+                       f"{number}; a round takes one upload per device: wait for round {number + 1}",
+                       current_round=current.round)
+
+    @staticmethod
+    def _not_open(target: Round, current: Round) -> RoundClosed:
+        if target.status == "failed" and target.closed_at is None:
+            return RoundClosed(f"round {target.round} failed to aggregate ({target.failure}); uploads wait until "
+                               "the admin retries or closes it", current_round=current.round, round_status="failed")
+        if target.status == "aggregating":
+            return RoundClosed(f"round {target.round} is closing (its global is being computed); join round "
+                               f"{target.round + 1} once it opens", current_round=current.round)
+        return RoundClosed(f"round {target.round} is closed; join round {current.round}", current_round=current.round)
+
+    def _running_mean(self, number: int, config: FederationConfig) -> aggregate.RoundMean | None:
+        """The running mean of open round ``number`` (call with ``_accept_lock`` held), built from its stored
+        uploads when there is none yet (first upload of the round, or after a restart); None if that fails."""
+        if self._mean is not None and self._mean.round == number:
+            return self._mean
+        self._mean = None
+        try:
+            self._mean = self._rebuild_mean(number, config, self.store.updates(number))
+        except Exception:
+            log.exception("round %d: rebuilding the running mean from the stored uploads failed; the round's close "
+                          "reads them again", number)
+        return self._mean
+
+    def _rebuild_mean(self, number: int, config: FederationConfig, updates: list[Update]) -> aggregate.RoundMean:
+        """The round's mean, reading one stored upload at a time."""
+        running = aggregate.RoundMean(number, self.upload_spec(config.rank))
+        for update in updates:
+            with safe_open(str(update.path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            running.add(update.device_id, tensors, aggregate.weight_for(config.aggregation, update.tokens))
+            del tensors
+        return running
+
     def maybe_close(self, now: float | None = None) -> int | None:
-        """Close the current round if its policy says so; returns the closed round number."""
+        """Close the current round if its policy says so; returns the closed round number (also when its
+        aggregation failed: the round is then ``failed``)."""
         config = self.config()
         current = self.store.current_round()
         if config is None or current is None or current.status != "open":
@@ -182,78 +264,134 @@ class Federation:
         late = (now or time.time()) >= current.deadline and reported >= config.min_devices
         if not (everyone or late):
             return None
-        if not self.store.mark_aggregating(current.round):
-            return None
-        self.aggregate(current.round)
+        with self._accept_lock:  # no upload is between its row and the running mean
+            if not self.store.mark_aggregating(current.round):
+                return None
+            running, self._mean = self._mean, None
+        self.aggregate(current.round, running if running is not None and running.round == current.round else None)
         return current.round
 
-    def aggregate(self, number: int) -> None:
+    def aggregate(self, number: int, running: aggregate.RoundMean | None = None) -> None:
         """Aggregate the stored updates of a round in ``aggregating`` state and open the next round.
 
-        The mean streams the updates one file at a time; other rules read the round's uploads into memory. Redone
-        from scratch after a crash.
+        Never raises: a failure (no publishable global, an I/O error) leaves the round ``failed`` with its reason,
+        for the admin to retry or close (:meth:`retry`, :meth:`close_failed`).
+
+        Args:
+            running: the round's running mean (mean rules); used when it counts exactly the stored uploads, else the
+                mean is rebuilt from them. Other rules read the round's uploads into memory.
         """
         with self._aggregate_lock:
             start = time.perf_counter()
             current = self.store.round(number)
             if current is None or current.status != "aggregating":
                 return
-            config = self.config()
-            strategy = self.strategy()
-            updates = self.store.updates(number)
-            if strategy.server_mean:
-                result = self._streaming_mean(config, updates)
-            else:
-                result = strategy.server_rule(self._uploads(config, updates))
-            summary = {"participants": [u.device_id for u in updates], "tokens": sum(u.tokens for u in updates),
-                       "mean_metrics": _mean_metrics([u.metrics for u in updates]),
-                       "rule": config.aggregation if strategy.server_mean else strategy.name,
-                       "aggregation_s": time.perf_counter() - start}
-            self.store.close_round(number, to_bytes(result, {"round": str(number)}), summary, config.round_deadline_s)
+            summary: dict = {}
+            try:
+                config = self.config()
+                strategy = self.strategy()
+                updates = self.store.updates(number)
+                summary = {"participants": [u.device_id for u in updates], "tokens": sum(u.tokens for u in updates),
+                           "mean_metrics": _mean_metrics([u.metrics for u in updates]),
+                           "rule": config.aggregation if strategy.server_mean else strategy.name}
+                if not updates:
+                    raise AggregationFailed(f"round {number} has no uploads to aggregate")
+                if strategy.server_mean:
+                    reused = running is not None and running.members == {u.device_id for u in updates}
+                    if not reused:
+                        running = self._rebuild_mean(number, config, updates)
+                    result = running.mean.result()
+                    summary["running_mean"] = reused
+                else:
+                    result = strategy.server_rule(self._uploads(config, updates))
+                aggregate.check_finite(result)
+                payload = to_bytes(result, {"round": str(number)})
+                summary["aggregation_s"] = time.perf_counter() - start
+                self.store.close_round(number, payload, summary, config.round_deadline_s)
+            except Exception as err:
+                reason = err.message if isinstance(err, AggregatorError) else f"{type(err).__name__}: {err}"
+                log.exception("round %d failed to aggregate: %s; retry or close it (POST /admin/rounds/%d/retry or "
+                              "/close)", number, reason, number)
+                try:
+                    self.store.fail_round(number, reason, summary)
+                except Exception:  # the round stays aggregating; the next start redoes it
+                    log.exception("round %d: recording the failure failed", number)
+                return
             log.info("round %d closed with %d update(s); global version %d", number, len(updates), number)
 
-    def _streaming_mean(self, config: FederationConfig, updates: list) -> dict:
-        """The (weighted) mean, reading one stored upload at a time."""
-        mean = aggregate.RunningMean(self.upload_spec(config.rank))
-        for update in updates:
-            with safe_open(str(update.path), framework="pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            mean.add(tensors, aggregate.weight_for(config.aggregation, update.tokens), check_values=False)
-            del tensors
-        return mean.result()
+    def retry(self, number: int) -> Round:
+        """Aggregate a failed round again, from its stored uploads (for a failure that has gone away: a full disk,
+        a file the operator restored). The round ends ``closed`` with a new global version, or ``failed`` again
+        with the new reason.
+
+        Returns:
+            The current round afterwards.
+
+        Raises:
+            NotFound: no such round. Conflict: the round is not failed, or the admin closed it already.
+        """
+        self._failed_round(number)
+        if not self.store.retry_round(number):
+            raise Conflict(f"round {number} is not a failed round awaiting the admin any more; see /status")
+        log.warning("round %d: the admin retries its aggregation", number)
+        self.aggregate(number)
+        return self.current()
+
+    def close_failed(self, number: int) -> Round:
+        """Close a failed round without a new global version: its uploads are kept (visible in ``/status``) but not
+        used, and the next round opens on the same global version the failed round started from, so every device
+        trains on the last published global again.
+
+        Returns:
+            The new current round.
+
+        Raises:
+            NotFound: no such round. Conflict: the round is not the current failed round.
+        """
+        self._failed_round(number)
+        if not self.store.close_failed_round(number, self.config().round_deadline_s):
+            raise Conflict(f"round {number} is not the current failed round any more; see /status")
+        log.warning("round %d: closed by the admin without a new global version", number)
+        return self.current()
+
+    def _failed_round(self, number: int) -> Round:
+        current = self.current()
+        target = self.store.round(number)
+        if target is None:
+            raise NotFound(f"round {number} does not exist; the current round is {current.round}",
+                           current_round=current.round)
+        if target.status != "failed" or target.closed_at is not None:
+            state = "closed by the admin" if target.status == "failed" else target.status
+            raise Conflict(f"round {number} is {state}; only a failed round awaiting the admin can be retried or "
+                           f"closed (the current round is {current.round}, {current.status})",
+                           current_round=current.round)
+        return target
 
     def _uploads(self, config: FederationConfig, updates: list) -> list[Upload]:
         """Every stored upload of a round in memory, with the device's rank and the federation's LoRA alpha
         (per-device rules read each module's scale from its factors' rank)."""
         devices = {d.id: d for d in self.store.devices()}
-        uploads = []
+        out = []
         for position, update in enumerate(updates):
             with safe_open(str(update.path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             rank = int(devices[update.device_id].capabilities["rank"])
-            uploads.append(Upload(position, tensors, update.tokens, rank, config.alpha))
-        return uploads
+            out.append(Upload(position, tensors, update.tokens, rank, config.alpha))
+        return out
 
     def recover(self) -> None:
-        """Redo aggregations a crash interrupted."""
-        for r in self.store.rounds("aggregating"):
-            log.warning("redoing the interrupted aggregation of round %d", r.round)
-            self.aggregate(r.round)
-
-
-def _update_metadata(metadata: dict[str, str]) -> tuple[int, dict]:
-    try:
-        tokens = int(metadata.get("tokens", "0"))
-        metrics = json.loads(metadata.get("metrics", "{}"))
-    except ValueError as err:
-        raise InvalidUpdate(f"update metadata 'tokens' must be an integer and 'metrics' JSON: {err}") from err
-    if tokens < 0 or not isinstance(metrics, dict):
-        raise InvalidUpdate("update metadata: 'tokens' must be >= 0 and 'metrics' a JSON object")
-    clean = {}
-    for k, v in metrics.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            clean[str(k)] = float(v)
-    return tokens, clean
+        """Redo aggregations a crash interrupted. Never raises: a round that cannot be aggregated ends ``failed``
+        and the server starts anyway."""
+        try:
+            for r in self.store.rounds("aggregating"):
+                log.warning("redoing the interrupted aggregation of round %d", r.round)
+                self.aggregate(r.round)
+            for r in self.store.rounds("failed"):
+                if r.closed_at is None:
+                    log.warning("round %d failed to aggregate (%s); retry or close it: POST /admin/rounds/%d/retry "
+                                "or /close", r.round, r.failure, r.round)
+        except Exception:
+            log.exception("recovering interrupted rounds failed; the server starts anyway")
 
 
 def _mean_metrics(all_metrics: list[dict]) -> dict[str, float]:

@@ -2,12 +2,20 @@
 
 Blobs are written atomically and fsynced before the database row that names them is committed, so after a crash
 every committed row points to a complete blob; a blob without a row is an unacknowledged upload the device retries.
+An upload the database refuses (a replay, a conflict, a round that closed meanwhile) removes its blob again, so
+no request leaves a file behind.
+
+Rounds go ``open`` -> ``aggregating`` -> ``closed``, or -> ``failed`` when their uploads could not be aggregated
+(the reason is kept in ``failure``); the admin retries a failed round (back to ``aggregating``) or closes it
+(``closed_at`` set, the next round opens on the same global version).
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
+import logging
 import secrets
 import sqlite3
 import threading
@@ -16,6 +24,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .blobs import atomic_write, sha256
+
+log = logging.getLogger(__name__)
+
+#: SQLite integers are signed 64-bit: a larger round or version number can name no row.
+_INT64_MAX = 2**63 - 1
+
+ROUNDS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
+    round INTEGER PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('open', 'aggregating', 'closed', 'failed')),
+    base_version INTEGER NOT NULL,
+    opened_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    closed_at REAL,
+    summary TEXT,
+    failure TEXT
+);
+"""
+_ROUND_COLUMNS = "round, status, base_version, opened_at, deadline, closed_at, summary, failure"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS federation (
@@ -32,19 +59,10 @@ CREATE TABLE IF NOT EXISTS devices (
     capabilities TEXT NOT NULL,
     enrolled_at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY,
-    status TEXT NOT NULL CHECK (status IN ('open', 'aggregating', 'closed')),
-    base_version INTEGER NOT NULL,
-    opened_at REAL NOT NULL,
-    deadline REAL NOT NULL,
-    closed_at REAL,
-    summary TEXT
-);
 CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL,
     device_id INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
+    sha256 TEXT NOT NULL,  -- content digest (aggregate.content_digest); raw SHA-256 in databases made before it
     path TEXT NOT NULL,
     tokens INTEGER NOT NULL,
     metrics TEXT NOT NULL,
@@ -57,7 +75,12 @@ CREATE TABLE IF NOT EXISTS globals (
     sha256 TEXT NOT NULL,
     created_at REAL NOT NULL
 );
-"""
+""" + ROUNDS_TABLE.format(name="rounds")
+
+
+def _int64(number: int) -> bool:
+    """Whether ``number`` fits an SQLite integer (larger ones can name no row; binding them raises)."""
+    return -_INT64_MAX - 1 <= number <= _INT64_MAX
 
 
 def token_hash(token: str) -> str:
@@ -81,6 +104,9 @@ class Device:
 
 @dataclass(frozen=True)
 class Round:
+    """One round. ``failure``: why its aggregation failed (status ``failed``); a failed round with ``closed_at``
+    set was closed by the admin without a new global version."""
+
     round: int
     status: str
     base_version: int
@@ -88,6 +114,26 @@ class Round:
     deadline: float
     closed_at: float | None
     summary: dict | None
+    failure: str | None = None
+
+
+class Added(enum.Enum):
+    """What :meth:`Store.insert_update` did with an upload."""
+
+    ADDED = "added"
+    DUPLICATE = "duplicate"  # the device's stored upload for the round has the same content digest
+    CONFLICT = "conflict"  # the device already uploaded other content for the round
+    NOT_OPEN = "not_open"  # the round is not open (any more)
+
+
+@dataclass(frozen=True)
+class DeviceActivity:
+    """A device with its enrollment time and its latest upload (``None`` before its first one)."""
+
+    device: Device
+    enrolled_at: float
+    last_round: int | None
+    last_upload_at: float | None
 
 
 @dataclass(frozen=True)
@@ -112,6 +158,25 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._migrate_rounds()
+
+    def _migrate_rounds(self) -> None:
+        """Give a database created before failed rounds existed the current ``rounds`` table.
+
+        SQLite cannot change a CHECK constraint in place: the table is copied into a new one and swapped, in one
+        transaction (a crash leaves the old table or the new one, never neither).
+        """
+        row = self._one("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'rounds'")
+        if row is None or "'failed'" in row[0]:
+            return
+        log.warning("migrating the rounds table of %s to allow failed rounds", self.data_dir)
+        old_columns = "round, status, base_version, opened_at, deadline, closed_at, summary"
+        with self._tx() as db:
+            db.execute("DROP TABLE IF EXISTS rounds_migrating")
+            db.execute(ROUNDS_TABLE.format(name="rounds_migrating"))
+            db.execute(f"INSERT INTO rounds_migrating ({old_columns}) SELECT {old_columns} FROM rounds")
+            db.execute("DROP TABLE rounds")
+            db.execute("ALTER TABLE rounds_migrating RENAME TO rounds")
 
     def close(self) -> None:
         with self._lock:
@@ -183,26 +248,40 @@ class Store:
         row = self._one("SELECT id, name, capabilities FROM devices WHERE token_hash = ?", (token_hash(token),))
         return None if row is None else Device(row[0], row[1], json.loads(row[2]))
 
+    def count_devices(self) -> int:
+        return self._one("SELECT COUNT(*) FROM devices")[0]
+
     def devices(self) -> list[Device]:
         return [Device(r[0], r[1], json.loads(r[2])) for r in self._all("SELECT id, name, capabilities FROM devices")]
+
+    def device_activity(self) -> list[DeviceActivity]:
+        """Every device (by id) with its enrollment time and its latest upload: round and time received."""
+        # SQLite takes the bare column u.received_at from the row holding MAX(u.round).
+        rows = self._all("SELECT d.id, d.name, d.capabilities, d.enrolled_at, MAX(u.round), u.received_at "
+                         "FROM devices d LEFT JOIN updates u ON u.device_id = d.id GROUP BY d.id ORDER BY d.id")
+        return [DeviceActivity(Device(r[0], r[1], json.loads(r[2])), r[3], r[4], r[5]) for r in rows]
 
     # rounds -----------------------------------------------------------------------------------------------------
     @staticmethod
     def _round(row: tuple) -> Round:
-        return Round(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]) if row[6] else None)
+        return Round(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]) if row[6] else None, row[7])
 
     def round(self, number: int) -> Round | None:
-        row = self._one("SELECT * FROM rounds WHERE round = ?", (number,))
+        """Round ``number``, or ``None`` if there is none (any integer, however large, is a valid question)."""
+        if not _int64(number):
+            return None
+        row = self._one(f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE round = ?", (number,))
         return None if row is None else self._round(row)
 
     def current_round(self) -> Round | None:
-        row = self._one("SELECT * FROM rounds ORDER BY round DESC LIMIT 1")
+        row = self._one(f"SELECT {_ROUND_COLUMNS} FROM rounds ORDER BY round DESC LIMIT 1")
         return None if row is None else self._round(row)
 
     def rounds(self, status: str | None = None) -> list[Round]:
         if status is None:
-            return [self._round(r) for r in self._all("SELECT * FROM rounds ORDER BY round")]
-        return [self._round(r) for r in self._all("SELECT * FROM rounds WHERE status = ? ORDER BY round", (status,))]
+            return [self._round(r) for r in self._all(f"SELECT {_ROUND_COLUMNS} FROM rounds ORDER BY round")]
+        return [self._round(r) for r in self._all(f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE status = ? "
+                                                  "ORDER BY round", (status,))]
 
     def mark_aggregating(self, number: int) -> bool:
         """Move an open round to ``aggregating``; False if it was not open (someone else closes it)."""
@@ -220,41 +299,110 @@ class Store:
                        (number, str(path.relative_to(self.data_dir)), sha256(payload), now))
             db.execute("UPDATE rounds SET status = 'closed', closed_at = ?, summary = ? WHERE round = ?",
                        (now, json.dumps(summary), number))
-            db.execute("INSERT INTO rounds (round, status, base_version, opened_at, deadline) VALUES (?, 'open', ?, ?, ?)",
-                       (number + 1, number, now, now + deadline_s))
+            db.execute("INSERT INTO rounds (round, status, base_version, opened_at, deadline) "
+                       "VALUES (?, 'open', ?, ?, ?)", (number + 1, number, now, now + deadline_s))
+
+    def fail_round(self, number: int, reason: str, summary: dict) -> None:
+        """Move a round from ``aggregating`` to ``failed`` with its reason; it stays the current round."""
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET status = 'failed', failure = ?, summary = ? "
+                       "WHERE round = ? AND status = 'aggregating'", (reason, json.dumps(summary), number))
+
+    def retry_round(self, number: int) -> bool:
+        """Move a failed round the admin has not closed back to ``aggregating``; False if it is not such a round."""
+        if not _int64(number):
+            return False
+        with self._tx() as db:
+            cur = db.execute("UPDATE rounds SET status = 'aggregating', failure = NULL "
+                             "WHERE round = ? AND status = 'failed' AND closed_at IS NULL", (number,))
+            return cur.rowcount == 1
+
+    def close_failed_round(self, number: int, deadline_s: float) -> bool:
+        """Close a failed round without a new global version and open the next one on the same base version.
+
+        Returns:
+            False (nothing changed) unless ``number`` is the current round, failed and not closed yet.
+        """
+        if not _int64(number):
+            return False
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT base_version FROM rounds WHERE round = ? AND status = 'failed' AND closed_at IS "
+                             "NULL AND round = (SELECT MAX(round) FROM rounds)", (number,)).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE rounds SET closed_at = ?, failure = failure || ? WHERE round = ?",
+                       (now, " (closed by the admin without a new global version)", number))
+            db.execute("INSERT INTO rounds (round, status, base_version, opened_at, deadline) "
+                       "VALUES (?, 'open', ?, ?, ?)", (number + 1, row[0], now, now + deadline_s))
+            return True
 
     # updates ----------------------------------------------------------------------------------------------------
     def update(self, number: int, device_id: int) -> Update | None:
+        if not (_int64(number) and _int64(device_id)):
+            return None
         row = self._one("SELECT round, device_id, sha256, path, tokens, metrics FROM updates "
                         "WHERE round = ? AND device_id = ?", (number, device_id))
         return None if row is None else Update(row[0], row[1], row[2], self.data_dir / row[3], row[4],
                                                json.loads(row[5]))
 
     def count_updates(self, number: int) -> int:
+        if not _int64(number):
+            return 0
         return self._one("SELECT COUNT(*) FROM updates WHERE round = ?", (number,))[0]
 
     def updates(self, number: int) -> list[Update]:
+        if not _int64(number):
+            return []
         rows = self._all("SELECT round, device_id, sha256, path, tokens, metrics FROM updates WHERE round = ? "
                          "ORDER BY device_id", (number,))
         return [Update(r[0], r[1], r[2], self.data_dir / r[3], r[4], json.loads(r[5])) for r in rows]
 
-    def add_update(self, number: int, device_id: int, payload: bytes, tokens: int, metrics: dict) -> bool:
-        """Store an already validated update for an open round. Returns False if the round stopped being open
-        meanwhile (nothing is recorded then)."""
-        digest = sha256(payload)
-        path = self.blob_dir / "updates" / f"r{number:06d}" / f"d{device_id:06d}-{digest[:16]}.safetensors"
+    def write_update_blob(self, number: int, device_id: int, digest: str, payload: bytes) -> Path:
+        """Write an upload's blob durably, before its row exists (no lock held: uploads write in parallel). Pass the
+        path to :meth:`insert_update`, which removes the file again unless a row names it.
+
+        Args:
+            digest: the upload's content digest (:func:`aggregator.aggregate.content_digest`); it names the file.
+        """
+        path = self.blob_dir / "updates" / f"r{number:06d}" / f"d{device_id:06d}-{digest}.safetensors"
         atomic_write(path, payload)
-        with self._tx() as db:
-            status = db.execute("SELECT status FROM rounds WHERE round = ?", (number,)).fetchone()
-            if status is None or status[0] != "open":
-                return False
-            db.execute("INSERT INTO updates (round, device_id, sha256, path, tokens, metrics, received_at) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (number, device_id, digest,
-                                                        str(path.relative_to(self.data_dir)), tokens,
-                                                        json.dumps(metrics), time.time()))
-        return True
+        return path
+
+    def insert_update(self, number: int, device_id: int, digest: str, path: Path, tokens: int,
+                      metrics: dict) -> tuple[Added, Update | None]:
+        """Record an already validated upload whose blob :meth:`write_update_blob` wrote, unless the device already
+        has one for the round or the round is not open. The check and the insert are one transaction, so two
+        requests racing for one (round, device) get one row; a blob left without a row is removed before this
+        returns (or raises).
+
+        Returns:
+            ``(what happened, the device's stored upload for the round where one existed)``.
+        """
+        outcome, existing = Added.NOT_OPEN, None
+        try:
+            with self._tx() as db:
+                row = db.execute("SELECT round, device_id, sha256, path, tokens, metrics FROM updates "
+                                 "WHERE round = ? AND device_id = ?", (number, device_id)).fetchone()
+                if row is not None:
+                    existing = Update(row[0], row[1], row[2], self.data_dir / row[3], row[4], json.loads(row[5]))
+                    outcome = Added.DUPLICATE if existing.sha256 == digest else Added.CONFLICT
+                else:
+                    status = db.execute("SELECT status FROM rounds WHERE round = ?", (number,)).fetchone()
+                    if status is not None and status[0] == "open":
+                        db.execute("INSERT INTO updates (round, device_id, sha256, path, tokens, metrics, received_at) "
+                                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                   (number, device_id, digest, str(path.relative_to(self.data_dir)), tokens,
+                                    json.dumps(metrics), time.time()))
+                        outcome = Added.ADDED
+        finally:
+            if outcome is not Added.ADDED and (existing is None or existing.path != path):
+                path.unlink(missing_ok=True)  # no row names this blob (a duplicate's row may name this very file)
+        return outcome, existing
 
     def global_blob(self, version: int) -> tuple[Path, str] | None:
+        if not _int64(version):
+            return None
         row = self._one("SELECT path, sha256 FROM globals WHERE version = ?", (version,))
         return None if row is None else (self.data_dir / row[0], row[1])
 

@@ -3,31 +3,35 @@
 from fastapi import APIRouter, BackgroundTasks, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import BodyDep, DeviceDep, FederationDep
+from ..deps import BodyDep, DeviceDep, FederationDep, GlobalVersion, RoundNumber
 from ..errors import NotFound
-from ..schemas import Enrolled, EnrollRequest, RoundState, UploadAccepted
+from ..schemas import Enrolled, EnrollRequest, RoundState, UploadAccepted, error_responses
+from . import SAFETENSORS_BODY
 
 router = APIRouter(tags=["devices"])
 
 
-@router.post("/enroll", response_model=Enrolled, status_code=201)
+@router.post("/enroll", response_model=Enrolled, status_code=201, responses=error_responses(401, 409, 422))
 def enroll(body: EnrollRequest, federation: FederationDep) -> Enrolled:
     """Enroll a device with the admin's enrollment secret; the answer holds the device's bearer token."""
     device_id, token = federation.enroll(body.enroll_secret, body.name, body.capabilities)
     return Enrolled(device_id=device_id, token=token, config=federation.config())
 
 
-@router.get("/rounds/current", response_model=RoundState)
+@router.get("/rounds/current", response_model=RoundState, responses=error_responses(409))
 def current_round(federation: FederationDep, device: DeviceDep) -> RoundState:
     r = federation.current()
     reports = federation.store.updates(r.round)
     return RoundState(round=r.round, status=r.status, base_version=r.base_version, deadline=r.deadline,
                       reported=len(reports), expected=federation.expected_devices(),
-                      you_reported=any(u.device_id == device.id for u in reports))
+                      you_reported=any(u.device_id == device.id for u in reports), failure=r.failure)
 
 
-@router.get("/globals/{version}", responses={200: {"content": {"application/octet-stream": {}}}})
-def get_global(version: int, federation: FederationDep, device: DeviceDep) -> Response:
+@router.get("/globals/{version}", response_class=Response, responses={
+    200: {"description": "the global version's tensors (safetensors); header X-Sha256: their digest",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    **error_responses(404)})
+def get_global(version: GlobalVersion, federation: FederationDep, device: DeviceDep) -> Response:
     """The shared tensors of a global version (safetensors)."""
     blob = federation.store.global_blob(version)
     if blob is None:
@@ -36,8 +40,9 @@ def get_global(version: int, federation: FederationDep, device: DeviceDep) -> Re
     return Response(path.read_bytes(), media_type="application/octet-stream", headers={"X-Sha256": digest})
 
 
-@router.post("/rounds/{number}/update", response_model=UploadAccepted)
-async def upload(number: int, federation: FederationDep, device: DeviceDep, body: BodyDep,
+@router.post("/rounds/{number}/update", response_model=UploadAccepted, responses=error_responses(404, 409, 422),
+             openapi_extra=SAFETENSORS_BODY)
+async def upload(number: RoundNumber, federation: FederationDep, device: DeviceDep, body: BodyDep,
                  background: BackgroundTasks) -> UploadAccepted:
     """Upload this device's shared tensors for a round (safetensors body; metadata ``tokens`` and ``metrics``)."""
     duplicate, reported = await run_in_threadpool(federation.upload, device, number, body)

@@ -29,10 +29,10 @@ def status(federation: FederationDep) -> Status:
                                     participants=[u.device_id for u in updates],
                                     tokens=sum(u.tokens for u in updates), mean_metrics=metrics,
                                     opened_at=r.opened_at, closed_at=r.closed_at,
-                                    rule=(r.summary or {}).get("rule")))
+                                    rule=(r.summary or {}).get("rule"), failure=r.failure))
     state = None
     if current is not None:
         state = RoundState(round=current.round, status=current.status, base_version=current.base_version,
                            deadline=current.deadline, reported=store.count_updates(current.round),
-                           expected=federation.expected_devices())
+                           expected=federation.expected_devices(), failure=current.failure)
     return Status(ready=ready, config=config, devices=len(store.devices()), current_round=state, history=history)

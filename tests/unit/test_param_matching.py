@@ -109,13 +109,13 @@ def _through_the_aggregator(tmp_path, name: str, models: list, tokens: list[int]
     over uploads read back from its store): the global version it publishes."""
     strategy = make_strategy(name)
     fed = Federation(Store(tmp_path))
-    fed.create(FederationConfig(base_model="tiny-llama", strategy=name, min_devices=len(models)), "secret-secret")
+    fed.create(FederationConfig(base_model="tiny-llama", strategy=name, min_devices=len(models)), "secret-secret-0123456789ab")
     initial = max((strategy.initial_tensors(m) for m in models), key=lambda t: sum(v.numel() for v in t.values()))
     fed.set_initial(to_bytes(initial))
     with pytest.raises(InvalidUpdate, match="exceeds the federation's largest rank 32"):
-        fed.enroll("secret-secret", "too big", Capabilities(n_specialists=0, rank=40))
+        fed.enroll("secret-secret-0123456789ab", "too big", Capabilities(n_specialists=0, rank=40))
     for i, (model, n) in enumerate(zip(models, tokens)):
-        _, token = fed.enroll("secret-secret", f"d{i}", Capabilities(n_specialists=0, rank=adapter_config(model).rank))
+        _, token = fed.enroll("secret-secret-0123456789ab", f"d{i}", Capabilities(n_specialists=0, rank=adapter_config(model).rank))
         fed.upload(fed.authenticate(token), 1, to_bytes(strategy.shared_tensors(model), {"tokens": str(n)}))
     assert fed.maybe_close() == 1
     return load_file(str(fed.store.global_blob(1)[0]))

@@ -16,9 +16,10 @@ def _payload(value: float) -> bytes:
 
 def test_an_interrupted_aggregation_is_redone_on_start(tmp_path):
     fed = Federation(Store(tmp_path))
-    fed.create(FederationConfig(base_model="tiny-llama", min_devices=2), "secret-secret")
+    fed.create(FederationConfig(base_model="tiny-llama", min_devices=2), "secret-secret-0123456789ab")
     fed.set_initial(st_save({"w": torch.zeros(2, 2)}))
-    devices = [fed.enroll("secret-secret", f"d{i}", Capabilities(n_specialists=1, rank=8)) for i in range(2)]
+    devices = [fed.enroll("secret-secret-0123456789ab", f"d{i}", Capabilities(n_specialists=1, rank=8))
+               for i in range(2)]
     for (device_id, token), value in zip(devices, (1.0, 3.0)):
         fed.upload(fed.authenticate(token), 1, _payload(value))
     assert fed.store.mark_aggregating(1)  # the server dies here, before the new global is stored
@@ -38,12 +39,12 @@ def test_an_interrupted_aggregation_is_redone_on_start(tmp_path):
 
 def test_round_waits_for_min_devices_even_after_its_deadline(tmp_path):
     fed = Federation(Store(tmp_path))
-    fed.create(FederationConfig(base_model="m", min_devices=2, round_deadline_s=0.01), "secret-secret")
+    fed.create(FederationConfig(base_model="m", min_devices=2, round_deadline_s=0.01), "secret-secret-0123456789ab")
     fed.set_initial(st_save({"w": torch.zeros(2, 2)}))
-    _, token = fed.enroll("secret-secret", "d", Capabilities(n_specialists=0, rank=8))
+    _, token = fed.enroll("secret-secret-0123456789ab", "d", Capabilities(n_specialists=0, rank=8))
     fed.upload(fed.authenticate(token), 1, _payload(1.0))
     assert fed.maybe_close(now=1e12) is None  # one report, two needed
-    _, token2 = fed.enroll("secret-secret", "d2", Capabilities(n_specialists=3, rank=8))
+    _, token2 = fed.enroll("secret-secret-0123456789ab", "d2", Capabilities(n_specialists=3, rank=8))
     fed.upload(fed.authenticate(token2), 1, _payload(5.0))
     assert fed.maybe_close() == 1
 
@@ -55,12 +56,12 @@ def test_a_federation_is_created_only_with_a_strategy_a_server_can_run(tmp_path)
 
     fed = Federation(Store(tmp_path))
     with pytest.raises(InvalidUpdate, match="'local' shares nothing"):
-        fed.create(FederationConfig(base_model="m", strategy="local"), "secret-secret")
+        fed.create(FederationConfig(base_model="m", strategy="local"), "secret-secret-0123456789ab")
     with pytest.raises(InvalidUpdate, match="unknown strategy 'fedprox'"):
-        fed.create(FederationConfig(base_model="m", strategy="fedprox"), "secret-secret")
+        fed.create(FederationConfig(base_model="m", strategy="fedprox"), "secret-secret-0123456789ab")
     with pytest.raises(InvalidUpdate, match="leave aggregation at 'mean'"):
         fed.create(FederationConfig(base_model="m", strategy="flexlora-full", aggregation="token_weighted"),
-                   "secret-secret")
+                   "secret-secret-0123456789ab")
     assert fed.config() is None  # nothing was stored
 
 
@@ -70,10 +71,10 @@ def test_hetlora_uploads_are_checked_against_the_global_shapes_cut_to_the_device
     from aggregator.errors import InvalidUpdate
 
     fed = Federation(Store(tmp_path))
-    fed.create(FederationConfig(base_model="m", strategy="hetlora-full", min_devices=2), "secret-secret")
+    fed.create(FederationConfig(base_model="m", strategy="hetlora-full", min_devices=2), "secret-secret-0123456789ab")
     fed.set_initial(st_save({"m.lora_A": torch.zeros(16, 4), "m.lora_B": torch.zeros(3, 16)}))
-    _, small = fed.enroll("secret-secret", "small", Capabilities(n_specialists=0, rank=8))
-    _, large = fed.enroll("secret-secret", "large", Capabilities(n_specialists=0, rank=16))
+    _, small = fed.enroll("secret-secret-0123456789ab", "small", Capabilities(n_specialists=0, rank=8))
+    _, large = fed.enroll("secret-secret-0123456789ab", "large", Capabilities(n_specialists=0, rank=16))
     with pytest.raises(InvalidUpdate, match=r"shape \[16, 4\], expected \[8, 4\]"):
         fed.upload(fed.authenticate(small), 1, st_save({"m.lora_A": torch.ones(16, 4), "m.lora_B": torch.ones(3, 16)}))
     fed.upload(fed.authenticate(small), 1, st_save({"m.lora_A": torch.ones(8, 4), "m.lora_B": torch.ones(3, 8)},
@@ -94,11 +95,11 @@ def test_a_device_with_another_lora_alpha_is_refused_before_enrolling(tmp_path):
     from aggregator.errors import InvalidUpdate
 
     fed = Federation(Store(tmp_path))
-    fed.create(FederationConfig(base_model="m", alpha=16.0), "secret-secret")
+    fed.create(FederationConfig(base_model="m", alpha=16.0), "secret-secret-0123456789ab")
     with pytest.raises(InvalidUpdate, match="alpha 16.0, this device 8.0"):
-        fed.enroll("secret-secret", "d", Capabilities(n_specialists=1, rank=8, alpha=8.0))
+        fed.enroll("secret-secret-0123456789ab", "d", Capabilities(n_specialists=1, rank=8, alpha=8.0))
     assert fed.store.devices() == []
-    fed.enroll("secret-secret", "d", Capabilities(n_specialists=1, rank=8, alpha=16.0))
+    fed.enroll("secret-secret-0123456789ab", "d", Capabilities(n_specialists=1, rank=8, alpha=16.0))
 
 
 def test_generated_secrets_never_start_with_a_dash(monkeypatch):
