@@ -3,6 +3,7 @@ federation exists, the configuration, rounds and devices it lists, the metrics c
 stay text."""
 
 import html
+import re
 import shutil
 import subprocess
 import time
@@ -89,7 +90,6 @@ def test_operator_page_in_a_real_browser(server, tmp_path):
 
     shot = tmp_path / "operator.png"
     browse(url + "/", tmp_path / "profile", f"--screenshot={shot}")
-    shutil.copy(shot, "/tmp/operator_page.png")
     rgb = (imread(shot)[..., :3] * 255).round().astype(int)  # (H, W, 3)
     assert rgb.shape[:2] == (900, 1200)
     for metric, colour in LINE_COLOURS.items():
@@ -97,3 +97,21 @@ def test_operator_page_in_a_real_browser(server, tmp_path):
         ys, xs = np.nonzero(np.abs(rgb - np.array(colour)).max(axis=-1) <= 12)
         assert len(xs) > 500, (metric, len(xs))
         assert np.unique(xs).size > 300 and ys.max() - ys.min() > 20, (metric, np.unique(xs).size)
+
+
+def test_a_failed_round_shows_its_reason(server, tmp_path):
+    url = server.url
+    secret = setup_federation(url, min_devices=1)
+    devices = [enroll(url, secret, "edge-phone-de")]
+    blocker = server.data_dir / "blobs" / "globals" / "v000001.safetensors"
+    blocker.mkdir(parents=True)  # the new global cannot be written: the round fails for real
+    body = payload(tensors(1.0), metrics={"valid_loss": 3.0})
+    assert httpx.post(f"{url}/rounds/1/update", headers=devices[0], content=body).status_code == 200
+    deadline = time.time() + 15
+    while (failure := httpx.get(url + "/status").json()["current_round"]["failure"]) is None:
+        assert time.time() < deadline, "round 1 did not fail"
+        time.sleep(0.05)
+    dom = browse(url + "/", tmp_path / "profile", "--dump-dom")
+    badges = re.findall(r'<span class="badge failed" title="([^"]*)">failed</span>', dom)
+    assert len(badges) == 2  # the current round's card and its row in the rounds table
+    assert all(html.unescape(b) == failure for b in badges) and "IsADirectoryError" in failure
