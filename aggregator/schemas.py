@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from device_sdk.federated.roles import SHARED_ROLES, role_names
+
 from .settings import check_secret
 
 # Every free-text field of a request has a length bound: besides bounding the work, a bound makes pydantic refuse
@@ -20,7 +22,7 @@ class FederationConfig(BaseModel):
                             description="base model every device must use, e.g. smollm2-135m")
     rank: int = Field(default=8, gt=0)
     alpha: float = Field(default=16.0, gt=0, allow_inf_nan=False)
-    shared_roles: list[str] = Field(default=["attention", "generalist"],
+    shared_roles: list[str] = Field(default=role_names(SHARED_ROLES),
                                     description="adapter roles averaged across devices (paper: attention LoRA and "
                                                 "generalist experts)")
     min_devices: int = Field(default=1, ge=1, description="a round never closes with fewer reports")
@@ -29,7 +31,7 @@ class FederationConfig(BaseModel):
                                                 "min_devices did")
     aggregation: Literal["mean", "token_weighted"] = "mean"
     strategy: str = Field(default="comigs-1gxs", min_length=1, max_length=200,
-                          description="collaboration strategy every device must run (device_sdk.strategies)")
+                          description="collaboration strategy every device must run (device_sdk.federated.catalog)")
     max_abs_value: float = Field(default=1e4, gt=0, le=3.4e38, allow_inf_nan=False,
                                  description="largest |value| an uploaded tensor may hold (422 above it). LoRA "
                                              "factors are of order 1; the bound keeps a diverged or hostile device "

@@ -1,6 +1,6 @@
 """The federation's rules: enrollment, upload validation, round closing and aggregation. No HTTP here.
 
-Aggregation runs the federation strategy's server rule (``device_sdk.strategies``, the code the simulation runs).
+Aggregation runs the server rule the strategy's name picks (:mod:`device_sdk.federated`, what the simulation runs).
 The plain-mean rules (``mean``, ``token_weighted``) keep a running float64 sum of the open round's accepted uploads,
 so closing a round is one division and one write; it is rebuilt from the stored uploads after a restart. The other
 rules (HetLoRA, FlexLoRA, PCL's relay) read one round's uploads into memory when the round closes.
@@ -20,7 +20,7 @@ import time
 from safetensors import safe_open
 
 from device_sdk.errors import ConfigError
-from device_sdk.strategies import Strategy, Upload, networked_strategy
+from device_sdk.federated import RULES, StrategySpec, Upload, networked_spec
 
 from . import aggregate, uploads
 from .blobs import parse_safetensors, sha256, to_bytes
@@ -56,17 +56,18 @@ class Federation:
             raise NotReady("the federation has no initial global tensors yet; the admin must upload them")
         return {k: aggregate.TensorSpec.from_json(v) for k, v in fed[1].items()}
 
-    def strategy(self) -> Strategy:
+    def strategy(self) -> StrategySpec:
+        """The server side of the federation's strategy (its rule, what travels, per-device ranks)."""
         config = self.config()
         if config is None:
             raise NotReady("no federation has been created yet")
-        return networked_strategy(config.strategy)
+        return networked_spec(config.strategy)
 
     def upload_spec(self, rank: int) -> dict[str, aggregate.TensorSpec]:
         """What a device of LoRA rank ``rank`` uploads: the tensors that travel, cut to its rank where ranks
         differ between devices."""
         spec, strategy = self.spec(), self.strategy()
-        shapes = strategy.device_shapes({k: s.shape for k, s in spec.items() if strategy.travels(k)}, rank)
+        shapes = strategy.upload_shapes({k: s.shape for k, s in spec.items()}, rank)
         return {k: aggregate.TensorSpec(tuple(shape), spec[k].dtype) for k, shape in shapes.items()}
 
     def create(self, config: FederationConfig, enroll_secret: str | None) -> str:
@@ -84,10 +85,10 @@ class Federation:
             except ValueError as err:
                 raise InvalidUpdate(str(err)) from err
         try:
-            strategy = networked_strategy(config.strategy)
+            strategy = networked_spec(config.strategy)
         except ConfigError as err:
             raise InvalidUpdate(str(err)) from err
-        if config.aggregation != "mean" and not strategy.server_mean:
+        if config.aggregation != "mean" and not strategy.plain_mean:
             raise InvalidUpdate(f"aggregation {config.aggregation!r} applies to mean-rule strategies; "
                                 f"{config.strategy} weighs uploads by its own rule: leave aggregation at 'mean'")
         secret = enroll_secret or new_token(16)
@@ -191,7 +192,7 @@ class Federation:
             raise self._not_open(target, current)
         config, strategy = self.config(), self.strategy()
         aggregate.validate(tensors, self.upload_spec(int(device.capabilities["rank"])), config.max_abs_value)
-        weight = aggregate.weight_for(config.aggregation, tokens) if strategy.server_mean else None
+        weight = aggregate.weight_for(config.aggregation, tokens) if strategy.plain_mean else None
         path = self.store.write_update_blob(number, device.id, digest, payload)  # in parallel, outside the lock
         with self._accept_lock:
             running = self._running_mean(number, config) if weight is not None else None  # never raises
@@ -293,17 +294,17 @@ class Federation:
                 updates = self.store.updates(number)
                 summary = {"participants": [u.device_id for u in updates], "tokens": sum(u.tokens for u in updates),
                            "mean_metrics": _mean_metrics([u.metrics for u in updates]),
-                           "rule": config.aggregation if strategy.server_mean else strategy.name}
+                           "rule": config.aggregation if strategy.plain_mean else strategy.name}
                 if not updates:
                     raise AggregationFailed(f"round {number} has no uploads to aggregate")
-                if strategy.server_mean:
+                if strategy.plain_mean:
                     reused = running is not None and running.members == {u.device_id for u in updates}
                     if not reused:
                         running = self._rebuild_mean(number, config, updates)
                     result = running.mean.result()
                     summary["running_mean"] = reused
                 else:
-                    result = strategy.server_rule(self._uploads(config, updates))
+                    result = RULES[strategy.rule](self._uploads(config, updates))
                 aggregate.check_finite(result)
                 payload = to_bytes(result, {"round": str(number)})
                 summary["aggregation_s"] = time.perf_counter() - start

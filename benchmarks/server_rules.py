@@ -46,7 +46,8 @@ def mib(tensors: dict[str, torch.Tensor]) -> float:
 
 def measure(name: str, n_devices: int) -> dict:
     from device_sdk.config import AdapterConfig
-    from device_sdk.strategies import Upload, make_strategy
+    from device_sdk.federated import Upload
+    from device_sdk.strategies import make_strategy
 
     strategy = make_strategy(name)
     g = torch.Generator().manual_seed(0)

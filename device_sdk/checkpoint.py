@@ -22,6 +22,7 @@ from torch import nn
 
 from .adapters import atomic_save_safetensors, load_adapters, save_adapters
 from .errors import SDKError
+from .fileio import fsync_dir
 from .train import TrainState, expert_parameters, router_parameters
 
 LATEST = "LATEST"
@@ -29,14 +30,6 @@ LATEST = "LATEST"
 
 class CheckpointError(SDKError):
     """A checkpoint folder is missing or does not fit the model."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _optimizer_tensors(model: nn.Module, state: TrainState) -> dict[str, torch.Tensor]:
@@ -67,7 +60,7 @@ def save_checkpoint(folder: Path, model: nn.Module, state: TrainState, base_mode
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     with open(tmp / "state.json", "rb") as f:
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     latest_tmp = folder / f".{LATEST}.tmp"
@@ -75,7 +68,7 @@ def save_checkpoint(folder: Path, model: nn.Module, state: TrainState, base_mode
     with open(latest_tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(latest_tmp, folder / LATEST)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     for old in folder.glob("ckpt-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,8 @@
-"""HTTP client of the aggregator (httpx), with retries and backoff on network errors and server errors."""
+"""HTTP client of the aggregator (httpx).
+
+Failures that retrying can fix (connection refused or reset, timeouts, 5xx answers) are retried with exponential
+backoff; failures that it cannot fix (a URL without a scheme, any 4xx answer) raise at once, in one line.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,19 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import SDKError
+from .errors import ConfigError, SDKError
 
 log = logging.getLogger(__name__)
+
+#: Transport failures a retry can fix: the server is starting, restarting, overloaded or the network blinked.
+TRANSIENT = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
 
 
 class ServerRejected(SDKError):
@@ -26,24 +34,67 @@ class ServerRejected(SDKError):
 
 
 class ServerUnreachable(SDKError):
-    """The aggregator could not be reached after all retries."""
+    """The aggregator could not be reached (or kept failing with 5xx) after all retries."""
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff: ``base_s * 2**attempt`` capped at ``max_s``, for ``attempts`` tries in all."""
+    """Exponential backoff: ``base_s * 2**attempt`` capped at ``max_s``, for ``attempts`` tries in all (the first
+    try and ``attempts - 1`` retries). Only transient failures are retried (:data:`TRANSIENT`, 5xx answers)."""
 
     attempts: int = 10
     base_s: float = 0.25
     max_s: float = 8.0
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ConfigError(f"attempts must be >= 1 (retries >= 0), got {self.attempts!r}")
+
+    @classmethod
+    def retries(cls, n: int) -> RetryPolicy:
+        """The policy of ``n`` retries after the first try."""
+        if not isinstance(n, int) or n < 0:
+            raise ConfigError(f"retries must be an integer >= 0, got {n!r}")
+        return cls(attempts=n + 1)
+
+
+def check_url(url: str) -> str:
+    """The aggregator's base URL without a trailing slash.
+
+    Raises:
+        ConfigError: if the URL has no ``http://`` / ``https://`` scheme or no host (retrying cannot fix it).
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        guess = url.strip() if "://" in url else "http://" + url.strip().lstrip("/")
+        raise ConfigError(f"server URL {url!r} needs an http:// or https:// scheme and a host, e.g. {guess!r}")
+    return url.strip().rstrip("/")
+
+
+def _detail(detail) -> str:
+    """An error body's ``detail`` as one line: FastAPI's request validation errors are a list of problems."""
+    if isinstance(detail, list):
+        messages = [str(d.get("msg", d)).removeprefix("Value error, ") if isinstance(d, dict) else str(d)
+                    for d in detail]
+        return "; ".join(messages)[:500]
+    return str(detail)[:500]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
 
 class AggregatorClient:
-    """Talks to ``python -m aggregator serve``. Tensors travel as safetensors bodies."""
+    """Talks to ``python -m aggregator serve``. Tensors travel as safetensors bodies.
+
+    Raises (from every call): :class:`ServerRejected` at once for a 4xx answer; :class:`ServerUnreachable` after
+    ``retry.attempts`` tries that failed with a transient error.
+    """
 
     def __init__(self, url: str, token: str | None = None, retry: RetryPolicy = RetryPolicy(),
                  timeout_s: float = 60.0) -> None:
-        self.url = url.rstrip("/")
+        self.url = check_url(url)
         self.token = token
         self.retry = retry
         self._http = httpx.Client(timeout=timeout_s)
@@ -51,16 +102,24 @@ class AggregatorClient:
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> AggregatorClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         headers = kwargs.pop("headers", {})
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        last: Exception | None = None
+        reason, refused = "", False
         for attempt in range(self.retry.attempts):
             try:
                 response = self._http.request(method, self.url + path, headers=headers, **kwargs)
-            except httpx.TransportError as err:
-                last = err
+            except TRANSIENT as err:
+                reason, refused = _first_line(err), True
+            except httpx.HTTPError as err:  # a malformed URL or request: the same on every try
+                raise ServerUnreachable(f"{method} {self.url}{path} failed: {_first_line(err)}") from err
             else:
                 if response.status_code < 500:
                     if response.status_code >= 400:
@@ -68,14 +127,50 @@ class AggregatorClient:
                             body = response.json()
                         except ValueError:
                             body = {"error": "http_error", "detail": response.text[:500]}
-                        raise ServerRejected(response.status_code, body.get("error", "error"),
-                                             body.get("detail", ""), body.get("extra"))
+                        if not isinstance(body, dict):
+                            body = {"error": "http_error", "detail": str(body)[:500]}
+                        detail = _detail(body.get("detail", ""))
+                        raise ServerRejected(response.status_code, body.get("error", "error"), detail,
+                                             body.get("extra"))
                     return response
-                last = SDKError(f"server error {response.status_code}: {response.text[:200]}")
-            delay = min(self.retry.max_s, self.retry.base_s * 2**attempt)
-            log.warning("%s %s failed (%s); retrying in %.2f s", method, path, last, delay)
-            time.sleep(delay)
-        raise ServerUnreachable(f"{method} {self.url}{path} failed after {self.retry.attempts} attempts: {last}")
+                reason, refused = f"server error {response.status_code}: {response.text[:200]}", False
+            if attempt + 1 < self.retry.attempts:
+                delay = min(self.retry.max_s, self.retry.base_s * 2**attempt)
+                log.warning("%s %s failed (%s); retry %d of %d in %.2f s", method, path, reason, attempt + 1,
+                            self.retry.attempts - 1, delay)
+                time.sleep(delay)
+        tries = f"{self.retry.attempts} attempt{'s' * (self.retry.attempts > 1)}"
+        hint = (f"is the aggregator running at {self.url}? (start it with `python -m aggregator serve`, or allow "
+                "more --retries)") if refused else "see the aggregator's log"
+        raise ServerUnreachable(f"{method} {self.url}{path} failed after {tries} ({reason}); {hint}")
+
+    # checks before a long step -----------------------------------------------------------------------------------
+    def health(self) -> None:
+        """``GET /health``: the server is up (retried while it starts)."""
+        self._request("GET", "/health")
+
+    def federation_config(self) -> dict | None:
+        """The federation's configuration from ``GET /status`` (``None`` while no federation exists)."""
+        return self._request("GET", "/status").json().get("config")
+
+    def check_device_token(self) -> None:
+        """Raise :class:`ServerRejected` (401) unless the server knows this client's device token."""
+        try:
+            self._request("GET", "/rounds/current")
+        except ServerRejected as err:
+            if err.status == 401:
+                raise
+            # any other answer came after the token was accepted (e.g. 409: the federation is not ready yet)
+
+    def check_admin_token(self) -> None:
+        """Raise :class:`ServerRejected` (401/403) unless this client's token is the admin token. Sends an empty
+        body to the initial-tensors endpoint: the token is checked before the body, and an empty body is never
+        stored (the answer is then 409 or 422)."""
+        try:
+            self._request("PUT", "/admin/federation/initial", content=b"")
+        except ServerRejected as err:
+            if err.status in (401, 403):
+                raise
 
     # admin --------------------------------------------------------------------------------------------------------
     def create_federation(self, config: dict, enroll_secret: str | None = None) -> dict:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from .device_select import resolve_device
 from .errors import ConfigError
+from .federated.tensors import lora_scale  # defined once, with the federated rules that weigh by it
 from .precision import PRECISIONS, resolve_precision
 
 ROUTING_MODES = ("auto", "dense", "sparse")
@@ -30,11 +31,6 @@ REFERENCE_OPTIMIZER = {"betas": (0.9, 0.95), "weight_decay": 0.01, "schedule": "
 ROUTER_MODES = ("validation", "train", "joint", "fixed")
 #: Largest concatenated rank E*r that ``routing="auto"`` mixes densely.
 DENSE_MAX_RANK = 256
-
-
-def lora_scale(alpha: float, rank: int) -> float:
-    """The rank-stabilised LoRA scale ``gamma = alpha / sqrt(r)`` (paper eq. 4), the one place it is computed."""
-    return alpha / rank**0.5
 
 
 def _raise_if(problems: list[str], what: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from .adapters import assign_tensors
 from .budget import model_shape, specialists_for_budget
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .client import AggregatorClient, RetryPolicy, ServerRejected
@@ -22,16 +20,36 @@ from .config import TrainConfig
 from .data import UserData, load_user_data
 from .errors import ConfigError
 from .evaluate import evaluate, loss_with
+from .federated import Upload
+from .fileio import atomic_write_bytes
 from .inject import inject_adapters
-from .models import default_cache_dir, load_base_model
-from .parts import role_parameters
-from .strategies import DEFAULT_NETWORKED, Upload, fit, networked_strategy
+from .models import check_model_name, default_cache_dir, load_base_model, model_skeleton
+from .parts import Role
+from .peft_adapters import load_peft_adapter
+from .round import load_initial, receive_global, run_device_round
+from .strategies import DEFAULT_NETWORKED, networked_strategy
 from .strategies.base import device_upload
-from .train import init_train_state, train_local, valid_loss
+from .train import init_train_state, valid_loss
 
 log = logging.getLogger(__name__)
 
 CREDENTIALS = "credentials.json"
+#: Settings the federation fixes: DeviceConfig field -> FederationConfig field.
+FEDERATION_FIELDS = {"model": "base_model", "strategy": "strategy", "rank": "rank", "alpha": "alpha"}
+
+
+class FederationMismatch(ConfigError):
+    """A device setting contradicts the federation's (``field``: the DeviceConfig field; ``mine``, ``theirs``)."""
+
+    def __init__(self, field: str, mine, theirs, server: str) -> None:
+        super().__init__(f"{field} {mine!r} contradicts the federation's {field} {theirs!r} (at {server}); leave "
+                         f"{field} unset to take the federation's")
+        self.field, self.mine, self.theirs, self.server = field, mine, theirs, server
+
+
+class NotEnrolled(ConfigError):
+    """The device has no credentials yet and no enrollment secret to get them."""
+
 
 
 @dataclass(frozen=True)
@@ -43,13 +61,16 @@ class DeviceConfig:
         data: the user's data folder.
         state_dir: where credentials and checkpoints live (a device restarted with the same folder resumes).
         enroll_secret: the admin's enrollment secret (needed only the first time).
-        model: base model name (must match the federation's).
+        model: base model name; ``None`` (the default) takes the federation's, another value must equal it.
         train: local training; ``steps`` is the number of expert steps per round.
         rounds: rounds to take part in (counted across restarts).
+        rank, alpha: one expert's LoRA rank r and alpha (scale alpha / sqrt(r), paper eq. 4); ``None`` takes the
+            federation's, another value must equal it.
         n_specialists: specialist count; ``None`` picks it from ``budget_mb`` (1 without a budget).
-        strategy: the federation's collaboration strategy (see :func:`device_sdk.strategies.networked_strategy`);
-            strategies with two modules everywhere (fedavg, pfedmoe, pcl, ffa-lora, comigs-2s/2g/1g1s) ignore the
-            specialist count; hetlora-*/flexlora-* turn it into one LoRA of a matching rank.
+        strategy: the collaboration strategy (see :func:`device_sdk.strategies.networked_strategy`); ``None`` takes
+            the federation's, another value must equal it. Strategies with two modules everywhere (fedavg, pfedmoe,
+            pcl, ffa-lora, comigs-2s/2g/1g1s) ignore the specialist count; hetlora-*/flexlora-* turn it into one
+            LoRA of a matching rank.
         eval_tokens: test tokens for the per-round test perplexity (``None``: the whole test set, 0: skip).
         peer_eval_tokens: validation tokens per peer model where the strategy scores peers (pcl).
     """
@@ -58,12 +79,12 @@ class DeviceConfig:
     data: Path
     state_dir: Path
     enroll_secret: str | None = None
-    model: str = "smollm2-135m"
+    model: str | None = None
     name: str | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=10))
     rounds: int = 3
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int | None = None
+    alpha: float | None = None
     n_specialists: int | None = None
     budget_mb: float | None = None
     eval_tokens: int | None = 0
@@ -71,12 +92,17 @@ class DeviceConfig:
     seed: int = 0
     cache_dir: Path | None = None
     retry: RetryPolicy = RetryPolicy()
-    strategy: str = DEFAULT_NETWORKED
+    strategy: str | None = None
     peer_eval_tokens: int = 2048
 
     def __post_init__(self) -> None:
-        networked_strategy(self.strategy)  # fails early, naming the supported strategies
+        if self.strategy is not None:
+            networked_strategy(self.strategy)  # fails early, naming the supported strategies
         problems = []
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            problems.append(f"rank must be a positive integer, got {self.rank!r}")
+        if self.alpha is not None and not self.alpha > 0:
+            problems.append(f"alpha must be > 0, got {self.alpha!r}")
         if self.rounds < 1:
             problems.append(f"rounds must be >= 1, got {self.rounds}")
         if self.n_specialists is not None and self.n_specialists < 0:
@@ -87,6 +113,26 @@ class DeviceConfig:
             problems.append(f"peer_eval_tokens must be >= 1, got {self.peer_eval_tokens}")
         if problems:
             raise ConfigError("invalid DeviceConfig: " + "; ".join(problems))
+
+    def with_federation(self, federation: dict) -> DeviceConfig:
+        """This config with every unset federation setting (model, strategy, rank, alpha) taken from the
+        federation's configuration (``GET /status``).
+
+        Raises:
+            FederationMismatch: for a setting given here that differs from the federation's.
+        """
+        resolved = {}
+        for mine, theirs in FEDERATION_FIELDS.items():
+            value, expected = getattr(self, mine), federation.get(theirs)
+            if value is not None and expected is not None and value != expected:
+                raise FederationMismatch(mine, value, expected, self.server)
+            resolved[mine] = value if expected is None else expected
+        if resolved["model"] is None:  # a server that does not say (older): the defaults
+            resolved["model"] = "smollm2-135m"
+        for name, default in (("strategy", DEFAULT_NETWORKED), ("rank", 8), ("alpha", 16.0)):
+            if resolved[name] is None:
+                resolved[name] = default
+        return replace(self, **resolved)
 
 
 @dataclass
@@ -105,17 +151,47 @@ class Device:
     """Base model + adapters + data + training state of one device, synchronised with the aggregator."""
 
     def __init__(self, cfg: DeviceConfig) -> None:
-        self.cfg = cfg
+        """Check the server and this device's credentials (enrolling on the first start), then load the model.
+
+        The server is asked first, so that a wrong URL, token, secret or setting fails before the base model
+        loads (seconds to minutes).
+
+        Raises:
+            ServerUnreachable, ServerRejected: the server is down or refused (wrong token or secret, ...).
+            FederationMismatch: ``cfg`` contradicts the federation's model, strategy, rank or alpha.
+            NotEnrolled: no credentials in ``state_dir`` and no ``enroll_secret``.
+        """
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        with AggregatorClient(cfg.server, retry=cfg.retry) as probe:
+            probe.health()
+            federation = probe.federation_config()
+        if federation is None:
+            raise ConfigError(f"the aggregator at {cfg.server} has no federation yet; the admin creates it with "
+                              "`python -m device_sdk init-federation`")
+        cfg = cfg.with_federation(federation)
+        self.cfg = cfg
+        check_model_name(cfg.model)
         cache = cfg.cache_dir or default_cache_dir()
-        base = load_base_model(cfg.model, cache_dir=cache)  # every device shares one base
-        self.base_name = base.name
-        self.tokenizer = base.tokenizer
         self.strategy = networked_strategy(cfg.strategy)
         self.strategy.rank = cfg.rank  # one expert's rank; rank-per-device strategies scale it
-        n_experts = 1 + self._specialist_count(base.model)
+        self.base_name = cfg.model
+        n_experts = 1 + self._specialist_count(cache)
         self.adapter = replace(self.strategy.adapter_config(0, n_experts), alpha=cfg.alpha)
+        self._creds = self._credentials()  # enrolls on the first start
+        self.client = AggregatorClient(cfg.server, self._creds["token"], cfg.retry)
+        try:
+            self.client.check_device_token()
+        except ServerRejected as err:
+            raise ConfigError(f"the aggregator at {cfg.server} does not know the device token in "
+                              f"{self.state_dir / CREDENTIALS} ({err.detail}): that state_dir belongs to another "
+                              "federation; use another state_dir, or delete this one to enroll afresh") from err
+        log.info("aggregator at %s: device %d, federation of %s (strategy %s, rank %d, alpha %g)", cfg.server,
+                 self.device_id, cfg.model, cfg.strategy, cfg.rank, cfg.alpha)
+        log.info("loading base model %s", cfg.model)
+
+        base = load_base_model(cfg.model, cache_dir=cache)  # every device shares one base
+        self.tokenizer = base.tokenizer
         torch.manual_seed(cfg.seed)
         # on the training config's device (adapters initialised on the CPU); uploads leave as CPU copies
         self.model = inject_adapters(base.model, self.adapter).to(cfg.train.device)
@@ -136,15 +212,16 @@ class Device:
             self.strategy.state = info.get("strategy_state", {})
             log.info("resumed from %s (round %d, %d round(s) done)", checkpoint.name, self.last_round,
                      self.completed_rounds)
-        self.client = AggregatorClient(cfg.server, self._credentials()["token"], cfg.retry)
 
-    def _specialist_count(self, model) -> int:
+    def _specialist_count(self, cache: Path) -> int:
+        """From ``n_specialists``, else from ``budget_mb`` and the base model's shape (read without its weights)."""
         if self.cfg.n_specialists is not None:
             return self.cfg.n_specialists
         if self.cfg.budget_mb is None:
             return 1
         tokens = self.cfg.train.batch_size * self.cfg.train.context
-        return specialists_for_budget(model_shape(model), self.cfg.budget_mb, tokens, self.cfg.rank,
+        skeleton = model_skeleton(self.cfg.model, cache)
+        return specialists_for_budget(model_shape(skeleton), self.cfg.budget_mb, tokens, self.cfg.rank,
                                       precision=self.cfg.train.precision).n_specialists
 
     def _credentials(self) -> dict:
@@ -152,30 +229,22 @@ class Device:
         if path.is_file():
             return json.loads(path.read_text())
         if not self.cfg.enroll_secret:
-            raise ConfigError(f"this device is not enrolled yet ({path} is missing); pass the admin's enroll secret")
-        client = AggregatorClient(self.cfg.server, retry=self.cfg.retry)
-        try:
+            raise NotEnrolled(f"this device is not enrolled yet ({path} is missing); pass enroll_secret (the admin's "
+                              "enrollment secret)")
+        with AggregatorClient(self.cfg.server, retry=self.cfg.retry) as client:
             answer = client.enroll(self.cfg.enroll_secret, self.cfg.name or socket.gethostname(),
                                    {"n_specialists": self.adapter.n_specialists,
                                     "n_generalists": self.adapter.n_generalists, "rank": self.adapter.rank,
                                     "base_model": self.base_name, "strategy": self.cfg.strategy,
                                     "alpha": self.adapter.alpha})
-        finally:
-            client.close()
         credentials = {"device_id": answer["device_id"], "token": answer["token"], "server": self.cfg.server}
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(credentials, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, json.dumps(credentials).encode(), mode=0o600)
         log.info("enrolled as device %d", credentials["device_id"])
         return credentials
 
     @property
     def device_id(self) -> int:
-        return int(self._credentials()["device_id"])
+        return int(self._creds["device_id"])
 
     # shared tensors ----------------------------------------------------------------------------------------------
     def shared_tensors(self) -> dict[str, torch.Tensor]:
@@ -198,15 +267,9 @@ class Device:
         this device's shapes; later versions through the strategy's receive step (the mean as is; a cut to this
         device's rank; PCL's trust-weighted mix of its peers)."""
         if version == 0:
-            expected = self.strategy.initial_tensors(self.model)
-            mine = tensors
-            if self.strategy.rank_per_device:  # cut to this device's rank; names are checked below
-                mine = {name: fit(t, expected[name].shape) if name in expected else t for name, t in tensors.items()}
+            load_initial(self.strategy, self.model, tensors)
         else:
-            mine = self.strategy.receive(tensors, self.own_upload(), self.peer_loss)
-            expected = self.strategy.shared_tensors(self.model)
-        params = role_parameters(self.model, self.strategy.shared_roles)
-        assign_tensors({name: params[name] for name in expected}, mine, "the global shared tensors")
+            receive_global(self.strategy, 0, self.model, tensors, self.peer_loss, own=self.own_upload())
 
     def sync(self, version: int) -> None:
         """Load global version ``version`` unless it is already loaded."""
@@ -237,16 +300,13 @@ class Device:
         self.sync(current["base_version"])
         log.info("round %d: training on global version %d", number, current["base_version"])
         start = time.perf_counter()
-        self.strategy.begin_round(0, self.model)
-        result, self.state = train_local(self.model, self.data, self.train_cfg, self.state, progress=progress,
-                                         regularizer=self.strategy.regularizer(0))
-        self.strategy.end_round(0, self.model)
-        train_loss = sum(r["lm"] for r in result.train) / max(1, len(result.train))
+        done = run_device_round(self.strategy, 0, self.model, self.state, self.data, self.train_cfg, progress=progress)
+        self.state, result, train_loss = done.state, done.result, done.train_loss
         v_loss = result.valid[-1]["loss"] if result.valid else valid_loss(self.model, self.data.valid, self.train_cfg)
         metrics = {"train_loss": train_loss, "valid_loss": v_loss}
         accepted, reason = True, ""
         try:
-            self.client.upload(number, self.shared_tensors(), result.tokens, metrics)
+            self.client.upload(number, done.upload.tensors, result.tokens, metrics)
         except ServerRejected as err:
             if err.code != "round_closed":
                 raise
@@ -294,19 +354,33 @@ class Device:
 
 def initial_shared_tensors(model_name: str, rank: int = 8, alpha: float = 16.0, seed: int = 0,
                            cache_dir: Path | None = None, strategy: str = DEFAULT_NETWORKED,
-                           max_experts: int = 4) -> dict[str, torch.Tensor]:
+                           max_experts: int = 4, initial_adapter: Path | None = None) -> dict[str, torch.Tensor]:
     """Global version 0 for a federation: the strategy's freshly initialised shared tensors (CoMiGS: attention LoRA
     and generalists; B = 0; FFA-LoRA: also the A matrices every device keeps fixed). Strategies with a rank per
     device (hetlora-*, flexlora-*) get the rank of a device with ``max_experts`` experts, the largest the
-    federation then admits; each device keeps the first components of its own rank."""
+    federation then admits; each device keeps the first components of its own rank.
+
+    ``initial_adapter``: a PEFT LoRA adapter folder that seeds the attention LoRA and the generalist (expert 0)
+    instead (:func:`device_sdk.peft_adapters.load_peft_adapter`: ranks, targets and layer shapes must match; a
+    plain ``lora_alpha / r`` scale is converted). Other generalists keep their fresh initialisation.
+
+    Raises:
+        PeftAdapterError: the adapter does not fit (the message names the mismatch). ConfigError: the strategy
+            shares no generalist to seed.
+    """
     chosen = networked_strategy(strategy)
     chosen.rank = rank
+    adapter = replace(chosen.adapter_config(0, max(2, max_experts)), alpha=alpha)
+    if initial_adapter is not None and (adapter.n_generalists == 0 or Role.GENERALIST not in chosen.shared_roles):
+        raise ConfigError(f"strategy {strategy!r} shares no generalist expert, so --initial-adapter has nothing to "
+                          "seed; use a strategy with a shared generalist (e.g. comigs-1gxs, fedavg)")
     base = load_base_model(model_name, cache_dir=cache_dir or default_cache_dir())
     torch.manual_seed(seed)
-    adapter = replace(chosen.adapter_config(0, max(2, max_experts)), alpha=alpha)
     model = inject_adapters(base.model, adapter)
     chosen.prepare(0, model)
+    if initial_adapter is not None:
+        load_peft_adapter(model, initial_adapter, expert=0)
     return chosen.initial_tensors(model)
 
 
-__all__ = ["Device", "DeviceConfig", "RoundReport", "initial_shared_tensors"]
+__all__ = ["Device", "DeviceConfig", "FederationMismatch", "NotEnrolled", "RoundReport", "initial_shared_tensors"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
@@ -164,3 +166,36 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
 def routed_blocks(model: nn.Module) -> list[RoutedMLP]:
     """The model's routed MLP blocks, in layer order."""
     return [m for m in model.modules() if isinstance(m, RoutedMLP)]
+
+
+@contextmanager
+def forced_expert(model: nn.Module, expert: int) -> Iterator[nn.Module]:
+    """Route every token of every MLP block to expert ``expert`` with gate 1 while the context is open.
+
+    The block then computes exactly that expert: its base MLP with the expert's LoRAs (both mixing forms), plus
+    the attention LoRA, i.e. a plain LoRA model (what a PEFT export of that expert holds). The routers still run
+    (``router_probs`` stays meaningful); the previous setting is restored on exit.
+
+    Args:
+        model: an adapted model (:func:`inject_adapters`).
+        expert: ``0 <= expert < n_experts`` (experts are ordered generalists first, then specialists).
+
+    Returns:
+        A context manager yielding ``model``.
+
+    Raises:
+        InjectionError: if the model has no adapters or no such expert.
+    """
+    cfg = adapter_config(model)
+    if not 0 <= expert < cfg.n_experts:
+        raise InjectionError(f"expert {expert} does not exist: this model has {cfg.n_experts} expert(s) per MLP "
+                             f"block (0 .. {cfg.n_experts - 1})")
+    blocks = routed_blocks(model)
+    before = [b.forced_expert for b in blocks]
+    for b in blocks:
+        b.forced_expert = expert
+    try:
+        yield model
+    finally:
+        for b, previous in zip(blocks, before):
+            b.forced_expert = previous

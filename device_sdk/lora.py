@@ -103,6 +103,21 @@ def top_k_gates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return gates, indices
 
 
+def fixed_gates(logits: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token on one expert with gate 1 (see :func:`device_sdk.inject.forced_expert`).
+
+    Args:
+        logits: (..., E) router logits (only their shape, dtype and device are read).
+        expert: the expert every token goes to, ``0 <= expert < E``.
+
+    Returns:
+        ``(gates, indices)`` as from :func:`top_k_gates` with k = 1: ``gates`` (..., E) one-hot, ``indices`` (..., 1).
+    """
+    indices = torch.full((*logits.shape[:-1], 1), expert, dtype=torch.long, device=logits.device)
+    gates = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter(-1, indices, 1.0)
+    return gates, indices
+
+
 @dataclass
 class Routing:
     """What a routed MLP block decided for the tokens of the current forward pass.
@@ -242,6 +257,9 @@ class RoutedMLP(nn.Module):
         self.router = Router(d_model, n_experts, router_init_std) if n_experts > 1 else None
         self.router_probs: torch.Tensor | None = None
         self.gates: torch.Tensor | None = None
+        #: ``None``: the router chooses; an expert index: every token goes to that expert with gate 1 (set it with
+        #: :func:`device_sdk.inject.forced_expert`).
+        self.forced_expert: int | None = None
 
     @property
     def mixing(self) -> str:
@@ -252,7 +270,10 @@ class RoutedMLP(nn.Module):
         if self.router is None:
             return self.mlp(x, *args, **kwargs)
         logits = self.router(x)  # (B, T, E)
-        gates, indices = top_k_gates(logits, self.k)
+        if self.forced_expert is None:
+            gates, indices = top_k_gates(logits, self.k)
+        else:
+            gates, indices = fixed_gates(logits, self.forced_expert)
         self.router_probs = logits.float().softmax(dim=-1).reshape(-1, self.n_experts)
         self.gates = gates.reshape(-1, self.n_experts)
         if self._experts is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fcntl
 import importlib.util
 import json
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-gpt2", "tiny-llama")
+#: Names offered by "did you mean": the built-in names and the paper's hub model.
+KNOWN_MODELS = (SMOLLM2, *TINY_MODELS, "gpt2")
 
 
 @dataclass
@@ -61,6 +64,7 @@ def load_base_model(name: str, cache_dir: Path | None = None, seed: int = 0) -> 
         ModelNotFoundError: with instructions to get the model.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    check_model_name(name)
     if name in TINY_MODELS:
         model, tokenizer, source = tiny_model(name, seed), ByteTokenizer(), "in-process"
     elif name == SMOLLM2:
@@ -72,6 +76,76 @@ def load_base_model(name: str, cache_dir: Path | None = None, seed: int = 0) -> 
     for p in model.parameters():
         p.requires_grad_(False)
     return BaseModel(name=name, model=model, tokenizer=tokenizer, source=source)
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub must not be asked (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an id the hub library refuses to parse is not cached either
+        return False
+
+
+def _unknown_model(name: str, why: str) -> str:
+    close = difflib.get_close_matches(name.lower(), KNOWN_MODELS, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return (f"model {name!r} is neither a built-in name ({SMOLLM2}, {', '.join(TINY_MODELS)}), nor a local folder, "
+            f"nor {why}. {hint}With network access, `hf download {name} --local-dir DIR` and pass --model DIR; "
+            f"offline, use --model {SMOLLM2}.")
+
+
+def check_model_name(name: str) -> None:
+    """Fail at once, without loading anything, for a model name that cannot load: not built in, not an existing
+    folder, and (with the hub offline) not in the Hugging Face cache. Hub ids are left to the hub when online.
+
+    Raises:
+        ModelNotFoundError: naming the known models and the closest one ("did you mean").
+    """
+    if name in (SMOLLM2, *TINY_MODELS) or Path(name).expanduser().exists():
+        return
+    if name.startswith(("/", "./", "../", "~")):
+        raise ModelNotFoundError(f"model folder {name} does not exist; pass a Hugging Face model folder or one of "
+                                 f"{', '.join(KNOWN_MODELS)}")
+    if hub_offline() and not _in_hub_cache(name):
+        raise ModelNotFoundError(_unknown_model(name, "in the Hugging Face cache (the hub is offline: "
+                                                      "HF_HUB_OFFLINE=1)"))
+
+
+def model_skeleton(name: str, cache_dir: Path | None = None) -> nn.Module:
+    """The architecture of a base model on the ``meta`` device (no weights read): enough for shapes, e.g. to pick
+    a specialist count from a memory budget before the model loads.
+
+    Raises:
+        ModelNotFoundError: as :func:`load_base_model`.
+    """
+    check_model_name(name)
+    if name in TINY_MODELS:
+        with torch.device("meta"):
+            return tiny_model(name)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name == SMOLLM2:
+        source = smollm2_folder(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    else:
+        source = Path(name).expanduser() if Path(name).expanduser().exists() else name
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(_unknown_model(name, f"reachable on the Hugging Face hub ({_first_line(err)})")) \
+            from err
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
 def tiny_model(name: str, seed: int = 0) -> nn.Module:
@@ -186,10 +260,6 @@ def _load_hf(name: str) -> tuple[nn.Module, Tokenizer, str]:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
         tokenizer = _hf_tokenizer(name, name)
     except (OSError, ValueError) as err:
-        raise ModelNotFoundError(
-            f"model {name!r} is neither a built-in name ({SMOLLM2}, {', '.join(TINY_MODELS)}), nor a local folder, "
-            f"nor reachable on the Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-            f"With network access, `hf download {name} --local-dir DIR` and pass --model DIR; offline, use "
-            f"--model {SMOLLM2}."
-        ) from err
+        raise ModelNotFoundError(_unknown_model(name, f"reachable on the Hugging Face hub ({_first_line(err)})")) \
+            from err
     return model, tokenizer, f"hub:{name}"

@@ -1,35 +1,26 @@
 """Parameter roles: which adapter tensors are attention LoRA, generalist, specialist or router.
 
 Roles are read from the module structure (each adapter module carries a ``role``), never from name substrings.
-:data:`SHARED_ROLES` is the one place that says which roles leave the device.
+:class:`Role` and :data:`SHARED_ROLES` (which roles leave the device) are defined once, in
+:mod:`device_sdk.federated.roles`, where a server reads them too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from enum import Enum
 
 import torch
 from torch import nn
 
 from .errors import SDKError
-
-
-class Role(str, Enum):
-    """What an adapter parameter is for."""
-
-    ATTENTION = "attention"
-    GENERALIST = "generalist"
-    SPECIALIST = "specialist"
-    ROUTER = "router"
-
-
-#: Roles whose tensors are averaged across devices by the aggregator (paper section 4.1.2: attention LoRA is
-#: always aggregated; generalist experts are aggregated; specialists and routers never leave the device).
-SHARED_ROLES: frozenset[Role] = frozenset({Role.ATTENTION, Role.GENERALIST})
+from .federated.roles import SHARED_ROLES, Role
 
 #: Roles trained by the expert optimizer on the training set (Algorithm 1, eq. 2).
 EXPERT_ROLES: frozenset[Role] = frozenset({Role.ATTENTION, Role.GENERALIST, Role.SPECIALIST})
+
+
+__all__ = ["EXPERT_ROLES", "SHARED_ROLES", "Role", "check_every_trainable_has_a_role", "count_parameters",
+           "iter_role_parameters", "role_parameters", "role_state_dict"]
 
 
 def iter_role_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, Role]]:

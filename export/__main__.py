@@ -1,4 +1,7 @@
-"""``python -m export --checkpoint DIR --format pte|onnx|all --out DIR`` and ``python -m export verify ...``."""
+"""``python -m export``: export a device's personalised model for phone inference, verified against PyTorch.
+
+Subcommands: (none) export, ``verify``, ``update-adapters``; ``python -m export SUBCOMMAND --help`` for each.
+"""
 
 from __future__ import annotations
 
@@ -8,65 +11,160 @@ import logging
 import sys
 from pathlib import Path
 
+from device_sdk.cli import HelpFormatter, add_verbose, example, option_message, setup_logging
 from device_sdk.errors import SDKError
+from device_sdk.runfolder import RunFolder, claim_run_folder
 
-from .pipeline import FORMATS, QUANTIZE, ExportOptions, export_checkpoint, verify_export
+from .pipeline import FORMATS, QUANTIZE
+
+log = logging.getLogger("export")
+
+DESCRIPTION = """\
+Export a device's personalised model (base + adapters + routers) for phone inference and verify every file against
+PyTorch on real text (max |logit diff|, argmax agreement, perplexity).
+Formats (--format):
+  pte    ExecuTorch program model.pte (XNNPACK) with its weights in base.ptd and adapters.ptd
+  onnx   model.onnx (fp32, dynamic batch and sequence)
+  all    both
+  peft   Hugging Face PEFT LoRA adapters: the generalist (with the attention LoRA) in OUT, each specialist in
+         OUT/specialist-N; each equals the model with every token on that expert (the router is not exported)
+Subcommands:
+  python -m export [--checkpoint ...]           export (this page)
+  python -m export verify --help                re-run the parity checks of an export folder
+  python -m export update-adapters --help       replace adapters.ptd of an ExecuTorch export after a new round"""
+EXPORT_OUT = RunFolder("export")
+CHECKPOINT_HELP = "device state folder (join --state), checkpoint folder, or train-local output folder"
 
 
-def update_adapters_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export update-adapters",
-                                     description="replace the adapters data file of an ExecuTorch export after a "
-                                                 "new round, keeping the program and the base data file")
+def _formats(text: str) -> tuple[str, ...]:
+    if text == "all":
+        return FORMATS
+    if text == "peft":
+        return ("peft",)
+    chosen = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"expected pte, onnx, all, pte,onnx or peft, got {text!r}")
+    return chosen
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m export", description=DESCRIPTION, formatter_class=HelpFormatter,
+        epilog=example("python -m export --checkpoint device-state/de --format all --out phone/ "
+                       "--data data/multilingual/de"))
+    add_verbose(parser)
+    parser.add_argument("--checkpoint", required=True, type=Path, help=CHECKPOINT_HELP)
+    parser.add_argument("--out", required=True, type=Path,
+                        help="export folder (model files, tokenizer, manifest.json, run.json); must be new or empty")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --out that holds an earlier export (only folders this SDK wrote are "
+                             "deleted)")
+    parser.add_argument("--format", type=_formats, default="all", help="pte, onnx, all, or a list such as pte,onnx; "
+                        "peft: Hugging Face PEFT LoRA adapters (alone)")
+    parser.add_argument("--quantize", choices=QUANTIZE, default="none",
+                        help="8da8w / 8da4w: int8 / int4 base weights with int8 dynamic activations in model.pte; "
+                             "int4: an extra model.int4.onnx; adapters and routers stay fp32")
+    parser.add_argument("--max-seq", type=int, default=512, help="the longest sequence the exported model accepts")
+    parser.add_argument("--data", type=Path, default=None, help="user folder whose test text is used to verify "
+                        "(default: a built-in multilingual sample)")
+    return parser
+
+
+def verify_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m export verify", formatter_class=HelpFormatter,
+        description="Re-run the parity checks of an export folder against the checkpoint it came from.",
+        epilog=example("python -m export verify --checkpoint device-state/de --out phone/"))
+    add_verbose(parser)
+    parser.add_argument("--checkpoint", required=True, type=Path, help=CHECKPOINT_HELP)
+    parser.add_argument("--out", required=True, type=Path, help="the export folder to verify (read only)")
+    parser.add_argument("--data", type=Path, default=None, help="user folder whose test text is used to verify "
+                        "(default: a built-in multilingual sample)")
+    return parser
+
+
+def update_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m export update-adapters", formatter_class=HelpFormatter,
+        description="Replace the adapters data file (adapters.ptd) of an ExecuTorch export after a new round, "
+                    "keeping the program and the base data file.",
+        epilog=example("python -m export update-adapters --program phone/ --checkpoint device-state/de"))
+    add_verbose(parser)
     parser.add_argument("--program", required=True, type=Path, help="the export folder (model.pte, adapters.ptd)")
     parser.add_argument("--checkpoint", required=True, type=Path, help="the device's new state or adapters folder")
-    args = parser.parse_args(argv)
+    return parser
+
+
+PARSERS = {"export": export_parser, "verify": verify_parser, "update-adapters": update_parser}
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .pipeline import ExportOptions, export_checkpoint
+
+    peft = args.format == ("peft",)  # PEFT adapters: export/peft.py (no program, no quantisation)
+    options = None if peft else ExportOptions(formats=args.format, quantize=args.quantize, max_seq=args.max_seq)
+    if not args.checkpoint.exists():
+        raise SDKError(f"--checkpoint {args.checkpoint} does not exist ({CHECKPOINT_HELP})")
+    if peft:
+        from .peft import export_peft
+
+        if args.quantize != "none":
+            raise SDKError(f"--quantize {args.quantize} applies to the pte and onnx formats; PEFT adapters are fp32")
+        claim_run_folder(args.out, EXPORT_OUT, {"checkpoint": str(args.checkpoint.resolve()), "formats": args.format,
+                                                "data": args.data}, args.overwrite)
+        _print_results(export_peft(args.checkpoint, args.out, args.data)["verification"])
+        print(json.dumps({"out": str(args.out), "ok": True}))
+        return 0
+    claim_run_folder(args.out, EXPORT_OUT, {"checkpoint": str(args.checkpoint.resolve()), "formats": args.format,
+                                            "quantize": args.quantize, "max_seq": args.max_seq,
+                                            "data": args.data}, args.overwrite)
+    results = export_checkpoint(args.checkpoint, args.out, options, args.data)["verification"]
+    _print_results(results)
+    print(json.dumps({"out": str(args.out), "ok": True}))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .pipeline import verify_export
+
+    _print_results(verify_export(args.checkpoint, args.out, args.data))
+    print(json.dumps({"out": str(args.out), "ok": True}))
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
     from .pipeline import update_program_adapters
 
-    try:
-        path = update_program_adapters(args.program, args.checkpoint)
-    except SDKError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    path = update_program_adapters(args.program, args.checkpoint)
     print(json.dumps({"adapters": str(path), "ok": True}))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "update-adapters":
-        return update_adapters_main(argv[1:])
-    verify = bool(argv) and argv[0] == "verify"
-    parser = argparse.ArgumentParser(prog="python -m export" + (" verify" if verify else ""),
-                                     description="export a device's personalised model for phone inference")
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="device state folder, checkpoint folder, or train-local output folder")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--data", type=Path, default=None, help="user folder whose test text is used to verify "
-                        "(default: a built-in multilingual sample)")
-    if not verify:
-        parser.add_argument("--format", default="all", help="pte, onnx or all")
-        parser.add_argument("--quantize", default="none", help=f"one of {QUANTIZE}")
-        parser.add_argument("--max-seq", type=int, default=512)
-    args = parser.parse_args(argv[1:] if verify else argv)
-    # Library loggers (executorch logs one line per constant on the root logger) stay at WARNING; ours at INFO.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("export", "device_sdk"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    try:
-        if verify:
-            results = verify_export(args.checkpoint, args.out, args.data)
-        else:
-            formats = FORMATS if args.format == "all" else tuple(args.format.split(","))
-            options = ExportOptions(formats=formats, quantize=args.quantize, max_seq=args.max_seq)
-            results = export_checkpoint(args.checkpoint, args.out, options, args.data)["verification"]
-    except SDKError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _print_results(results: dict) -> None:
     for name, r in results.items():
         print(f"{name}: max |logit diff| {r['max_abs_logit_diff']:.2e}, argmax agreement {r['argmax_agreement']:.4f}, "
               f"perplexity {r['ppl_exported']:.4f} (PyTorch {r['ppl_pytorch']:.4f}) on {r['tokens']} tokens")
-    print(json.dumps({"out": str(args.out), "ok": True}))
-    return 0
+
+
+RUN = {"export": _export, "verify": _verify, "update-adapters": _update}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in ("verify", "update-adapters") else "export"
+    args = PARSERS[command]().parse_args(argv[1:] if command != "export" else argv)
+    setup_logging(args.verbose)
+    try:
+        return RUN[command](args)
+    except SDKError as err:
+        if args.verbose:
+            log.exception("%s failed", command)
+        print(f"error: {option_message(str(err), 'export')}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -104,7 +104,9 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
             unlifted = torch.export.export(model, (example,), dynamic_shapes=dims).module()
             delegate_external_constants_pass_unlifted(unlifted, tag)
             program = torch.export.export(unlifted, (example,), dynamic_shapes=dims)
+            log.info("ExecuTorch: graph captured in %.0f s; lowering to XNNPACK...", time.perf_counter() - start)
             lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            log.info("ExecuTorch: lowered in %.0f s so far; writing the program...", time.perf_counter() - start)
             et = lowered.to_executorch(ExecutorchBackendConfig(external_constants=tag,
                                                                do_quant_fusion_and_const_prop=quantized))
             data = {name: bytes(cord) for name, cord in et._tensor_data.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,8 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
         ExportError: bad checkpoint or options, exporter failure. VerificationError: a file does not match
             PyTorch (the numbers are in the message; the files stay for inspection, no manifest is written).
     """
+    start = time.perf_counter()
+    log.info("loading the personalised model from %s", checkpoint)
     loaded = load_personalized(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,18 +120,21 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
             adapters = {name: p for name, p, _ in iter_role_parameters(program_model.model)}
             log.info("%s: %d base linears, %d embedding(s) int8", options.quantize, counts["linears"],
                      counts["embeddings"])
+        log.info("lowering to ExecuTorch (XNNPACK)... this takes a few minutes on a real model")
         exports["pte"] = export_pte(program_model, out, options.max_seq, adapters,
                                     quantized=options.quantize in PTE_QUANTIZE)
         files.append(out / "model.pte")
     if "onnx" in options.formats:
         from .onnx import export_onnx
 
+        log.info("exporting to ONNX... this takes a minute or two on a real model")
         exports["onnx"] = export_onnx(loaded.model, out / "model.onnx", options.max_seq)
         files.append(out / "model.onnx")
         if options.quantize == "int4":
             from .onnx import quantize_int4
 
             small = max(loaded.adapter.rank, loaded.adapter.n_experts)
+            log.info("quantising model.onnx to int4...")
             exports["onnx_int4"] = quantize_int4(out / "model.onnx", out / "model.int4.onnx", small)
             files.append(out / "model.int4.onnx")
     tokens = verification_tokens(loaded, data)
@@ -137,6 +143,7 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
     for path in files:
         quantized = ".int4." in path.name or (path.suffix == ".pte" and options.quantize in PTE_QUANTIZE)
         limits = QUANTIZED_TOL if quantized else tol
+        log.info("verifying %s against PyTorch...", path.name)
         result = compare(loaded.model, runner_for(path), tokens, path.name, seq_lens=seq_lens, tol=limits)
         log.info("%s: max |logit diff| %.2e, argmax agreement %.4f, ppl %.4f vs %.4f", path.name,
                  result.max_abs_logit_diff, result.argmax_agreement, result.ppl_exported, result.ppl_pytorch)
@@ -159,6 +166,7 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
         "verification": verification,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    log.info("export done in %.0f s: %s", time.perf_counter() - start, ", ".join(p.name for p in files))
     return manifest
 
 

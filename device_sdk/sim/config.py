@@ -14,6 +14,10 @@ from ..errors import ConfigError
 from ..precision import PRECISIONS, resolve_precision
 from ..strategies import ALL, CORE
 
+#: How a simulation runs its devices: ``local`` (one process, one device after the other) or ``flower`` (Flower's
+#: simulation engine: one virtual device per Flower node, run by Ray workers in parallel).
+ENGINES = ("local", "flower")
+
 #: Settings of each preset; command-line flags given explicitly override them. Every preset trains with the
 #: optimizer of the authors' code (:data:`device_sdk.config.REFERENCE_OPTIMIZER`).
 PRESETS: dict[str, dict] = {
@@ -63,6 +67,11 @@ class SimConfig:
         device: where every user's model trains and evaluates: ``auto`` (the default: ``cuda`` when
             ``torch.cuda.is_available()``, else ``cpu``), ``cpu``, ``cuda`` or ``cuda:N``; resolved when the config
             is built (``precision="auto"`` then resolves for that device). Part of the cache key unless ``cpu``.
+        engine: :data:`ENGINES`; ``flower`` runs the collaborative strategies on Flower's simulation engine (the same
+            numbers as ``local``, see :mod:`device_sdk.flower`), the others in-process. Not part of the cache key.
+        client_cpus: with ``engine="flower"``, CPU cores (torch threads) each virtual device gets.
+        flower_cpus: with ``engine="flower"``, CPU cores Ray may use in all (``None``: every core); virtual devices
+            run ``flower_cpus // client_cpus`` at a time.
     """
 
     data: Path
@@ -97,6 +106,9 @@ class SimConfig:
     final_lr_fraction: float = REFERENCE_OPTIMIZER["final_lr_fraction"]
     grad_clip: float = REFERENCE_OPTIMIZER["grad_clip"]
     device: str = "auto"
+    engine: str = "local"
+    client_cpus: int = 1
+    flower_cpus: int | None = None
     cache_dir: Path | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -145,6 +157,14 @@ class SimConfig:
             problems.append(f"lb_mode must be one of {LB_MODES}, got {self.lb_mode!r}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.engine not in ENGINES:
+            problems.append(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        elif self.engine == "flower" and self.via_server:
+            problems.append("engine 'flower' aggregates on Flower's ServerApp; --via-server is for the local engine")
+        if self.client_cpus < 1:
+            problems.append(f"client_cpus must be >= 1, got {self.client_cpus}")
+        if self.flower_cpus is not None and self.flower_cpus < self.client_cpus:
+            problems.append(f"flower_cpus ({self.flower_cpus}) must be >= client_cpus ({self.client_cpus})")
         if problems:
             raise ConfigError("invalid simulation settings: " + "; ".join(problems))
 
@@ -163,7 +183,8 @@ class SimConfig:
 
     def run_key(self, strategy: str, seed: int, users: list[str]) -> str:
         """Cache key of one (strategy, seed) run: every setting that changes its numbers."""
-        ignored = {"strategies", "seeds", "cache_dir", "extra", "via_server", "routing_layers"}
+        ignored = {"strategies", "seeds", "cache_dir", "extra", "via_server", "routing_layers", "engine",
+                   "client_cpus", "flower_cpus"}
         if self.lb_mode is None:  # the strategy's own load balancing is part of the strategy
             ignored.add("lb_mode")
         if not self.train_tokens:  # keys of runs on full data stay as they were before the setting existed
@@ -214,4 +235,4 @@ def with_preset(name: str | None, **explicit) -> SimConfig:
     return SimConfig(**settings)
 
 
-__all__ = ["PRESETS", "SimConfig", "cap_training", "replace", "with_preset"]
+__all__ = ["ENGINES", "PRESETS", "SimConfig", "cap_training", "replace", "with_preset"]

@@ -1,8 +1,9 @@
 """One strategy x seed of a simulated federation, in one process: every user's model shares one frozen base.
 
-Each round, every user trains locally (bi-level or as the strategy says), the strategy aggregates the uploaded
-tensors (the same function a server runs) and every user loads what it gets back; then each user's test perplexity
-and router statistics are recorded. Results are plain dicts (JSON), cached by the runner's caller.
+Each round, every user runs the device's round (:func:`device_sdk.round.run_device_round`: local training, bi-level
+or as the strategy says, and its upload), the strategy's server rule merges the uploads (the same function a server
+runs) and every user loads what it gets back through its receive step; then each user's test perplexity and router
+statistics are recorded. Results are plain dicts (JSON), cached by the runner's caller.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from ..evaluate import autocast, evaluate, loss_with
 from ..inject import adapter_config, inject_adapters, routed_blocks
 from ..models import BaseModel
 from ..parts import Role, count_parameters
-from ..strategies import Strategy, Upload, make_strategy
-from ..strategies.base import device_upload
+from ..round import load_initial, receive_global, run_device_round
+from ..strategies import Strategy, make_strategy
+from ..strategies.base import device_upload, own_loss_of
 from ..tokenizer import Tokenizer
-from ..train import init_train_state, train_local
+from ..train import init_train_state
 from .config import SimConfig
 from .resume import load_progress, save_progress
 
@@ -201,12 +203,10 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
     train_cfgs = [replace(c, **overrides) for c in train_cfgs]
     states = [init_train_state(m, c) for m, c in zip(models, train_cfgs)]
 
-    def uploads_of(tensors_of) -> list[Upload]:
-        return [device_upload(i, m, tensors_of(m)) for i, m in enumerate(models)]
-
     if strategy.collaborative:  # shared tensors (and FFA's fixed A) agree before the first round
-        for m, t in zip(models, strategy.initial(uploads_of(strategy.initial_tensors))):
-            load_tensors(m, t)
+        starts = strategy.initial([device_upload(i, m, strategy.initial_tensors(m)) for i, m in enumerate(models)])
+        for m, t in zip(models, starts):
+            load_initial(strategy, m, t)
     rounds_via = None
     if server is not None and strategy.collaborative:
         from .via_server import ServerRounds
@@ -256,24 +256,19 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
 
         rounds = tqdm(rounds, desc=f"{name} seed {seed}", unit="round", leave=False)
     for number in rounds:
-        tokens = []
+        uploads = []
         for i, (member, model) in enumerate(zip(members, models)):
-            strategy.begin_round(i, model)
-            result, states[i] = train_local(model, member, train_cfgs[i], states[i],
-                                            regularizer=strategy.regularizer(i))
-            strategy.end_round(i, model)
-            train_loss[member.name].append(sum(r["lm"] for r in result.train) / max(1, len(result.train)))
-            tokens.append(result.tokens)
-        if strategy.collaborative:
-            uploads = uploads_of(strategy.shared_tensors)
-            for upload, n_tokens in zip(uploads, tokens):
-                upload.tokens = n_tokens
+            done = run_device_round(strategy, i, model, states[i], member, train_cfgs[i])
+            states[i] = done.state
+            train_loss[member.name].append(done.train_loss)
+            uploads.append(done.upload)
+        if strategy.collaborative:  # the server's rule, then every device's receive step
             if rounds_via is not None:
-                merged = strategy.receive_all(rounds_via.exchange(uploads), uploads, peer_loss)
+                downloads = rounds_via.exchange(uploads)
             else:
-                merged = strategy.aggregate(uploads, peer_loss)
-            for model, tensors in zip(models, merged):
-                load_tensors(model, tensors)
+                downloads = [strategy.server_rule(uploads)] * len(uploads)
+            for i, (model, merged, upload) in enumerate(zip(models, downloads, uploads)):
+                receive_global(strategy, i, model, merged, own_loss_of(peer_loss, i), own=upload)
         iterations.append(states[0].step)
         for n, p in zip(names, evaluate_all()):
             curves[n].append(p)

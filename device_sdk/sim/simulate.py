@@ -39,6 +39,15 @@ def read_cached(path: Path) -> dict | None:
 
 def _run(cfg: SimConfig, strategy: str, seed: int, users, base, progress: bool, texts, partial: Path) -> dict:
     chosen = make_strategy(strategy)
+    if cfg.engine == "flower":
+        if chosen.collaborative:
+            try:
+                from ..flower.launch import run_flower_simulation
+            except ImportError as err:
+                raise ConfigError(f"--engine flower needs Flower ({err}); install the [flower] extra: "
+                                  "pip install -e '.[flower]'") from err
+            return run_flower_simulation(cfg, strategy, seed, [u.name for u in users])
+        log.info("%s shares nothing through a server: in-process", strategy)
     if not (cfg.via_server and chosen.collaborative):
         if cfg.via_server:
             log.info("%s shares nothing through a server: in-process", strategy)
@@ -46,6 +55,26 @@ def _run(cfg: SimConfig, strategy: str, seed: int, users, base, progress: bool, 
                             resume_dir=partial)
     with LoopbackAggregator() as server:
         return run_strategy(cfg, strategy, seed, users, base, progress=progress, server=server, sample_texts=texts)
+
+
+def prepare_users(cfg: SimConfig, tokenizer, cache_dir: Path) -> tuple[list[UserData], dict | None]:
+    """Every user's token streams as the simulation's devices train and test on them (every engine calls this).
+
+    Returns:
+        ``(users, texts)``: the users (out-of-distribution: valid and test are the mixture of all users'; training
+        and validation cut as configured) and, out of distribution, ``{user: own test stream}`` for the routing
+        report (``None`` otherwise: each user's test stream).
+    """
+    users = load_users(Path(cfg.data), tokenizer, list(cfg.users) if cfg.users else None,
+                       cache_dir=Path(cache_dir) / "tokens")
+    texts = None
+    if cfg.ood:  # targets become the mixture; the routing report keeps each user's own-topic text
+        texts = {u.name: u.test for u in users}
+        eos = tokenizer.eos_token_id
+        valid, test = ood_mixture(users, "valid", eos), ood_mixture(users, "test", eos)
+        users = [UserData(u.name, u.train, valid, test) for u in users]
+    # after the mixture: a validation prefix of the (interleaved) mixture still holds every user in equal shares
+    return cap_training(users, cfg.train_tokens, cfg.train_prefix, cfg.valid_prefix), texts
 
 
 def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: bool = False) -> dict:
@@ -66,17 +95,8 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
     runs_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     base = load_base_model(cfg.model, cache_dir=cache_dir)
-    users = load_users(Path(cfg.data), base.tokenizer, list(cfg.users) if cfg.users else None,
-                       cache_dir=cache_dir / "tokens")
+    users, texts = prepare_users(cfg, base.tokenizer, cache_dir)
     names = [u.name for u in users]
-    texts = None
-    if cfg.ood:  # targets become the mixture; the routing report keeps each user's own-topic text
-        texts = {u.name: u.test for u in users}
-        eos = base.tokenizer.eos_token_id
-        valid, test = ood_mixture(users, "valid", eos), ood_mixture(users, "test", eos)
-        users = [UserData(u.name, u.train, valid, test) for u in users]
-    # after the mixture: a validation prefix of the (interleaved) mixture still holds every user in equal shares
-    users = cap_training(users, cfg.train_tokens, cfg.train_prefix, cfg.valid_prefix)
     cfg.experts_for(len(users))  # fail early on a wrong --experts list
     records, missing = [], []
     jobs = [(s, seed) for seed in cfg.seeds for s in cfg.strategies]
@@ -87,7 +107,8 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
             missing.append((strategy, seed))
             continue
         if record is None:
-            log.info("[%d/%d] %s seed %d%s", i, len(jobs), strategy, seed, " via the aggregator" * cfg.via_server)
+            log.info("[%d/%d] %s seed %d%s%s", i, len(jobs), strategy, seed, " via the aggregator" * cfg.via_server,
+                     " on Flower's simulation engine" * (cfg.engine == "flower"))
             partial = runs_dir / "partial" / path.stem
             record = _run(cfg, strategy, seed, users, base, progress, texts, partial)
             atomic_write_bytes(path, json.dumps(record).encode())

@@ -2,9 +2,9 @@
 
 Each simulated device enrolls with its own bearer token and uploads its shared tensors over HTTP; the server
 validates, stores and aggregates them exactly as in a deployment (the strategy's server rule), and every device
-downloads the new global version. The aggregator's streaming mean and :func:`device_sdk.strategies.mean_tensors` use
-the same arithmetic, and the other rules are the same functions, so the results equal the in-process run for the
-same seed (tested).
+downloads the new global version. The aggregator and the in-process run call the same functions of
+:mod:`device_sdk.federated` (the streaming mean is :class:`~device_sdk.federated.RunningMean`, which
+:func:`~device_sdk.federated.mean` runs too), so the results equal the in-process run for the same seed (tested).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from ..client import AggregatorClient
 from ..config import AdapterConfig
 from ..errors import ConfigError, SDKError
 from ..loopback import start_aggregator, stop_aggregator
-from ..strategies import Strategy, Upload
+from ..federated import Upload
+from ..federated.roles import role_names
+from ..strategies import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ class ServerRounds:
         admin = AggregatorClient(server.url, token=server.admin_token)
         config = {"base_model": base_model, "rank": rank, "alpha": alpha, "min_devices": len(devices),
                   "round_deadline_s": timeout_s, "aggregation": "mean",
-                  "shared_roles": sorted(r.value for r in strategy.shared_roles), "strategy": strategy.name}
+                  "shared_roles": role_names(strategy.shared_roles), "strategy": strategy.name}
         secret = admin.create_federation(config)["enroll_secret"]
         admin.set_initial(initial)
         admin.close()

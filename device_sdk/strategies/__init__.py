@@ -1,13 +1,19 @@
 """Collaboration strategies behind one interface (:class:`Strategy`): the paper's method and its baselines.
 
 ``make_strategy(name)`` builds one by its command-line name; :data:`CORE` are the six of the quick preset,
-:data:`ALL` every strategy.
+:data:`ALL` every strategy. The names and each one's server side (rule, shared roles, what travels) are defined in
+:mod:`device_sdk.federated.catalog`, which a server reads without this package's model code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..errors import ConfigError
-from .base import Strategy, Upload, fit, mean_tensors
+from ..federated import Upload, fit, networked_spec, spec_for
+from ..federated import mean as mean_tensors
+from ..federated.catalog import ABLATIONS, ALL, CORE, DEFAULT_NETWORKED, HETEROGENEOUS, NETWORKED
+from .base import Strategy
 from .comigs_x import comigs_1gxs
 from .flexlora import flexlora
 from .hetlora import hetlora
@@ -26,7 +32,8 @@ from .homogeneous import (
 )
 from .pcl import pcl
 
-_FACTORIES = {
+#: The device side of every strategy in the catalog, by name.
+_FACTORIES: dict[str, Callable[[], Strategy]] = {
     "local": local,
     "fedavg": fedavg,
     "pfedmoe": pfedmoe,
@@ -47,23 +54,17 @@ _FACTORIES = {
     "flexlora-active": lambda: flexlora("active"),
     "flexlora-full": lambda: flexlora("full"),
 }
-
-#: The six core strategies of ``--preset quick``.
-CORE = ("local", "fedavg", "pfedmoe", "comigs-2s", "comigs-2g", "comigs-1g1s")
-#: The paper's Table 4 ablations: routers trained jointly with the experts (ii) or alternating on training batches
-#: (iii), for the expert layouts of Local (2S), FedAvg (2G) and CoMiGS-1G1S.
-ABLATIONS = ("local-moe", "fedavg-moe", "local-moe-tr", "fedavg-moe-tr", "comigs-tr")
-#: Every strategy, in table order.
-ALL = ("centralized",) + CORE[:2] + ("pcl", "ffa-lora") + ABLATIONS[:2] + CORE[2:3] + ABLATIONS[2:] + CORE[3:] + (
-    "comigs-1gxs", "hetlora-active", "hetlora-full", "flexlora-active", "flexlora-full")
-#: Strategies whose per-device shape follows ``--experts`` (the others use two modules everywhere).
-HETEROGENEOUS = ("comigs-1gxs", "hetlora-active", "hetlora-full", "flexlora-active", "flexlora-full")
+assert set(_FACTORIES) == set(ALL), "every catalog strategy needs a device side"  # a programming error, not input
 
 
-#: Strategies a networked federation runs (all that share tensors through a server).
-NETWORKED = tuple(n for n in ALL if _FACTORIES[n]().collaborative)
-#: The default strategy of a networked federation: one generalist plus the specialists each device can hold.
-DEFAULT_NETWORKED = "comigs-1gxs"
+def make_strategy(name: str) -> Strategy:
+    """A fresh strategy by name.
+
+    Raises:
+        ConfigError: for an unknown name (listing the known ones).
+    """
+    spec_for(name)  # an unknown name fails here, listing the known ones
+    return _FACTORIES[name]()
 
 
 def networked_strategy(name: str) -> Strategy:
@@ -73,25 +74,9 @@ def networked_strategy(name: str) -> Strategy:
         ConfigError: for ``local`` (nothing to share) and ``centralized`` (pools the users' data: an upper bound for
             the simulation, not a federation).
     """
-    strategy = make_strategy(name)
-    if not strategy.collaborative:
-        why = "pools every user's data" if strategy.centralized else "shares nothing"
-        raise ConfigError(f"strategy {name!r} {why}; it runs in `python -m device_sdk simulate` only. A networked "
-                          f"federation supports {', '.join(NETWORKED)}")
-    return strategy
+    networked_spec(name)
+    return make_strategy(name)
 
 
-def make_strategy(name: str) -> Strategy:
-    """A fresh strategy by name.
-
-    Raises:
-        ConfigError: for an unknown name (listing the known ones).
-    """
-    factory = _FACTORIES.get(name)
-    if factory is None:
-        raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(ALL)}")
-    return factory()
-
-
-__all__ = ["ABLATIONS", "ALL", "CORE", "DEFAULT_NETWORKED", "HETEROGENEOUS", "NETWORKED", "Strategy", "Upload", "fit", "make_strategy",
-           "mean_tensors", "networked_strategy"]
+__all__ = ["ABLATIONS", "ALL", "CORE", "DEFAULT_NETWORKED", "HETEROGENEOUS", "NETWORKED", "Strategy",
+           "Upload", "fit", "make_strategy", "mean_tensors", "networked_strategy"]

@@ -4,17 +4,16 @@ hold factors of different shapes (``A``: (r_i, D_in), ``B``: (D_out, r_i)) under
 As in the paper (section 4.3.1) and the authors' code, only the MLP LoRA's rank is matched to CoMiGS's expert
 parameters; the attention projections keep the LoRA every strategy has, of the expert rank (8), so that the
 baselines' trainable parameters equal CoMiGS-1GXS's experts (``full``) or its top-2 active experts (``active``).
-Every LoRA's scale is ``alpha / sqrt(r)`` with its own rank (paper eq. 4).
+Every LoRA's scale is ``alpha / sqrt(r)`` with its own rank (paper eq. 4). How the shapes are cut per device is
+the server side's (:meth:`device_sdk.federated.StrategySpec.device_shapes`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..config import AdapterConfig
-from .base import Strategy, fit
+from ..federated.tensors import cut, rank_shape  # noqa: F401  (re-exported: the helpers of ranked strategies)
 
 
 def rank_for(n_experts: int, match: str, expert_rank: int = 8) -> int:
@@ -23,37 +22,13 @@ def rank_for(n_experts: int, match: str, expert_rank: int = 8) -> int:
     return expert_rank * (n_experts if match == "full" else min(2, n_experts))
 
 
-def rank_shape(name: str, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
-    """The shape of LoRA factor ``name`` cut to ``rank`` components (A: rows, B: columns; others unchanged); a
-    factor of lower rank (the attention LoRA of a device with a larger MLP rank) keeps its own."""
-    if name.endswith("lora_A"):
-        return (min(rank, shape[0]), *shape[1:])
-    if name.endswith("lora_B"):
-        return (*shape[:-1], min(rank, shape[-1]))
-    return tuple(shape)
-
-
-def cut(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Every tensor zero-padded or truncated to ``shapes[name]``."""
-    return {name: fit(tensors[name], shape) for name, shape in shapes.items()}
-
-
-@dataclass
-class RankedLoRA(Strategy):
+@dataclass(frozen=True)
+class RankedShape:
     """One generalist LoRA per MLP projection of rank ``rank_for(n_i, match)`` and one per attention projection of
-    rank ``rank`` (8); no router."""
+    the expert rank (8); no router."""
 
     match: str = "active"
 
-    def adapter_config(self, user: int, n_experts: int) -> AdapterConfig:
-        return AdapterConfig(rank=rank_for(n_experts, self.match, self.rank), attention_rank=self.rank,
+    def adapter_config(self, n_experts: int, rank: int) -> AdapterConfig:
+        return AdapterConfig(rank=rank_for(n_experts, self.match, rank), attention_rank=rank,
                              n_generalists=1, n_specialists=0)
-
-    @property
-    def rank_per_device(self) -> bool:
-        return True
-
-    def device_shapes(self, shapes, rank):
-        """Every factor cut to ``min(rank, its global rank)``: MLP factors to the device's rank; the attention
-        factors, of the federation's expert rank on every device (<= any device's MLP rank), keep their shape."""
-        return {name: rank_shape(name, shape, rank) for name, shape in shapes.items()}

@@ -62,3 +62,19 @@ def test_bad_input_exits_with_a_clear_error(tiny_user, tmp_path, args, message):
     done = run_cli("train-local", *args, "--steps", "1", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_out_with_an_earlier_run_is_refused_and_overwrite_replaces_it(tiny_user, tmp_path):
+    out = tmp_path / "run"  # an earlier run with a specialist: its file must not survive next to a 0-specialist run
+    (out / "adapters").mkdir(parents=True)
+    (out / "adapters" / "specialist.safetensors").write_bytes(b"from the earlier run")
+    (out / "run.json").write_text(json.dumps({"command": "train-local", "settings": {"specialists": 1}}))
+    args = ["train-local", "--data", str(tiny_user), "--model", "tiny-llama", "--specialists", "0", "--steps", "1",
+            "--batch", "2", "--ctx", "16", "--precision", "fp32", "--eval-tokens", "64", "--out", str(out)]
+    done = run_cli(*args, cwd=tmp_path)
+    assert done.returncode == 2 and "already holds the output of an earlier train-local run" in done.stderr
+    assert "--overwrite" in done.stderr and "test perplexity" not in done.stdout
+    done = run_cli(*args, "--overwrite", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (out / "adapters" / "specialist.safetensors").exists()
+    assert json.loads((out / "run.json").read_text())["settings"]["specialists"] == 0

@@ -188,9 +188,10 @@ def test_a_fedavg_federation_averages_every_lora_module_and_refuses_other_strate
         users = make_users(tmp_path / "users")
         secret = init_federation(server.url, "--strategy", "fedavg")
         states = [tmp_path / f"state-{u.name}" for u in users]
-        wrong = start_device(server.url, secret, users[0], tmp_path / "state-wrong", 1, tmp_path / "cache", 1)
+        wrong = start_device(server.url, secret, users[0], tmp_path / "state-wrong", 1, tmp_path / "cache", 1, 4, 0,
+                             "--strategy", "comigs-1gxs")  # without --strategy a device takes the federation's
         assert wrong.wait(timeout=120) == 2
-        assert "the federation runs strategy 'fedavg', this device 'comigs-1gxs'" in \
+        assert "--strategy 'comigs-1gxs' contradicts the federation's strategy 'fedavg'" in \
             (tmp_path / "state-wrong.log").read_text()
         assert status(server.url)["devices"] == 0  # refused before enrolling: it cannot block a round
         procs = [start_device(server.url, secret, u, s, 3, tmp_path / "cache", 2, 4, i, "--strategy", "fedavg")

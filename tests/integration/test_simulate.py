@@ -134,14 +134,14 @@ def test_cli_refuses_bad_settings_clearly(users_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["comigs-1gxs", "hetlora-full", "pcl"])
 def test_a_killed_run_resumes_after_its_last_round_with_identical_numbers(users_dir, tmp_path, monkeypatch, name):
-    import device_sdk.sim.runner as runner
+    import device_sdk.round as device_round  # where every device's round trains (the simulation's too)
 
     base = load_base_model("tiny-llama")
     users = load_users(users_dir, base.tokenizer)
     cfg = _cfg(users_dir, rounds=3, experts=(3, 2, 1))
     whole_models, resumed_models = [], []
     whole = run_strategy(cfg, name, 3, users, base, models_out=whole_models)
-    real, calls = runner.train_local, []
+    real, calls = device_round.train_local, []
 
     def killed_in_round_3(*args, **kwargs):
         calls.append(1)
@@ -149,11 +149,11 @@ def test_a_killed_run_resumes_after_its_last_round_with_identical_numbers(users_
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "train_local", killed_in_round_3)
+    monkeypatch.setattr(device_round, "train_local", killed_in_round_3)
     with pytest.raises(RuntimeError, match="killed"):
         run_strategy(cfg, name, 3, users, base, resume_dir=tmp_path / "partial")
     assert json.loads((tmp_path / "partial" / "progress.json").read_text())["round"] == 2
-    monkeypatch.setattr(runner, "train_local", real)
+    monkeypatch.setattr(device_round, "train_local", real)
     resumed = run_strategy(cfg, name, 3, users, base, models_out=resumed_models, resume_dir=tmp_path / "partial")
     for key in ("iterations", "test_ppl", "expert_scores", "train_loss", "strategy_state", "routing"):
         assert resumed[key] == whole[key], key

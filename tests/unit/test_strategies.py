@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from device_sdk.errors import ConfigError
+from device_sdk.federated import SPECS, InvalidUpload, Upload, fit, mean, spec_for
+from device_sdk.federated.rules import RULES, average_delta, svd_factors
 from device_sdk.parts import Role, iter_role_parameters
-from device_sdk.strategies import ALL, Upload, fit, make_strategy, mean_tensors
-from device_sdk.strategies.flexlora import average_delta, svd_factors
-from device_sdk.strategies.hetlora import HetLoRA
-from device_sdk.strategies.ranked import rank_for
+from device_sdk.strategies import ALL, NETWORKED, make_strategy
 from device_sdk.strategies.pcl import trust_from_losses
+from device_sdk.strategies.ranked import rank_for
 
 from .._tiny import tiny_model_for
 
@@ -36,10 +36,10 @@ def test_fedavg_of_identical_uploads_is_the_identity_and_of_different_ones_the_m
 
 
 def test_mean_refuses_mismatched_uploads_clearly():
-    with pytest.raises(ConfigError, match="shape of m.lora_A"):
-        mean_tensors([_lora(4), _lora(2)])
-    with pytest.raises(ConfigError, match="disagree on tensor names"):
-        mean_tensors([_lora(4), _lora(4, prefix="n")])
+    with pytest.raises(InvalidUpload, match="shape of m.lora_A"):
+        mean([_lora(4), _lora(2)])
+    with pytest.raises(InvalidUpload, match="disagree on tensor names"):
+        mean([_lora(4), _lora(4, prefix="n")])
 
 
 @pytest.mark.parametrize("name, shared", [
@@ -121,7 +121,7 @@ def test_fit_pads_with_zeros_and_truncates_rank_components():
 def test_hetlora_pads_to_the_largest_rank_weights_by_update_norm_and_truncates_back():
     small, large = _lora(2, seed=1), _lora(4, seed=2)
     ups = _uploads([small, large])
-    strategy = HetLoRA("hetlora-full", router_mode="fixed", match="full")
+    strategy = make_strategy("hetlora-full")
     out = strategy.aggregate(ups)
     norms = [u.scale_of("m.lora_A") * float(torch.linalg.matrix_norm(u.tensors["m.lora_B"] @ u.tensors["m.lora_A"]))
              for u in ups]  # ||gamma_i B_i A_i||, gamma_i = alpha / sqrt(r_i)
@@ -202,3 +202,25 @@ def test_table4_ablations_differ_from_comigs_only_in_how_routers_learn(joint, tr
         assert strategies[2].shared_roles == {Role.ATTENTION, Role.GENERALIST}
     else:
         assert len({s.shared_roles for s in strategies}) == 1
+
+
+def test_every_strategy_names_its_server_rule_in_the_catalog():
+    """The device side (Strategy) and the server side (StrategySpec) agree, and the rule is a federated function."""
+    assert set(SPECS) == set(ALL)
+    for name in ALL:
+        strategy = make_strategy(name)
+        assert strategy.spec is spec_for(name) and strategy.server_rule_name in RULES
+        assert strategy.collaborative == (name in NETWORKED)
+    assert spec_for("ffa-lora").plain_mean and not spec_for("ffa-lora").travels("m.lora_A")
+    assert [spec_for(n).rule for n in ("pcl", "hetlora-full", "flexlora-active")] == ["pcl_relay", "hetlora",
+                                                                                      "flexlora"]
+    with pytest.raises(ConfigError, match="unknown strategy 'fedprox'"):
+        spec_for("fedprox")
+
+
+def test_server_rule_is_the_federated_rule_of_its_name():
+    ups = _uploads([_lora(4, seed=1), _lora(4, seed=2)], tokens=[100, 300])
+    for name in ("fedavg", "hetlora-full", "flexlora-full", "pcl"):
+        strategy = make_strategy(name)
+        ours, theirs = strategy.server_rule(ups), RULES[strategy.server_rule_name](ups)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

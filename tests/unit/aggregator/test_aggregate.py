@@ -1,38 +1,17 @@
-"""Aggregation maths on tiny tensors."""
+"""The aggregator's glue around the federated rules: refusals become InvalidUpdate (HTTP 422), a round's running
+mean counts each device once, a non-finite global is not published. The maths: tests/unit/test_federated.py."""
 
 import pytest
 import torch
 
-from aggregator.aggregate import RunningMean, spec_of, validate, weight_for
-from aggregator.errors import InvalidUpdate
+from aggregator.aggregate import RoundMean, check_finite, spec_of, validate, weight_for
+from aggregator.errors import AggregationFailed, InvalidUpdate
+from device_sdk.federated import mean
 
 
 def _tensors(seed):
     g = torch.Generator().manual_seed(seed)
     return {"a.lora_A": torch.randn(2, 3, generator=g), "a.lora_B": torch.randn(3, 2, generator=g)}
-
-
-def test_mean_of_identical_inputs_is_the_identity():
-    t = _tensors(0)
-    mean = RunningMean(spec_of(t))
-    for _ in range(5):
-        mean.add(t)
-    result = mean.result()
-    assert all(torch.equal(result[k], t[k]) for k in t)
-
-
-def test_uniform_and_token_weighted_means():
-    a, b = _tensors(1), _tensors(2)
-    uniform = RunningMean(spec_of(a))
-    uniform.add(a, weight_for("mean", 10))
-    uniform.add(b, weight_for("mean", 30))
-    weighted = RunningMean(spec_of(a))
-    weighted.add(a, weight_for("token_weighted", 10))
-    weighted.add(b, weight_for("token_weighted", 30))
-    for k in a:
-        expected = ((a[k].double() + b[k].double()) / 2).float()
-        assert torch.equal(uniform.result()[k], expected)
-        torch.testing.assert_close(weighted.result()[k], (0.25 * a[k].double() + 0.75 * b[k].double()).float())
 
 
 @pytest.mark.parametrize("mutate,message", [
@@ -42,21 +21,38 @@ def test_uniform_and_token_weighted_means():
     (lambda t: t.update({"a.lora_A": torch.zeros(2, 3, dtype=torch.float16)}), "dtype"),
     (lambda t: t["a.lora_A"].__setitem__((0, 0), float("inf")), "NaN or Inf"),
 ])
-def test_invalid_updates_are_rejected_and_not_counted(mutate, message):
+def test_invalid_updates_are_refused_as_invalid_update_with_their_problems(mutate, message):
     good = _tensors(0)
-    mean = RunningMean(spec_of(good))
-    mean.add(good)
     bad = {k: v.clone() for k, v in good.items()}
     mutate(bad)
-    with pytest.raises(InvalidUpdate, match=message):
-        mean.add(bad)
-    assert mean.count == 1 and all(torch.equal(mean.result()[k], good[k]) for k in good)
+    with pytest.raises(InvalidUpdate, match=message) as caught:
+        validate(bad, spec_of(good))
+    assert caught.value.status == 422 and any(message in p for p in caught.value.details["problems"])
 
 
 def test_validate_accepts_exact_matches_and_weights_must_be_positive():
     t = _tensors(0)
     validate(t, spec_of(t))
+    assert weight_for("mean", 0) == 1.0 and weight_for("token_weighted", 7) == 7.0
     with pytest.raises(InvalidUpdate, match="positive token count"):
         weight_for("token_weighted", 0)
-    with pytest.raises(InvalidUpdate, match="nothing to aggregate"):
-        RunningMean(spec_of(t)).result()
+    with pytest.raises(InvalidUpdate, match="unknown aggregation rule"):
+        weight_for("median", 1)
+
+
+def test_a_round_mean_counts_each_device_once_and_equals_the_federated_mean():
+    a, b = _tensors(1), _tensors(2)
+    running = RoundMean(1, spec_of(a))
+    assert running.add(7, a, 1.0) and running.add(8, b, 1.0)
+    assert not running.add(7, b, 1.0)  # a device already counted
+    result = running.mean.result()
+    assert running.members == {7, 8}
+    assert all(torch.equal(result[k], mean([a, b])[k]) for k in a)  # bit-identical to the simulation's mean
+    with pytest.raises(InvalidUpdate, match="key set"):
+        running.add(9, {"a.lora_A": a["a.lora_A"]}, 1.0)
+
+
+def test_a_non_finite_global_is_not_published():
+    check_finite(_tensors(0))
+    with pytest.raises(AggregationFailed, match="NaN or Inf values in 1 tensor"):
+        check_finite({**_tensors(0), "x": torch.tensor([float("nan")])})

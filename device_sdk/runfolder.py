@@ -1,0 +1,141 @@
+"""Output folders that hold one run: a run manifest (``run.json``) says which command wrote the folder and with
+which settings, so that a second run never mixes its files with another run's.
+
+Rules (:func:`claim_run_folder`):
+
+- a missing or empty folder is claimed: the manifest is written before anything else;
+- a folder whose manifest names the same command is reused when that command resumes (``join``: the same data;
+  ``simulate``: any settings, runs are cached by key), and refused otherwise;
+- any other non-empty folder is refused, naming what is there; ``overwrite=True`` deletes it first, but only when
+  an SDK command wrote it (a manifest, or the recognisable files of a run from before manifests existed): a folder
+  of someone else's files is never deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SDKError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "run.json"
+#: Files and folders each command wrote before run manifests existed: such a folder is adopted (resumable
+#: commands) or may be replaced with ``overwrite`` (never a folder without any of them).
+LEGACY_MARKERS = {
+    "federation-demo": ("aggregator", "devices"),
+    "simulate": ("runs",),
+    "join": ("credentials.json", "checkpoints"),
+    "train-local": ("metrics.json", "adapters"),
+    "export": ("manifest.json", "model.pte", "model.onnx"),
+}
+
+
+class RunFolderError(SDKError):
+    """An output folder holds another run's files (or files no SDK command wrote)."""
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """How a command uses its output folder.
+
+    Attributes:
+        command: the command's name, recorded in the manifest (e.g. ``train-local``).
+        option: the command-line option that names the folder (for messages), e.g. ``--out``.
+        resume_keys: settings that must match for a run to continue in the folder; ``None``: the command never
+            continues a run (a used folder is refused); ``()``: every run of the command may share the folder.
+    """
+
+    command: str
+    option: str = "--out"
+    resume_keys: tuple[str, ...] | None = None
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The run manifest of ``folder``, or ``None`` (missing or unreadable)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and "command" in manifest else None
+
+
+def _legacy_kind(folder: Path) -> str | None:
+    for command, markers in LEGACY_MARKERS.items():
+        if any((folder / m).exists() for m in markers):
+            return command
+    return None
+
+
+def _describe(folder: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def claim_run_folder(folder: Path, kind: RunFolder, settings: dict, overwrite: bool = False) -> bool:
+    """Make ``folder`` this run's output folder and write its manifest.
+
+    Args:
+        folder: the output folder (created if missing).
+        kind: the command and its resume rule.
+        settings: the run's settings (JSON-serialisable; paths are written as strings), recorded in the manifest.
+        overwrite: delete a folder another run of an SDK command wrote, and start afresh.
+
+    Returns:
+        ``True`` if the folder continues an earlier run of the same command (resume), ``False`` for a fresh one.
+
+    Raises:
+        RunFolderError: the folder holds another run (another command, other settings, or a command that does not
+            resume), or files no SDK command wrote; the message names them and what to do.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"{kind.option} {folder} is a file, not a folder")
+    settings = json.loads(json.dumps(settings, default=str))
+    if folder.is_dir() and any(folder.iterdir()):
+        manifest = read_manifest(folder)
+        owner = manifest["command"] if manifest else _legacy_kind(folder)
+        if owner is None:
+            raise RunFolderError(f"{kind.option} {folder} holds files that no comigs-sdk command wrote "
+                                 f"({_describe(folder)}); choose an empty or new folder (--overwrite does not "
+                                 "delete folders the SDK did not write)")
+        if overwrite:
+            log.info("--overwrite: deleting %s (a %s run)", folder, owner)
+            shutil.rmtree(folder)
+        elif owner != kind.command:
+            raise RunFolderError(f"{kind.option} {folder} holds the output of another command ({owner}, not "
+                                 f"{kind.command}); choose another {kind.option}, or pass --overwrite to delete it "
+                                 "and start afresh")
+        elif kind.resume_keys is None:
+            raise RunFolderError(f"{kind.option} {folder} already holds the output of an earlier {owner} run "
+                                 f"({_describe(folder)}); choose another {kind.option}, or pass --overwrite to "
+                                 "replace it")
+        else:
+            before = (manifest or {}).get("settings", {})
+            changed = [k for k in kind.resume_keys if k in before and before[k] != settings.get(k)]
+            if changed:
+                what = "; ".join(f"{k}: {before[k]!r} then, {settings.get(k)!r} now" for k in changed)
+                raise RunFolderError(f"{kind.option} {folder} holds an earlier {owner} run with other settings "
+                                     f"({what}); choose another {kind.option}, or pass --overwrite to delete it "
+                                     "and start afresh")
+            _write(folder, kind, settings, (manifest or {}).get("created"))
+            return True
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder, kind, settings, None)
+    return False
+
+
+def _write(folder: Path, kind: RunFolder, settings: dict, created: float | None) -> None:
+    now = time.time()
+    manifest = {"command": kind.command, "settings": settings, "created": created or now, "updated": now}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(folder / MANIFEST)
+
+
+__all__ = ["LEGACY_MARKERS", "MANIFEST", "RunFolder", "RunFolderError", "claim_run_folder", "read_manifest"]

@@ -1,0 +1,113 @@
+"""Help pages, option names in errors, run folders and the client's retry rule (in-process, no model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+
+import pytest
+
+from device_sdk.__main__ import build_parser
+from device_sdk.cli import EVAL_TOKENS_HELP, option_message
+from device_sdk.client import AggregatorClient, RetryPolicy, ServerUnreachable, check_url
+from device_sdk.data.__main__ import build_parser as data_parser
+from device_sdk.errors import ConfigError
+from device_sdk.runfolder import MANIFEST, RunFolder, RunFolderError, claim_run_folder
+from export.__main__ import PARSERS as EXPORT_PARSERS
+
+
+def _subcommands(prog: str, parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {prog: parser, **{f"{prog} {name}": p for name, p in sub.choices.items()}}
+
+
+def _pages() -> dict[str, argparse.ArgumentParser]:
+    pages = _subcommands("python -m device_sdk", build_parser())
+    pages.update(_subcommands("python -m device_sdk.data", data_parser()))
+    pages.update({f"python -m export {name}": make() for name, make in EXPORT_PARSERS.items()})
+    return pages
+
+
+@pytest.mark.parametrize("name", list(_pages()))
+def test_every_help_page_has_an_example_a_help_line_per_option_and_defaults(name):
+    parser = _pages()[name]
+    text = parser.format_help()
+    assert "example:\n  python " in text, name
+    options = {}
+    for action in parser._actions:
+        if not action.option_strings:
+            continue
+        assert action.help, f"{name}: {action.option_strings} has no help line"
+        options[action.option_strings[-1]] = line = " ".join(parser._get_formatter()._expand_help(action).split())
+        if not (action.required or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
+            assert "(default: " in line, (name, action.option_strings)
+    if "--eval-tokens" in options:  # one meaning everywhere
+        assert options["--eval-tokens"].startswith(EVAL_TOKENS_HELP), name
+    if "--router-period" in options:  # the paper's symbols
+        assert options["--router-period"].startswith("tau: ") and options["--router-steps"].startswith("s: ")
+
+
+def test_export_help_lists_subcommands_and_formats():
+    text = EXPORT_PARSERS["export"]().format_help()
+    assert "verify" in text and "update-adapters" in text and "pte" in text and "onnx" in text
+
+
+def test_config_fields_become_options():
+    message = ("invalid TrainConfig: router_period must be a positive integer, got 0; steps must be >= 1; "
+               "budget_step_s must be > 0 and goes with budget_mb")
+    assert option_message(message) == ("invalid options: --router-period must be a positive integer, got 0; "
+                                       "--steps must be >= 1; --budget-step-s must be > 0 and goes with --budget-mb")
+    assert option_message("steps must be >= 1", "join") == "--local-steps must be >= 1"
+    assert option_message("the expert steps of a round") == "the expert steps of a round"  # plain words stay
+
+
+def test_a_url_without_scheme_is_refused_with_a_fix():
+    with pytest.raises(ConfigError, match="'localhost:8700'.*'http://localhost:8700'"):
+        check_url("localhost:8700")
+    assert check_url("http://127.0.0.1:8700/") == "http://127.0.0.1:8700"
+
+
+def test_connection_refused_is_retried_and_ends_with_a_hint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = AggregatorClient(f"http://127.0.0.1:{port}", retry=RetryPolicy(attempts=2, base_s=0.01))
+    with pytest.raises(ServerUnreachable, match=r"after 2 attempts .*is the aggregator running at"):
+        client.health()
+
+
+def test_a_run_folder_refuses_another_run_and_overwrite_replaces_only_sdk_folders(tmp_path):
+    local = RunFolder("train-local")
+    out = tmp_path / "out"
+    assert claim_run_folder(out, local, {"steps": 1}) is False
+    assert json.loads((out / MANIFEST).read_text())["command"] == "train-local"
+    (out / "adapters").mkdir()
+    with pytest.raises(RunFolderError, match="earlier train-local run.*--overwrite"):
+        claim_run_folder(out, local, {"steps": 1})
+    with pytest.raises(RunFolderError, match=r"another command \(train-local, not simulate\)"):
+        claim_run_folder(out, RunFolder("simulate", resume_keys=()), {})
+    claim_run_folder(out, local, {"steps": 2}, overwrite=True)
+    assert not (out / "adapters").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("x")
+    with pytest.raises(RunFolderError, match="no comigs-sdk command wrote"):
+        claim_run_folder(foreign, local, {}, overwrite=True)
+    assert (foreign / "thesis.tex").exists()
+
+
+def test_resumable_commands_continue_their_own_runs_only(tmp_path):
+    join = RunFolder("join", option="--state", resume_keys=("data",))
+    state = tmp_path / "state"
+    claim_run_folder(state, join, {"data": "/users/de"})
+    (state / "credentials.json").write_text("{}")
+    assert claim_run_folder(state, join, {"data": "/users/de"}) is True
+    with pytest.raises(RunFolderError, match="--state .* other settings .*'/users/de' then, '/users/fr' now"):
+        claim_run_folder(state, join, {"data": "/users/fr"})
+    legacy = tmp_path / "sim"
+    (legacy / "runs").mkdir(parents=True)  # a simulation cache from before run manifests: adopted
+    assert claim_run_folder(legacy, RunFolder("simulate", resume_keys=()), {"data": "d"}) is True
+    with pytest.raises(RunFolderError, match=r"another command \(simulate, not join\)"):
+        claim_run_folder(legacy, join, {"data": "d"})
