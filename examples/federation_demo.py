@@ -36,6 +36,8 @@ from device_sdk.runfolder import RunFolder, claim_run_folder  # noqa: E402
 
 #: The demo starts a new federation every time in its own --out (it never mixes with another command's folder).
 DEMO_OUT = RunFolder("federation-demo", resume_keys=())
+#: A log line of a child process (a progress bar may precede it on the same line): logger name and message.
+LOG_LINE = re.compile(r" INFO ([\w.]+): (.*)$")
 #: A prompt in each user's language for the phone stand-in.
 PROMPTS = {"de": "Der Zug", "fr": "Le train", "it": "Il treno", "nl": "De trein"}
 
@@ -177,8 +179,9 @@ class Job:
         with open(self.log_path, "w") as log:
             for line in self.proc.stderr:  # tqdm's carriage returns end lines here too: bars are not shown
                 log.write(line)
-                if any(f" INFO {name}" in line for name in self.show):
-                    print(f"  [{self.label}] {line.split(': ', 1)[-1]}", end="", flush=True)
+                m = LOG_LINE.search(line)
+                if m and m.group(1).startswith(self.show):
+                    print(f"  [{self.label}] {m.group(2)}", flush=True)
 
     def _read_stdout(self) -> None:
         self.stdout = self.proc.stdout.read()
