@@ -51,14 +51,17 @@ def option_for(field: str, command: str | None = None) -> str:
 def option_message(message: str, command: str | None = None) -> str:
     """``message`` with configuration field names replaced by the command's options.
 
-    Names with an underscore are replaced wherever they stand; plain words (``steps``, ``rank``) only where they
-    name a setting: followed by ``must``, ``(`` or ``=``.
+    Names with an underscore are replaced wherever they stand (not inside a path); plain words (``steps``, ``rank``)
+    only where a configuration problem names them: at the start of a clause, followed by ``must``, ``(`` or ``=``.
     """
     mapping = {**FIELD_OPTIONS, **COMMAND_OPTIONS.get(command or "", {})}
     message = _CONFIG_PREFIX.sub("invalid options: ", message)
     for field in sorted(mapping, key=len, reverse=True):
-        follow = r"(?!\w)" if "_" in field else r"(?=\s+must\b|\s*\(|=)"
-        message = re.sub(rf"(?<![\w-]){field}{follow}", mapping[field], message)
+        if "_" in field:
+            pattern = rf"(?<![\w./-]){field}(?!\w)"
+        else:
+            pattern = rf"(?:^|(?<=: )|(?<=; )){field}(?=\s+must\b|\s*\(|=)"
+        message = re.sub(pattern, mapping[field], message)
     return message
 
 

@@ -158,22 +158,30 @@ def main() -> int:
             if p.poll() is None:
                 p.kill()
         stop_aggregator(server)
-    return export_and_compare(args, env)
+    code = export_and_compare(args, env)
+    print(f"\nthe demo took {format_seconds(time.perf_counter() - started)}")
+    return code
 
 
 class Job:
-    """A child process whose log lines of the given loggers are shown (prefixed) as they come, whose whole log goes
-    to a file and whose stdout is kept for the end."""
+    """A child process run alongside others: the log lines of the given loggers are shown, prefixed, as they come;
+    the whole log goes to a file; when it ends, its output (stdout) is shown with the time it took, or, if it failed,
+    the end of its log."""
+
+    lock = threading.Lock()  # one job prints at a time
 
     def __init__(self, label: str, cmd: list[str], env: dict, log_path: Path, show: tuple[str, ...]) -> None:
         self.label, self.log_path, self.show = label, log_path, show
-        self.started, self.seconds = time.perf_counter(), 0.0
+        self.started = time.perf_counter()
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.stdout = ""
-        self._threads = [threading.Thread(target=self._follow, daemon=True),
-                         threading.Thread(target=self._read_stdout, daemon=True)]
-        for t in self._threads:
-            t.start()
+        self._log = threading.Thread(target=self._follow, daemon=True)
+        self._log.start()
+        self._end = threading.Thread(target=self._finish, daemon=True)
+        self._end.start()
+
+    def _say(self, text: str, file=sys.stdout) -> None:
+        with self.lock:
+            print(text, file=file, flush=True)
 
     def _follow(self) -> None:
         with open(self.log_path, "w") as log:
@@ -181,24 +189,23 @@ class Job:
                 log.write(line)
                 m = LOG_LINE.search(line)
                 if m and m.group(1).startswith(self.show):
-                    print(f"  [{self.label}] {m.group(2)}", flush=True)
+                    self._say(f"  [{self.label}] {m.group(2)}")
 
-    def _read_stdout(self) -> None:
-        self.stdout = self.proc.stdout.read()
-
-    def wait(self) -> int:
+    def _finish(self) -> None:
+        stdout = self.proc.stdout.read()
         code = self.proc.wait()
-        self.seconds = time.perf_counter() - self.started
-        for t in self._threads:
-            t.join()
-        return code
+        self._log.join()
+        took = format_seconds(time.perf_counter() - self.started)
+        if code == 0:
+            self._say(f"\n== {self.label}: done in {took} (log: {self.log_path})\n{stdout.rstrip()}")
+        else:
+            self._say(f"error: {self.label} failed after {took}; the end of {self.log_path}:\n"
+                      f"{self.log_path.read_text(errors='replace')[-3000:]}", file=sys.stderr)
 
-    def failed(self) -> bool:
-        if self.wait() == 0:
-            return False
-        print(f"error: {self.label} failed; the end of {self.log_path}:", file=sys.stderr)
-        print(self.log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
-        return True
+    def ok(self) -> bool:
+        """Wait for the end; ``True`` if the process succeeded."""
+        self._end.join()
+        return self.proc.returncode == 0
 
 
 def export_and_compare(args: argparse.Namespace, env: dict) -> int:
@@ -223,10 +230,7 @@ def export_and_compare(args: argparse.Namespace, env: dict) -> int:
         cmd = [sys.executable, "-m", "device_sdk", "simulate", "--data", str(args.data), *shlex.split(args.compare)]
         jobs.append(Job("compare", cmd, single if jobs else {**env, "OMP_NUM_THREADS": "2"},
                         args.out / "compare.log", ("device_sdk.sim.",)))
-    failed = [job.label for job in jobs if job.failed()]
-    for job in jobs:
-        print(f"\n== {job.label}: done in {format_seconds(job.seconds)} (log: {job.log_path})")
-        print(job.stdout, end="")
+    failed = [job.label for job in jobs if not job.ok()]
     if args.export != "none" and not any(label.startswith("export") for label in failed):
         prompt = PROMPTS.get(args.export, "The")
         for folder in folders.values():

@@ -20,8 +20,8 @@ from .pipeline import FORMATS, QUANTIZE
 log = logging.getLogger("export")
 
 DESCRIPTION = """\
-Export a device's personalised model (base + adapters + routers) for phone inference and verify every file against
-PyTorch on real text (max |logit diff|, argmax agreement, perplexity).
+Export a device's personalised model (base + adapters + routers) for phone inference and verify every file \
+against PyTorch on real text (max |logit diff|, argmax agreement, perplexity).
 Formats (--format):
   pte    ExecuTorch program model.pte (XNNPACK) with its weights in base.ptd and adapters.ptd
   onnx   model.onnx (fp32, dynamic batch and sequence)

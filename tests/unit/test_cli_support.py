@@ -60,7 +60,8 @@ def test_config_fields_become_options():
     assert option_message(message) == ("invalid options: --router-period must be a positive integer, got 0; "
                                        "--steps must be >= 1; --budget-step-s must be > 0 and goes with --budget-mb")
     assert option_message("steps must be >= 1", "join") == "--local-steps must be >= 1"
-    assert option_message("the expert steps of a round") == "the expert steps of a round"  # plain words stay
+    for prose in ("the expert steps of a round", "the base model must stay frozen", "see /tmp/cache_dir/x"):
+        assert option_message(prose) == prose  # plain words and paths stay
 
 
 def test_a_url_without_scheme_is_refused_with_a_fix():
