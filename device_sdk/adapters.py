@@ -21,6 +21,8 @@ from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
 from .errors import AdapterFileError
+from .federated.errors import InvalidUpload
+from .federated.tensors import spec_of, validate
 from .fileio import atomic_write_bytes
 from .inject import adapter_config
 from .parts import Role, role_parameters, role_state_dict
@@ -142,23 +144,10 @@ def check_tensors(tensors: dict[str, torch.Tensor], reference: dict[str, torch.T
     Raises:
         AdapterFileError: listing the differences.
     """
-    missing = sorted(set(reference) - set(tensors))
-    extra = sorted(set(tensors) - set(reference))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:2]}")
-    if extra:
-        problems.append(f"{len(extra)} unexpected key(s), e.g. {extra[:2]}")
-    for name in sorted(set(reference) & set(tensors)):
-        t, ref = tensors[name], reference[name]
-        if t.shape != ref.shape:
-            problems.append(f"{name}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
-        elif t.dtype != ref.dtype:
-            problems.append(f"{name}: dtype {t.dtype}, expected {ref.dtype}")
-        elif not torch.isfinite(t).all():
-            problems.append(f"{name}: contains NaN or Inf")
-    if problems:
-        raise AdapterFileError(f"{what} does not match the model: " + "; ".join(problems[:6]))
+    try:
+        validate(tensors, spec_of(reference))  # the one check of names, shapes, dtypes and finiteness
+    except InvalidUpload as err:
+        raise AdapterFileError(f"{what} does not match the model: " + "; ".join(err.problems[:6])) from None
 
 
 def assign_tensors(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: str) -> None:

@@ -19,20 +19,6 @@ from device_sdk.sim.simulate import simulate
 from .server import ROOT
 
 
-@pytest.fixture
-def users_dir(tmp_path):
-    """Three users with clearly different made-up vocabularies."""
-    vocab = [("alpha", "beta", "gamma", "delta"), ("red", "green", "blue", "white"), ("one", "two", "three", "four")]
-    g = torch.Generator().manual_seed(0)
-    for name, words in zip(("u1", "u2", "u3"), vocab):
-        folder = tmp_path / "data" / name
-        folder.mkdir(parents=True)
-        for split, n in (("train", 400), ("valid", 120), ("test", 120)):
-            idx = torch.randint(0, 4, (n,), generator=g).tolist()
-            (folder / f"{split}.txt").write_text(" ".join(words[i] for i in idx) + "\n")
-    return tmp_path / "data"
-
-
 def _cfg(data, **kw):
     settings = dict(data=data, model="tiny-llama", rounds=2, local_steps=2, batch=2, ctx=32, router_period=1,
                     router_steps=1, precision="fp32", eval_tokens=256, peer_eval_tokens=64)

@@ -50,13 +50,17 @@ def test_the_mean_function_and_the_streaming_mean_are_one_arithmetic():
     assert all(torch.equal(by_tokens[k], mean(dicts, [10.0 * (i + 1) for i in range(5)])[k]) for k in by_tokens)
 
 
-@pytest.mark.parametrize("mutate,message", [
+#: Ways an upload can miss its spec, with the words the refusal names it by.
+INVALID = [
     (lambda t: t.pop("a.lora_B"), "missing key"),
     (lambda t: t.update({"x": torch.zeros(1)}), "unexpected key"),
     (lambda t: t.update({"a.lora_A": torch.zeros(3, 2)}), "shape"),
     (lambda t: t.update({"a.lora_A": torch.zeros(2, 3, dtype=torch.float16)}), "dtype"),
     (lambda t: t["a.lora_A"].__setitem__((0, 0), float("inf")), "NaN or Inf"),
-])
+]
+
+
+@pytest.mark.parametrize("mutate,message", INVALID)
 def test_invalid_updates_are_rejected_and_not_counted(mutate, message):
     good = _tensors(0)
     running = RunningMean(spec_of(good))

@@ -8,19 +8,10 @@ from aggregator.aggregate import RoundMean, check_finite, spec_of, validate, wei
 from aggregator.errors import AggregationFailed, InvalidUpdate
 from device_sdk.federated import mean
 
-
-def _tensors(seed):
-    g = torch.Generator().manual_seed(seed)
-    return {"a.lora_A": torch.randn(2, 3, generator=g), "a.lora_B": torch.randn(3, 2, generator=g)}
+from ..test_federated import INVALID, _tensors
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda t: t.pop("a.lora_B"), "missing key"),
-    (lambda t: t.update({"x": torch.zeros(1)}), "unexpected key"),
-    (lambda t: t.update({"a.lora_A": torch.zeros(3, 2)}), "shape"),
-    (lambda t: t.update({"a.lora_A": torch.zeros(2, 3, dtype=torch.float16)}), "dtype"),
-    (lambda t: t["a.lora_A"].__setitem__((0, 0), float("inf")), "NaN or Inf"),
-])
+@pytest.mark.parametrize("mutate,message", INVALID)
 def test_invalid_updates_are_refused_as_invalid_update_with_their_problems(mutate, message):
     good = _tensors(0)
     bad = {k: v.clone() for k, v in good.items()}
