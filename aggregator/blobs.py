@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
 
+from device_sdk.federated import wire
 from device_sdk.fileio import atomic_write_bytes
 
-from .errors import InvalidUpdate
+from .aggregate import as_invalid_update
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -26,22 +24,24 @@ def sha256(data: bytes) -> str:
 
 
 def parse_safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors payload (no pickle involved).
+    """:func:`device_sdk.federated.wire.decode`.
 
     Raises:
         InvalidUpdate: for anything that is not a complete safetensors file.
     """
-    try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
-        raise InvalidUpdate(f"body is not a valid safetensors file: {err}") from err
-    header_len = int.from_bytes(data[:8], "little")
-    try:
-        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
-    except ValueError as err:
-        raise InvalidUpdate(f"safetensors header is not JSON: {err}") from err
-    return tensors, metadata
+    with as_invalid_update():
+        return wire.decode(data)
 
 
-def to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+def read_metadata(metadata: dict[str, str]) -> tuple[int, dict[str, float]]:
+    """:func:`device_sdk.federated.wire.read_metadata` (token count and metrics of an upload).
+
+    Raises:
+        InvalidUpdate: for a token count or a metric that is not a number in range.
+    """
+    with as_invalid_update():
+        return wire.read_metadata(metadata)
+
+
+to_bytes = wire.encode
+canonical_metadata = wire.canonical_metadata

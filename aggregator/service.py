@@ -22,8 +22,8 @@ from safetensors import safe_open
 from device_sdk.errors import ConfigError
 from device_sdk.federated import RULES, StrategySpec, Upload, networked_spec
 
-from . import aggregate, uploads
-from .blobs import parse_safetensors, sha256, to_bytes
+from . import aggregate
+from .blobs import canonical_metadata, parse_safetensors, read_metadata, sha256, to_bytes
 from .errors import (AggregationFailed, AggregatorError, Conflict, InvalidUpdate, NotFound, NotReady, RoundClosed,
                      Unauthorized)
 from .schemas import Capabilities, FederationConfig
@@ -183,8 +183,8 @@ class Federation:
             raise NotFound(f"round {number} does not exist; the current round is {current.round}",
                            current_round=current.round)
         tensors, metadata = parse_safetensors(payload)
-        tokens, metrics = uploads.read_metadata(metadata)
-        digest = aggregate.content_digest(tensors, uploads.canonical_metadata(metadata, tokens, metrics))
+        tokens, metrics = read_metadata(metadata)
+        digest = aggregate.content_digest(tensors, canonical_metadata(metadata, tokens, metrics))
         existing = self.store.update(number, device.id)
         if existing is not None:  # a replay (the device lost our answer) or a conflict: no need to store anything
             return self._replayed(existing, digest, payload, number, current), self.store.count_updates(number)

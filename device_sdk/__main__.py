@@ -23,7 +23,7 @@ from .config import LB_MODES, MIXINGS, ROUTING_MODES, AdapterConfig, TrainConfig
 from .errors import SDKError
 from .precision import PRECISIONS
 from .runfolder import RunFolder, claim_run_folder
-from .strategies import DEFAULT_NETWORKED, NETWORKED
+from .federated.catalog import DEFAULT_NETWORKED, NETWORKED
 
 log = logging.getLogger("device_sdk")
 
@@ -306,7 +306,7 @@ def _user_ints(text: str) -> tuple[tuple[str, int], ...]:
 
 def _add_simulate(sub) -> None:
     from .sim import PRESETS, SimConfig
-    from .strategies import ALL
+    from .federated.catalog import ALL
 
     def preset(text: str, field: str | None = None) -> str:
         default = "" if field is None else f", else {getattr(SimConfig, field)}"

@@ -6,7 +6,6 @@ backoff; failures that it cannot fix (a URL without a scheme, any 4xx answer) ra
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -14,10 +13,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from .errors import ConfigError, SDKError
+from .federated import wire
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +176,7 @@ class AggregatorClient:
                              json={"config": config, "enroll_secret": enroll_secret}).json()
 
     def set_initial(self, tensors: dict[str, torch.Tensor]) -> dict:
-        return self._request("PUT", "/admin/federation/initial", content=st_save(tensors)).json()
+        return self._request("PUT", "/admin/federation/initial", content=wire.encode(tensors)).json()
 
     # devices ------------------------------------------------------------------------------------------------------
     def enroll(self, enroll_secret: str, name: str, capabilities: dict) -> dict:
@@ -192,10 +190,9 @@ class AggregatorClient:
         return self._request("GET", "/status").json()
 
     def download_global(self, version: int) -> dict[str, torch.Tensor]:
-        return st_load(self._request("GET", f"/globals/{version}").content)
+        return wire.decode(self._request("GET", f"/globals/{version}").content)[0]
 
     def upload(self, round_number: int, tensors: dict[str, torch.Tensor], tokens: int, metrics: dict) -> dict:
-        payload = st_save({k: v.contiguous() for k, v in tensors.items()},
-                          metadata={"tokens": str(int(tokens)), "metrics": json.dumps(metrics)})
+        payload = wire.encode_upload(tensors, tokens, metrics)
         return self._request("POST", f"/rounds/{round_number}/update", content=payload,
                              headers={"Content-Type": "application/octet-stream"}).json()

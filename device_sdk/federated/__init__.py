@@ -9,6 +9,7 @@ and any other engine (Flower) import this package and call the same functions.
 - :mod:`.rules`: the server rules and :data:`RULES` (name -> rule), :func:`weight_for`.
 - :mod:`.catalog`: :class:`StrategySpec` per strategy name (:func:`spec_for`, :data:`NETWORKED`, ...).
 - :mod:`.roles`: :class:`Role`, :data:`SHARED_ROLES`.
+- :mod:`.wire`: an upload's bytes (safetensors with token count and metrics) and their bounds.
 """
 
 from .catalog import (ABLATIONS, ALL, CORE, DEFAULT_NETWORKED, HETEROGENEOUS, NETWORKED, SPECS, StrategySpec,

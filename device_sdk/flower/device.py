@@ -7,7 +7,7 @@ version it loaded), written after every message. A process that handles the same
 model it holds if the folder's latest checkpoint is still the one it wrote.
 
 Every step is the simulation's: the model (:func:`~device_sdk.sim.runner.user_model`, adapters initialised from the
-run's seed), the training settings (:func:`train_config`), one device round (:func:`device_sdk.round.run_device_round`)
+run's seed), the training settings (:meth:`~device_sdk.sim.config.SimConfig.train_config`), one device round (:func:`device_sdk.round.run_device_round`)
 and the receive step (:func:`device_sdk.round.receive_global`), the evaluations (test perplexity, router scores, the
 routing report). So a run on Flower gives the numbers of ``--engine local``.
 """
@@ -17,14 +17,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..config import TrainConfig
 from ..data import UserData, eval_windows, load_user_data
 from ..errors import ConfigError
 from ..evaluate import evaluate, loss_with
@@ -34,26 +33,11 @@ from ..parts import Role, count_parameters
 from ..sim.config import SimConfig, cap_training
 from ..round import load_initial, receive_global, run_device_round
 from ..sim.runner import expert_scores, routing_report, user_model
-from ..strategies import Strategy, make_strategy
+from ..strategies import make_strategy
 from ..train import init_train_state
 from .wire import FlowerRun, sim_config_to_json
 
 log = logging.getLogger(__name__)
-
-
-def train_config(cfg: SimConfig, strategy: Strategy, user: int, seed: int) -> TrainConfig:
-    """The local training settings of device ``user``: those of the in-process simulation (one schedule over all
-    rounds, batches sampled with ``seed * 1000 + user``, the strategy's router mode and load balancing)."""
-    base = TrainConfig(steps=cfg.local_steps, batch_size=cfg.batch, context=cfg.ctx, lr_experts=cfg.lr,
-                       lr_router=cfg.router_lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                       schedule=cfg.schedule, final_lr_fraction=cfg.final_lr_fraction, grad_clip=cfg.grad_clip,
-                       lb_weight=cfg.lb_weight, router_period=cfg.router_period, router_steps=cfg.router_steps,
-                       schedule_steps=cfg.rounds * cfg.local_steps, precision=cfg.precision, device=cfg.device,
-                       seed=seed * 1000 + user, log_every=cfg.local_steps, eval_batches=1)
-    overrides = strategy.train_overrides()
-    if cfg.lb_mode is not None:
-        overrides["lb_mode"] = cfg.lb_mode
-    return replace(base, **overrides)
 
 
 @dataclass(frozen=True)
@@ -143,7 +127,7 @@ class FlowerDevice:
         self.base = cached_base(cfg.model, str(cache_dir_of(cfg)), cfg.device)
         self.strategy = make_strategy(run.strategy)
         self.model = user_model(self.base.model, self.strategy, spec.user, spec.experts, run.seed, cfg.mixing)
-        self.train_cfg = train_config(cfg, self.strategy, spec.user, run.seed)
+        self.train_cfg = cfg.train_config(self.strategy, spec.user, run.seed)
         self.state = init_train_state(self.model, self.train_cfg)
         self.version: int | None = None  # the global version loaded
         self.revision = 0  # checkpoints written (names them)

@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord
 
 from ..errors import ConfigError
 from ..sim.config import SimConfig
-from ..strategies import make_strategy
+from ..federated.catalog import spec_for
 
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
 #: The metric a reply's training tokens travel under (Flower's convention for the weight of an update).
@@ -91,7 +91,7 @@ class FlowerRun:
     def __post_init__(self) -> None:
         problems = []
         try:
-            if not make_strategy(self.strategy).collaborative:
+            if not spec_for(self.strategy).collaborative:
                 problems.append(f"strategy {self.strategy!r} shares nothing through a server; run it in-process")
         except ConfigError as err:
             problems.append(str(err))

@@ -6,13 +6,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..data import UserData
-from ..config import LB_MODES, MIXINGS, REFERENCE_OPTIMIZER, SCHEDULES
+from ..config import LB_MODES, MIXINGS, REFERENCE_OPTIMIZER, SCHEDULES, TrainConfig
 from ..device_select import resolve_device
 from ..errors import ConfigError
+from ..federated.catalog import ALL, CORE
 from ..precision import PRECISIONS, resolve_precision
-from ..strategies import ALL, CORE
+
+if TYPE_CHECKING:
+    from ..data import UserData
 
 #: How a simulation runs its devices: ``local`` (one process, one device after the other) or ``flower`` (Flower's
 #: simulation engine: one virtual device per Flower node, run by Ray workers in parallel).
@@ -180,6 +183,28 @@ class SimConfig:
             raise ConfigError(f"--experts has {len(self.experts)} values for {n_users} users; give one value or "
                               "one per user (in the users' alphabetical order)")
         return self.experts
+
+    def train_config(self, strategy, member: int, seed: int, batch: int | None = None) -> TrainConfig:
+        """The local training settings of federation member ``member`` (its index) in the run of ``seed``: one
+        schedule over all rounds, batches sampled with ``seed * 1000 + member``, the strategy's router mode and load
+        balancing (``--lb-mode`` overrides the latter). ``batch`` defaults to ``self.batch`` (a centralized run's
+        one member takes the pooled batch). The end-of-round validation loss is not reported (``eval_batches=1``).
+
+        Args:
+            strategy: a :class:`device_sdk.strategies.Strategy` (its ``train_overrides()``).
+        """
+        overrides = strategy.train_overrides()
+        if self.lb_mode is not None:
+            overrides["lb_mode"] = self.lb_mode
+        base = TrainConfig(steps=self.local_steps, batch_size=self.batch if batch is None else batch,
+                           context=self.ctx, lr_experts=self.lr, lr_router=self.router_lr, betas=self.betas,
+                           weight_decay=self.weight_decay, schedule=self.schedule,
+                           final_lr_fraction=self.final_lr_fraction, grad_clip=self.grad_clip,
+                           lb_weight=self.lb_weight, router_period=self.router_period,
+                           router_steps=self.router_steps, schedule_steps=self.rounds * self.local_steps,
+                           precision=self.precision, device=self.device, seed=seed * 1000 + member,
+                           log_every=self.local_steps, eval_batches=1)
+        return replace(base, **overrides)
 
     def run_key(self, strategy: str, seed: int, users: list[str]) -> str:
         """Cache key of one (strategy, seed) run: every setting that changes its numbers."""

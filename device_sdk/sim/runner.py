@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from ..adapters import assign_tensors
-from ..config import TrainConfig
 from ..data import UserData, eval_windows, interleave
 from ..device_select import model_device
 from ..errors import ConfigError
@@ -188,19 +187,7 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
     batch = cfg.batch * (len(users) if strategy.centralized else 1)
     base.model.to(cfg.device)  # a no-op once there; every user's model follows it (user_model)
     models = [user_model(base.model, strategy, i, experts[i], seed, cfg.mixing) for i in range(len(members))]
-    train_cfgs = [TrainConfig(steps=cfg.local_steps, batch_size=batch, context=cfg.ctx, lr_experts=cfg.lr,
-                              lr_router=cfg.router_lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                              schedule=cfg.schedule, final_lr_fraction=cfg.final_lr_fraction,
-                              grad_clip=cfg.grad_clip, lb_weight=cfg.lb_weight, router_period=cfg.router_period,
-                              router_steps=cfg.router_steps, schedule_steps=cfg.rounds * cfg.local_steps,
-                              precision=cfg.precision, device=cfg.device, seed=seed * 1000 + i,
-                              log_every=cfg.local_steps,
-                              eval_batches=1)  # the end-of-round validation loss is not reported here
-                  for i in range(len(members))]
-    overrides = strategy.train_overrides()
-    if cfg.lb_mode is not None:
-        overrides["lb_mode"] = cfg.lb_mode
-    train_cfgs = [replace(c, **overrides) for c in train_cfgs]
+    train_cfgs = [cfg.train_config(strategy, i, seed, batch) for i in range(len(members))]
     states = [init_train_state(m, c) for m, c in zip(models, train_cfgs)]
 
     if strategy.collaborative:  # shared tensors (and FFA's fixed A) agree before the first round

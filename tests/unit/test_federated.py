@@ -1,11 +1,14 @@
 """The federated rules (device_sdk.federated) on tiny tensors: validation, the one mean, the catalog's shapes,
 and that every rule maps identical uploads to themselves."""
 
+import json
+
 import pytest
 import torch
 
 from device_sdk.federated import (ALL, NETWORKED, SPECS, InvalidUpload, RunningMean, Upload, common_start, lora_scale,
                                   mean, networked_spec, spec_of, validate, weight_for)
+from device_sdk.federated import wire
 from device_sdk.federated.rules import RULES, bundle, unbundle
 
 
@@ -121,3 +124,18 @@ def test_common_start_gives_every_device_the_largest_tensor_cut_to_its_shape():
     starts = common_start([Upload(0, small, 0, 2, 1.0), Upload(1, large, 0, 4, 1.0)])
     assert torch.equal(starts[1]["a.lora_A"], large["a.lora_A"])
     assert torch.equal(starts[0]["a.lora_A"], large["a.lora_A"][:2]) and starts[0]["a.lora_B"].shape == (3, 2)
+
+
+def test_an_upload_round_trips_through_its_wire_format_and_bad_bytes_or_numbers_are_refused():
+    tensors = {"a": torch.randn(3, 2), "b": torch.arange(4, dtype=torch.int64)}
+    data = wire.encode_upload(tensors, 1234, {"valid_loss": 2.5, "note": "text is ignored"})
+    back, metadata = wire.decode(data)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert wire.read_metadata(metadata) == (1234, {"valid_loss": 2.5})
+    with pytest.raises(InvalidUpload, match="not a valid safetensors"):
+        wire.decode(data[: len(data) // 2])
+    for bad in ({"tokens": "-1"}, {"tokens": str(2**53)}, {"tokens": "1e3"}, {"metrics": '{"loss": NaN}'},
+                {"metrics": '{"loss": 1e400}'}, {"metrics": "[1, 2]"},
+                {"metrics": json.dumps({f"m{i}": 1.0 for i in range(wire.MAX_METRICS + 1)})}):
+        with pytest.raises(InvalidUpload):
+            wire.read_metadata(bad)

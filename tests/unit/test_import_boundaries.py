@@ -50,3 +50,11 @@ def test_importing_device_sdk_is_light_and_its_names_load_on_first_use():
     assert _loaded_after("import device_sdk, device_sdk.errors, device_sdk.fileio", MODEL_CODE) == []
     assert _loaded_after("from device_sdk import AdapterConfig, SDKError", MODEL_CODE) == []
     assert _loaded_after("from device_sdk import inject_adapters", ("device_sdk.inject",)) == ["device_sdk.inject"]
+
+
+def test_flowers_server_app_loads_no_model_code():
+    """Flower's ServerApp runs our server rules over a SimConfig; a SuperLink host needs no model code."""
+    code = ("from device_sdk.flower.server_app import app\n"
+            "from device_sdk.flower.wire import FlowerRun\n"
+            "FlowerRun.from_run_config({'strategy': 'fedavg', 'users': 'users', 'devices': 2, 'seed': 1})")
+    assert _loaded_after(code, MODEL_CODE) == []

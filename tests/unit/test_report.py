@@ -39,3 +39,14 @@ def test_std_over_one_seed_is_not_reported_and_no_winner_is_bolded():
     text = markdown(summary, records, "t", {})
     assert "| comigs-1g1s | 25.00 | 1 | 4.00M |" in text  # no "(0.00)" pseudo-std for a single seed
     assert "**" not in text
+
+
+def test_the_report_command_explains_itself_and_names_a_missing_file(capsys, tmp_path):
+    from device_sdk.sim.report import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0 and "results.json" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        main([str(tmp_path / "nope.json")])
+    assert done.value.code == 2 and "no such file" in capsys.readouterr().err
