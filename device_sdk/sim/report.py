@@ -67,7 +67,8 @@ def summarize(records: list[dict]) -> dict:
         runs = by_strategy[name]
         means = [r["mean"] for r in runs]
         users = runs[0]["users"]
-        params = runs[0].get("trainable_params")
+        # records made before parameter counting lack it; a strategy's count is the same in every seed
+        params = next((r["trainable_params"] for r in runs if r.get("trainable_params")), None)
         summary[name] = {
             "mean": statistics.fmean(means), "std": statistics.stdev(means) if len(means) > 1 else None,
             "seeds": [r["seed"] for r in runs],

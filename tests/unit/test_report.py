@@ -50,3 +50,10 @@ def test_the_report_command_explains_itself_and_names_a_missing_file(capsys, tmp
     with pytest.raises(SystemExit) as done:
         main([str(tmp_path / "nope.json")])
     assert done.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_a_parameter_count_from_any_seed_fills_the_column():
+    old = _run("local", 1, {"a": 20.0})
+    del old["trainable_params"]  # a record made before parameters were counted
+    assert summarize([old, _run("local", 2, {"a": 21.0})])["local"]["params"] == 4_000_000
+    assert summarize([old])["local"]["params"] is None
