@@ -35,13 +35,36 @@ def limit_malloc_fragmentation() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aggregator")
+    from device_sdk.cli import HelpFormatter, example  # argparse helpers only (no model code)
+
+    from .settings import Settings
+
+    def default(field: str) -> object:
+        return Settings.model_fields[field].default
+
+    parser = argparse.ArgumentParser(prog="python -m aggregator", formatter_class=HelpFormatter,
+                                     description="The federation's aggregator: collects each round's generalist "
+                                                 "uploads and serves their average.")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the aggregator HTTP server")
-    serve.add_argument("--data-dir", type=Path, default=None, help="database and blobs (AGGREGATOR_DATA_DIR)")
-    serve.add_argument("--host", default=None, help="AGGREGATOR_HOST, default 127.0.0.1")
-    serve.add_argument("--port", type=int, default=None, help="AGGREGATOR_PORT, default 8700 (0: any free port)")
-    serve.add_argument("--max-upload-mb", type=float, default=None)
+    serve = sub.add_parser(
+        "serve", help="run the aggregator HTTP server", formatter_class=HelpFormatter,
+        description="Run the aggregator HTTP server (operator page at /, API docs at /docs). Every option can also "
+                    "be set in the environment as AGGREGATOR_<OPTION> (e.g. AGGREGATOR_PORT=9000); the admin token "
+                    "comes from AGGREGATOR_ADMIN_TOKEN (at least 22 url-safe characters), else one is generated "
+                    "and written to DATA_DIR/admin_token (mode 0600). One server per data directory. Next: create "
+                    "the federation with python -m device_sdk init-federation, then devices join.",
+        epilog=example("python -m aggregator serve --data-dir agg-data --port 8700",
+                       "python -m device_sdk init-federation --server http://127.0.0.1:8700 "
+                       "--admin-token \"$(cat agg-data/admin_token)\" --model smollm2-135m"))
+    serve.add_argument("--data-dir", type=Path, default=None,
+                       help=f"database file and weight blobs (AGGREGATOR_DATA_DIR; default: {default('data_dir')})")
+    serve.add_argument("--host", default=None,
+                       help=f"interface to listen on (AGGREGATOR_HOST; default: {default('host')})")
+    serve.add_argument("--port", type=int, default=None,
+                       help=f"port (AGGREGATOR_PORT; default: {default('port')}; 0: any free port, see --port-file)")
+    serve.add_argument("--max-upload-mb", type=float, default=None,
+                       help="largest accepted request body in MB "
+                            f"(AGGREGATOR_MAX_UPLOAD_MB; default: {default('max_upload_mb'):g})")
     serve.add_argument("--port-file", type=Path, default=None,
                        help="once listening, write the bound port to this file (with --port 0: no race for a port)")
     args = parser.parse_args(argv)
@@ -49,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from pydantic import ValidationError
-
-    from .settings import Settings
 
     overrides = {k: v for k, v in {"data_dir": args.data_dir, "host": args.host, "port": args.port,
                                    "max_upload_mb": args.max_upload_mb}.items() if v is not None}

@@ -1,4 +1,5 @@
-"""Server settings, from arguments or ``AGGREGATOR_*`` environment variables, and the rule for secrets."""
+"""Server settings, from arguments or ``AGGREGATOR_*`` environment variables (secrets checked by
+:func:`device_sdk.federated.secrets.check_secret`)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-#: The shortest admin token or enrollment secret accepted: 16 random bytes written in URL-safe base64.
-MIN_SECRET_CHARS = 22
-#: How to generate a secret that passes, quoted in every refusal.
-SECRET_HOWTO = 'python -c "import secrets; print(secrets.token_urlsafe(24))"'
-
-
-def check_secret(value: str, what: str) -> str:
-    """Refuse a secret shorter than 16 random bytes' worth (:data:`MIN_SECRET_CHARS` URL-safe base64 characters).
-
-    Args:
-        value: the secret.
-        what: how the caller names it in the message, e.g. ``"AGGREGATOR_ADMIN_TOKEN"``.
-
-    Returns:
-        ``value`` unchanged.
-
-    Raises:
-        ValueError: saying the rule and how to generate a secret that passes.
-    """
-    if len(value) < MIN_SECRET_CHARS:
-        raise ValueError(f"{what} has {len(value)} characters; a secret needs at least {MIN_SECRET_CHARS} (16 random "
-                         f"bytes in URL-safe base64) so that it cannot be guessed. Generate one with: {SECRET_HOWTO}")
-    return value
+from device_sdk.federated.secrets import check_secret
 
 
 class Settings(BaseSettings):

@@ -241,7 +241,8 @@ def _add_init_federation(sub) -> None:
                    help="after this many seconds a round closes with whoever reported (at least --min-devices)")
     p.add_argument("--aggregation", choices=("mean", "token_weighted"), default="mean",
                    help="how the server averages the uploads of mean-rule strategies")
-    p.add_argument("--enroll-secret", default=None, help="the secret devices enroll with (default: generated)")
+    p.add_argument("--enroll-secret", default=None, type=_secret("--enroll-secret"),
+                   help="the secret devices enroll with (default: generated)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial shared tensors")
     p.add_argument("--strategy", default=DEFAULT_NETWORKED,
                    help=f"collaboration strategy every device runs: {', '.join(NETWORKED)}")
@@ -283,6 +284,20 @@ def _init_federation(args: argparse.Namespace) -> int:
         client.set_initial(initial)
     print(json.dumps({"enroll_secret": created["enroll_secret"]}))
     return 0
+
+
+def _secret(option: str):
+    """An argparse type refusing a secret the server would refuse (:func:`device_sdk.federated.secrets.check_secret`),
+    before the model loads."""
+    from .federated.secrets import check_secret
+
+    def parse(text: str) -> str:
+        try:
+            return check_secret(text, option)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    return parse
 
 
 # simulate ------------------------------------------------------------------------------------------------------------

@@ -112,3 +112,29 @@ def test_resumable_commands_continue_their_own_runs_only(tmp_path):
     assert claim_run_folder(legacy, RunFolder("simulate", resume_keys=()), {"data": "d"}) is True
     with pytest.raises(RunFolderError, match=r"another command \(simulate, not join\)"):
         claim_run_folder(legacy, join, {"data": "d"})
+
+
+def test_aggregator_serve_help_gives_each_default_from_the_settings_and_an_example(capsys):
+    from aggregator.__main__ import main
+    from aggregator.settings import Settings
+
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0
+    for field in ("data_dir", "host", "port"):
+        assert f"default: {Settings.model_fields[field].default}" in text
+    assert "AGGREGATOR_ADMIN_TOKEN" in text and "example: python -m aggregator serve" in text
+
+
+def test_init_federation_refuses_a_short_enroll_secret_before_contacting_anything(capsys):
+    from device_sdk.__main__ import build_parser
+
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["init-federation", "--server", "http://127.0.0.1:9", "--admin-token", "t",
+                                   "--enroll-secret", "too-short"])
+    assert done.value.code == 2
+    assert "--enroll-secret has 9 characters; a secret needs at least 22" in capsys.readouterr().err
+    args = build_parser().parse_args(["init-federation", "--server", "http://127.0.0.1:9", "--admin-token", "t",
+                                      "--enroll-secret", "x" * 22])
+    assert args.enroll_secret == "x" * 22

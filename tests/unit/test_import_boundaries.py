@@ -58,3 +58,9 @@ def test_flowers_server_app_loads_no_model_code():
             "from device_sdk.flower.wire import FlowerRun\n"
             "FlowerRun.from_run_config({'strategy': 'fedavg', 'users': 'users', 'devices': 2, 'seed': 1})")
     assert _loaded_after(code, MODEL_CODE) == []
+
+
+def test_the_aggregators_help_loads_no_model_code():
+    code = ("from aggregator.__main__ import main\n"
+            "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass")
+    assert _loaded_after(code, MODEL_CODE) == []
