@@ -17,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .backends import BACKENDS
 from .cli import (EVAL_TOKENS_HELP, HelpFormatter, add_verbose, example, nonnegative_int, option_for, option_message,
                   setup_logging, timed)
 from .config import LB_MODES, MIXINGS, ROUTING_MODES, AdapterConfig, TrainConfig
@@ -184,6 +185,13 @@ def _add_join(sub) -> None:
     p.add_argument("--router-steps", type=int, default=10, help=ROUTER_STEPS_HELP + " (paper: 10)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--backend", choices=BACKENDS, default="pytorch",
+                   help="how the device computes its gradients: pytorch (eager autograd) or executorch (an exported "
+                        "ExecuTorch training program, fp32 on the CPU; the optimizers, checkpoints and uploads are "
+                        "the same)")
+    p.add_argument("--program", type=Path, default=None,
+                   help="--backend executorch: the training program folder (python -m export --format pte-train); "
+                        "default: <state>/train-program, exported there on the first start")
     p.add_argument("--eval-tokens", type=nonnegative_int, default=None,
                    help=EVAL_TOKENS_HELP + ", before the first round and after each (default: no evaluation)")
     p.add_argument("--seed", type=int, default=0, help="seed of adapter initialisation and batch sampling")
@@ -201,7 +209,8 @@ def _join(args: argparse.Namespace) -> int:
     _check_folder(args.data, "--data", "a user folder with train/valid/test.txt[.gz]")
     train = TrainConfig(steps=args.local_steps, batch_size=args.batch, context=args.ctx,
                         router_period=args.router_period, router_steps=args.router_steps, precision=args.precision,
-                        device=args.device)
+                        device=args.device, backend=args.backend,
+                        program=str(args.program) if args.program is not None else None)
     eval_tokens = 0 if args.eval_tokens is None else (args.eval_tokens or None)  # DeviceConfig: 0 skips, None all
     state = args.state or Path("device-state") / args.data.name
     cfg = DeviceConfig(server=args.server, data=args.data, state_dir=state, enroll_secret=args.enroll_secret,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .backends import BACKENDS
 from .device_select import resolve_device
 from .errors import ConfigError
 from .federated.tensors import lora_scale  # defined once, with the federated rules that weigh by it
@@ -171,6 +172,11 @@ class TrainConfig:
         eval_batches: validation batches per periodic evaluation.
         router_mode: one of :data:`ROUTER_MODES`.
         freeze_lora_a: keep every LoRA ``A`` matrix at its initial value (FFA-LoRA).
+        backend: how losses and gradients are computed, one of :data:`device_sdk.backends.BACKENDS`: ``pytorch``
+            (eager autograd) or ``executorch`` (an exported ExecuTorch training program, fp32 on the CPU; ``auto``
+            precision becomes ``fp32``; see :mod:`device_sdk.backends.executorch`).
+        program: with ``backend="executorch"``, the training program's folder (exported there on first use when
+            it holds none that fits); ``None``: a temporary folder.
     """
 
     steps: int = 100
@@ -197,6 +203,8 @@ class TrainConfig:
     eval_batches: int = 8
     router_mode: str = "validation"
     freeze_lora_a: bool = False
+    backend: str = "pytorch"
+    program: str | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -224,6 +232,18 @@ class TrainConfig:
             problems.append(f"lb_mode must be one of {LB_MODES}, got {self.lb_mode!r}")
         if self.router_mode not in ROUTER_MODES:
             problems.append(f"router_mode must be one of {ROUTER_MODES}, got {self.router_mode!r}")
+        if self.backend not in BACKENDS:
+            problems.append(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        elif self.backend == "executorch":  # the program is fp32 on the CPU
+            if self.precision == "auto":
+                object.__setattr__(self, "precision", "fp32")
+            elif self.precision != "fp32":
+                problems.append(f"backend executorch trains in fp32 (its program has no autocast), got precision "
+                                f"{self.precision!r}; use precision fp32 or auto")
+            if self.device not in ("auto", "cpu"):
+                problems.append(f"backend executorch runs on the CPU, got device {self.device!r}; use device cpu")
+            else:
+                object.__setattr__(self, "device", "cpu")
         device_ok = True
         try:  # first: what "auto" precision means depends on the device
             object.__setattr__(self, "device", resolve_device(self.device))

@@ -198,8 +198,11 @@ class Device:
         self.strategy.prepare(0, self.model)
         self.data: UserData = load_user_data(cfg.data, base.tokenizer, cache_dir=cache)
         schedule = cfg.train.steps * cfg.rounds
+        program = cfg.train.program
+        if cfg.train.backend == "executorch" and program is None:  # kept with the state: exported once
+            program = str(self.state_dir / "train-program")
         self.train_cfg = replace(cfg.train, schedule_steps=max(schedule, cfg.train.schedule_steps or 0),
-                                 seed=cfg.seed, **self.strategy.train_overrides())
+                                 seed=cfg.seed, program=program, **self.strategy.train_overrides())
         self.state = init_train_state(self.model, self.train_cfg)
         self.completed_rounds = 0  # rounds this device uploaded to (or tried to)
         self.last_round = 0

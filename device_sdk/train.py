@@ -22,6 +22,7 @@ from torch import nn
 from .config import TrainConfig
 from .data import UserData, sample_batch
 from .device_select import check_model_device
+from .errors import ConfigError
 from .evaluate import autocast, evaluate
 from .inject import adapter_config, routed_blocks
 from .losses import lm_loss, load_balancing_loss
@@ -40,6 +41,8 @@ class TrainState:
         schedule: one-cycle cosine schedule of ``expert_opt``.
         step: expert steps taken so far (the tau counter runs on it).
         generator: batch-sampling random state.
+        program: the ExecuTorch backend's gradient source (``cfg.backend="executorch"``; attached by
+            :func:`train_local` on first use), ``None`` for eager autograd.
     """
 
     expert_opt: torch.optim.Optimizer
@@ -47,6 +50,7 @@ class TrainState:
     schedule: torch.optim.lr_scheduler.LRScheduler
     step: int
     generator: torch.Generator
+    program: Gradients | None = None
 
 
 @dataclass
@@ -116,6 +120,10 @@ def _set_trainable(params: list[nn.Parameter], trainable: bool) -> None:
         p.requires_grad_(trainable)
 
 
+#: A training backend's step: ``(model, parameters to train, x, y) -> (total, lm, lb)``, setting ``.grad`` of exactly
+#: those parameters (:class:`device_sdk.backends.executorch.ProgramGradients`).
+Gradients = Callable[[nn.Module, list[nn.Parameter], torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+
 #: An extra loss term on the model's adapters, added to the expert objective (e.g. HetLoRA's rank regulariser).
 Regularizer = Callable[[nn.Module], torch.Tensor]
 
@@ -144,16 +152,20 @@ def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConf
 
 def _step(model: nn.Module, groups: list[tuple[list[nn.Parameter], torch.optim.Optimizer]],
           frozen: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-          regularizer: Regularizer | None = None) -> dict:
+          regularizer: Regularizer | None = None, program: Gradients | None = None) -> dict:
     """One step of every optimizer in ``groups`` (each clipped on its own parameters) with ``frozen`` excluded
-    from autograd; all gradients cleared first."""
+    from autograd; all gradients cleared first. ``program``: gradients from the ExecuTorch backend instead of
+    autograd (only the stepping parameters get one)."""
     train = [p for params, _ in groups for p in params]
     _set_trainable(frozen, False)
     _set_trainable(train, True)
     for p in train + frozen:
         p.grad = None
-    total, lm, lb = objective(model, x, y, cfg, regularizer)
-    total.backward()
+    if program is None:
+        total, lm, lb = objective(model, x, y, cfg, regularizer)
+        total.backward()
+    else:
+        total, lm, lb = program(model, train, x, y)
     for params, opt in groups:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -171,7 +183,7 @@ def expert_step(model: nn.Module, state: TrainState, x: torch.Tensor, y: torch.T
         groups.append((router_parameters(model), state.router_opt))
     else:
         frozen = frozen + router_parameters(model)
-    stats = _step(model, groups, frozen, x, y, cfg, regularizer)
+    stats = _step(model, groups, frozen, x, y, cfg, regularizer, state.program)
     stats["lr"] = state.schedule.get_last_lr()[0]
     state.schedule.step()
     state.step += 1
@@ -181,11 +193,12 @@ def expert_step(model: nn.Module, state: TrainState, x: torch.Tensor, y: torch.T
 def router_step(model: nn.Module, state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> dict:
     """One step of the router optimizer on a validation batch; experts stay untouched."""
     experts = list(role_parameters(model, EXPERT_ROLES).values())
-    return _step(model, [(router_parameters(model), state.router_opt)], experts, x, y, cfg)
+    return _step(model, [(router_parameters(model), state.router_opt)], experts, x, y, cfg, program=state.program)
 
 
 def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: TrainState | None = None,
-                progress: bool = False, regularizer: Regularizer | None = None) -> tuple[TrainResult, TrainState]:
+                progress: bool = False, regularizer: Regularizer | None = None,
+                validate: Callable[[nn.Module], float] | None = None) -> tuple[TrainResult, TrainState]:
     """Run ``cfg.steps`` expert steps with router updates every ``cfg.router_period`` steps (on validation
     batches for ``router_mode="validation"``, fresh training batches for ``"train"``; none for ``"joint"``, where
     routers step with the experts, and ``"fixed"``).
@@ -196,17 +209,29 @@ def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: Train
         data: the user's token streams; training batches come from ``train``, router batches from ``valid``.
         state: optimizers and counters to continue from (``None``: start fresh).
         progress: show a progress bar.
+        validate: the validation loss of ``model`` (default: :func:`valid_loss` on ``data.valid`` with the eager
+            model; an app that holds only a training program passes its own).
 
     Returns:
         The curves of this call and the state to continue from.
 
     Raises:
-        ConfigError: if the model is not on ``cfg.device``.
+        ConfigError: if the model is not on ``cfg.device``, or backend executorch meets a regularizer.
+        TrainProgramError: if the ExecuTorch backend's program does not fit the model or the batches.
         SDKError: if a trainable parameter has no adapter role.
     """
     check_every_trainable_has_a_role(model)
     check_model_device(model, cfg.device)
     state = state or init_train_state(model, cfg)
+    validate = validate or (lambda m: valid_loss(m, data.valid, cfg))
+    if cfg.backend == "executorch":
+        if regularizer is not None:
+            raise ConfigError("backend executorch has no regularizer term in its program (HetLoRA's rank "
+                              "regulariser); train this strategy with backend pytorch")
+        if state.program is None:
+            from .backends.executorch import attach_program
+
+            state.program = attach_program(model, cfg)
     result = TrainResult()
     model.train()
     steps = range(cfg.steps)
@@ -230,13 +255,13 @@ def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: Train
                 vx, vy = vx.to(cfg.device), vy.to(cfg.device)
                 result.router.append({"step": state.step, **router_step(model, state, vx, vy, cfg)})
         if cfg.eval_every and state.step % cfg.eval_every == 0:
-            result.valid.append({"step": state.step, "loss": valid_loss(model, data.valid, cfg)})
+            result.valid.append({"step": state.step, "loss": validate(model)})
         if progress:
             steps.set_postfix(loss=f"{stats['lm']:.3f}", lr=f"{stats['lr']:.1e}")
     result.seconds = time.perf_counter() - start
     _set_trainable(list(role_parameters(model, EXPERT_ROLES).values()) + router_parameters(model), True)
     if not result.valid or result.valid[-1]["step"] != state.step:
-        result.valid.append({"step": state.step, "loss": valid_loss(model, data.valid, cfg)})
+        result.valid.append({"step": state.step, "loss": validate(model)})
     model.eval()
     return result, state
 
