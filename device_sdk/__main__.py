@@ -22,9 +22,9 @@ from .cli import (EVAL_TOKENS_HELP, HelpFormatter, add_verbose, example, nonnega
                   setup_logging, timed)
 from .config import LB_MODES, MIXINGS, ROUTING_MODES, AdapterConfig, TrainConfig
 from .errors import SDKError
+from .federated.catalog import DEFAULT_NETWORKED, NETWORKED
 from .precision import PRECISIONS
 from .runfolder import RunFolder, claim_run_folder
-from .federated.catalog import DEFAULT_NETWORKED, NETWORKED
 
 log = logging.getLogger("device_sdk")
 
