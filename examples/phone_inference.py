@@ -1,10 +1,15 @@
 """A phone stand-in: generate text from an export folder alone (no transformers model code, no torch model).
 
-Loads ``model.pte`` (+ ``base.ptd`` and ``adapters.ptd``) with the ExecuTorch runtime and/or ``model.onnx`` with
-onnxruntime, the tokenizer from ``tokenizer.json``, and decodes greedily with a KV-less loop (the whole window is
-re-run for every new token, at most ``max_seq`` tokens as recorded in ``manifest.json``).
+An export made with ``--kv-cache`` runs through the SDK's generation API (export/generate.py): one prefill call
+for the prompt, one decode call per new token over the program's KV cache, streaming the text and printing prefill
+and decode tokens/s. ``--chat`` wraps the prompt in the model's chat template (SmolLM2-Instruct's ChatML);
+``--temperature`` / ``--top-p`` sample instead of greedy decoding.
 
-    python examples/phone_inference.py --model-dir runs/federation/export-de --prompt "Der Zug" --tokens 32
+An export without a KV cache falls back to re-running the whole window for every new token (greedy).
+
+    python -m export --checkpoint device-state/de --out phone/ --kv-cache --max-seq 512
+    python examples/phone_inference.py --model-dir phone/ --prompt "Der Zug" --tokens 32
+    python examples/phone_inference.py --model-dir phone/ --chat --prompt "Write a haiku about trains."
 """
 
 from __future__ import annotations
@@ -19,74 +24,64 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-class Tokens:
-    """tokenizer.json from the export: a Hugging Face tokenizer (via the `tokenizers` library) or raw bytes."""
-
-    def __init__(self, folder: Path) -> None:
-        spec = json.loads((folder / "tokenizer.json").read_text())
-        self.bytes = spec.get("type") == "bytes-v1"
-        if not self.bytes:
-            from tokenizers import Tokenizer
-
-            self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8")) if self.bytes else self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        if self.bytes:
-            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-        return self.tok.decode(ids)
+from export.generate import ExportTokenizer, SamplingConfig, open_export
 
 
-def onnx_step(path: Path):
-    import onnxruntime as ort
+def kv_less_step(folder: Path, runtime: str, onnx_file: str):
+    """``ids -> last logits`` of a full-sequence export (no KV cache)."""
+    if runtime == "onnx":
+        import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda ids: session.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})[0][0, -1]
-
-
-def pte_step(folder: Path):
+        session = ort.InferenceSession(str(folder / onnx_file), providers=["CPUExecutionProvider"])
+        return lambda ids: session.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})[0][0, -1]
     import torch
-    from executorch.runtime import Runtime
 
-    from export.executorch import merged_data_file  # merges base.ptd + adapters.ptd (one data file in Python)
+    from export.executorch import PteRunner
 
-    if json.loads((folder / "manifest.json").read_text())["export"]["quantize"] in ("8da4w", "8da8w"):
-        import executorch.kernels.quantized  # noqa: F401  (int8 embedding and dynamic quantisation kernels)
-    data = merged_data_file(folder) if (folder / "base.ptd").is_file() else None
-    method = Runtime.get().load_program(str(folder / "model.pte"), data_path=str(data) if data else None) \
-        .load_method("forward")
-    if data is not None:
-        data.unlink()  # loaded: the runtime keeps the data mapped
-    return lambda ids: method.execute([torch.tensor([ids], dtype=torch.long)])[0][0, -1].numpy()
+    runner = PteRunner(folder / "model.pte")
+    return lambda ids: runner(torch.tensor([ids], dtype=torch.long))[0, -1].numpy()
 
 
-def generate(step, prompt_ids: list[int], n: int, max_seq: int, eos: int | None) -> tuple[list[int], float]:
-    ids = list(prompt_ids)
-    start = time.perf_counter()
-    for _ in range(n):
-        logits = step(ids[-max_seq:])
-        nxt = int(np.argmax(logits))
-        ids.append(nxt)
-        if eos is not None and nxt == eos:
-            break
-    return ids[len(prompt_ids):], time.perf_counter() - start
+def run_kv(args, tokens: ExportTokenizer, prompt: list[int], name: str) -> list[int]:
+    gen = open_export(args.model_dir, name, args.onnx_file)
+    cfg = SamplingConfig(max_new_tokens=args.tokens, temperature=args.temperature, top_p=args.top_p,
+                         seed=args.seed)
+    print(f"[{name}] ", end="", flush=True)
+    new = []
+    for token in gen.stream(prompt, cfg):  # print the text as it grows (decoding all ids keeps UTF-8 intact)
+        before = tokens.decode(new)
+        new.append(token)
+        print(tokens.decode(new)[len(before):], end="", flush=True)
+    print(f"\n[{name}] {gen.stats}")
+    return new
+
+
+def run_kv_less(args, tokens: ExportTokenizer, prompt: list[int], name: str, max_seq: int) -> list[int]:
+    step = kv_less_step(args.model_dir, name, args.onnx_file)
+    ids, start = list(prompt), time.perf_counter()
+    for _ in range(args.tokens):
+        ids.append(int(np.argmax(step(ids[-max_seq:]))))
+    seconds = time.perf_counter() - start
+    new = ids[len(prompt):]
+    print(f"[{name}] {len(new) / seconds:.1f} tokens/s (no KV cache, greedy): {tokens.decode(new)!r}")
+    return new
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--prompt", default="The file")
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--tokens", type=int, default=32, help="at most this many new tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runtime", choices=("pte", "onnx", "both"), default="both")
     parser.add_argument("--onnx-file", default="model.onnx", help="model.onnx or model.int4.onnx")
     args = parser.parse_args()
-    manifest = json.loads((args.model_dir / "manifest.json").read_text())
-    max_seq = manifest["export"]["max_seq"]
-    tokens = Tokens(args.model_dir)
-    prompt = tokens.encode(args.prompt)
+    export = json.loads((args.model_dir / "manifest.json").read_text())["export"]
+    tokens = ExportTokenizer(args.model_dir)
+    prompt = tokens.chat([{"role": "user", "content": args.prompt}]) if args.chat else tokens.encode(args.prompt)
     runtimes = ("pte", "onnx") if args.runtime == "both" else (args.runtime,)
     outputs = {}
     for name in runtimes:
@@ -94,11 +89,11 @@ def main() -> int:
         if not path.is_file():
             print(f"{name}: no {path.name} in {args.model_dir}", file=sys.stderr)
             continue
-        step = pte_step(args.model_dir) if name == "pte" else onnx_step(path)
-        new, seconds = generate(step, prompt, args.tokens, max_seq, None)
-        outputs[name] = new
-        print(f"[{name}] {len(new) / seconds:.1f} tokens/s: {args.prompt}{tokens.decode(new)!r}")
-    if len(outputs) == 2:
+        if export.get("kv_cache"):
+            outputs[name] = run_kv(args, tokens, prompt, name)
+        else:
+            outputs[name] = run_kv_less(args, tokens, prompt, name, export["max_seq"])
+    if len(outputs) == 2 and args.temperature == 0:
         print("runtimes agree token for token:", outputs["pte"] == outputs["onnx"])
     return 0
 

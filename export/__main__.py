@@ -28,6 +28,10 @@ Formats (--format):
   all    both
   peft   Hugging Face PEFT LoRA adapters: the generalist (with the attention LoRA) in OUT, each specialist in
          OUT/specialist-N; each equals the model with every token on that expert (the router is not exported)
+  pte-train
+         ExecuTorch TRAINING program train.pte (joint forward + backward, XNNPACK, frozen base inside) with the
+         trainable adapter tensors in trainable.ptd keyed by parameter name; batches of --batch-size x --context
+         (train through it with `join --backend executorch --program OUT`)
 Subcommands:
   python -m export [--checkpoint ...]           export (this page)
   python -m export verify --help                re-run the parity checks of an export folder
@@ -39,12 +43,12 @@ CHECKPOINT_HELP = "device state folder (join --state), checkpoint folder, or tra
 def _formats(text: str) -> tuple[str, ...]:
     if text == "all":
         return FORMATS
-    if text == "peft":
-        return ("peft",)
+    if text in ("peft", "pte-train"):
+        return (text,)
     chosen = tuple(f.strip() for f in text.split(",") if f.strip())
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown or not chosen:
-        raise argparse.ArgumentTypeError(f"expected pte, onnx, all, pte,onnx or peft, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected pte, onnx, all, pte,onnx, peft or pte-train, got {text!r}")
     return chosen
 
 
@@ -66,8 +70,13 @@ def export_parser() -> argparse.ArgumentParser:
                         help="8da8w / 8da4w: int8 / int4 base weights with int8 dynamic activations in model.pte; "
                              "int4: an extra model.int4.onnx; adapters and routers stay fp32")
     parser.add_argument("--max-seq", type=int, default=512, help="the longest sequence the exported model accepts")
+    parser.add_argument("--kv-cache", action="store_true",
+                        help="prefill + decode programs over a static KV cache of --max-seq positions (Llama family; "
+                             "for export.generate and examples/phone_inference.py)")
     parser.add_argument("--data", type=Path, default=None, help="user folder whose test text is used to verify "
                         "(default: a built-in multilingual sample)")
+    parser.add_argument("--batch-size", type=int, default=8, help="pte-train: sequences per training batch")
+    parser.add_argument("--context", type=int, default=128, help="pte-train: tokens per training sequence")
     return parser
 
 
@@ -102,8 +111,11 @@ PARSERS = {"export": export_parser, "verify": verify_parser, "update-adapters": 
 def _export(args: argparse.Namespace) -> int:
     from .pipeline import ExportOptions, export_checkpoint
 
+    if args.format == ("pte-train",):
+        return _export_train(args)
     peft = args.format == ("peft",)  # PEFT adapters: export/peft.py (no program, no quantisation)
-    options = None if peft else ExportOptions(formats=args.format, quantize=args.quantize, max_seq=args.max_seq)
+    options = None if peft else ExportOptions(formats=args.format, quantize=args.quantize, max_seq=args.max_seq,
+                                              kv_cache=args.kv_cache)
     if not args.checkpoint.exists():
         raise SDKError(f"--checkpoint {args.checkpoint} does not exist ({CHECKPOINT_HELP})")
     if peft:
@@ -118,10 +130,28 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     claim_run_folder(args.out, EXPORT_OUT, {"checkpoint": str(args.checkpoint.resolve()), "formats": args.format,
                                             "quantize": args.quantize, "max_seq": args.max_seq,
-                                            "data": args.data}, args.overwrite)
+                                            "kv_cache": args.kv_cache, "data": args.data}, args.overwrite)
     results = export_checkpoint(args.checkpoint, args.out, options, args.data)["verification"]
     _print_results(results)
     print(json.dumps({"out": str(args.out), "ok": True}))
+    return 0
+
+
+def _export_train(args: argparse.Namespace) -> int:
+    from .train_program import export_train_checkpoint
+
+    if not args.checkpoint.exists():
+        raise SDKError(f"--checkpoint {args.checkpoint} does not exist ({CHECKPOINT_HELP})")
+    if args.quantize != "none":
+        raise SDKError("--quantize does not apply to pte-train: a training program keeps an fp32 base")
+    if args.batch_size < 1 or args.context < 2:
+        raise SDKError(f"--batch-size must be >= 1 and --context >= 2, got {args.batch_size} and {args.context}")
+    claim_run_folder(args.out, EXPORT_OUT, {"checkpoint": str(args.checkpoint.resolve()), "formats": args.format,
+                                            "batch_size": args.batch_size, "context": args.context},
+                     args.overwrite)
+    meta = export_train_checkpoint(args.checkpoint, args.out, args.batch_size, args.context)
+    print(json.dumps({"out": str(args.out), "ok": True, "seconds": meta.seconds,
+                      "parameters": len(meta.parameters)}))
     return 0
 
 

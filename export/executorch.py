@@ -61,13 +61,23 @@ def read_ptd(path: Path) -> dict[str, tuple[bytes, object]]:
 
 
 def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn.Parameter],
-               quantized: bool = False) -> dict:
+               quantized: bool = False, example_inputs: tuple | None = None,
+               dynamic_shapes: dict | None = None, program: str = PROGRAM,
+               cache_buffers: tuple[str, ...] = ()) -> dict:
     """Lower ``model`` (input_ids (1, T) -> logits) to ``out/model.pte`` + ``base.ptd`` + ``adapters.ptd``.
 
     Args:
-        model: a :class:`export.load.LogitsModel`.
+        model: a :class:`export.load.LogitsModel` (or a KV-cache form, :mod:`export.kv`, with its
+            ``example_inputs`` and ``dynamic_shapes``).
         adapters: ``{name: parameter}`` of every adapter tensor (names as in the adapter files); ``model`` must
             reach them as ``model.<name>``.
+        example_inputs, dynamic_shapes: for :func:`torch.export.export` (default: ``input_ids`` of dynamic length
+            2..max_seq).
+        program: the program's file name (its data files are ``base.ptd`` and ``adapters.ptd`` either way).
+        cache_buffers: name patterns of mutable buffers (a KV cache): their initial zeros are stored in the
+            program (ExecuTorch otherwise leaves mutated buffers uninitialised, and a NaN bit pattern there would
+            survive masking: 0 * NaN), and their updates run in place (without the reinplace pass every call
+            copies the whole cache twice).
 
     Returns:
         ``{"file", "seconds", "adapter_keys"}``.
@@ -91,8 +101,8 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
 
     real = {name: p.detach().clone() for name, p in adapters.items()}
     generator = torch.Generator().manual_seed(20240611)
-    example = torch.zeros(1, min(16, max_seq), dtype=torch.long)
-    dims = {"input_ids": {1: torch.export.Dim("seq", min=2, max=max_seq)}}
+    example = example_inputs or (torch.zeros(1, min(16, max_seq), dtype=torch.long),)
+    dims = dynamic_shapes or {"input_ids": {1: torch.export.Dim("seq", min=2, max=max_seq)}}
     start = time.perf_counter()
     try:
         with torch.no_grad():
@@ -101,13 +111,17 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
             stand_in = {_digest(p): name for name, p in adapters.items()}
             if len(stand_in) != len(adapters):
                 raise ExportError("adapter stand-ins collided; retry the export")
-            unlifted = torch.export.export(model, (example,), dynamic_shapes=dims).module()
+            unlifted = torch.export.export(model, example, dynamic_shapes=dims).module()
             delegate_external_constants_pass_unlifted(unlifted, tag)
-            program = torch.export.export(unlifted, (example,), dynamic_shapes=dims)
+            exported = torch.export.export(unlifted, example, dynamic_shapes=dims)
             log.info("ExecuTorch: graph captured in %.0f s; lowering to XNNPACK...", time.perf_counter() - start)
-            lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
             log.info("ExecuTorch: lowered in %.0f s so far; writing the program...", time.perf_counter() - start)
-            et = lowered.to_executorch(ExecutorchBackendConfig(external_constants=tag,
+            from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+            passes = [InitializedMutableBufferPass(list(cache_buffers))] if cache_buffers else []
+            et = lowered.to_executorch(ExecutorchBackendConfig(external_constants=tag, passes=passes,
+                                                               run_reinplace_pass=bool(cache_buffers),
                                                                do_quant_fusion_and_const_prop=quantized))
             data = {name: bytes(cord) for name, cord in et._tensor_data.items()}
     except ExportError:
@@ -130,7 +144,7 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
     if missing:
         raise ExportError(f"{len(missing)} adapter tensor(s) were not stored in the adapters data file, e.g. "
                           f"{missing[:2]} (folded into other constants during lowering)")
-    (out / PROGRAM).write_bytes(et.buffer)
+    (out / program).write_bytes(et.buffer)
     atomic_write_bytes(out / BASE_DATA, data["base"])
     layouts = {name: adapter_blobs[key][1] for name, key in keys.items()}
     (out / ADAPTER_KEYS).write_text(json.dumps(keys, indent=0, sort_keys=True))
@@ -138,8 +152,8 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
                                                   for name, key in keys.items()}))
     write_adapters(out, real)
     seconds = time.perf_counter() - start
-    log.info("wrote %s, %s and %s in %.1f s", PROGRAM, BASE_DATA, ADAPTER_DATA, seconds)
-    return {"file": PROGRAM, "seconds": seconds, "data_files": [BASE_DATA, ADAPTER_DATA]}
+    log.info("wrote %s, %s and %s in %.1f s", program, BASE_DATA, ADAPTER_DATA, seconds)
+    return {"file": program, "seconds": seconds, "data_files": [BASE_DATA, ADAPTER_DATA]}
 
 
 def read_ptd_bytes(data: bytes) -> dict[str, tuple[bytes, object]]:

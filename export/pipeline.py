@@ -14,7 +14,7 @@ import numpy as np
 from device_sdk.data import load_user_data
 from device_sdk.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
-from .errors import ExportError
+from .errors import ExportError, VerificationError
 from .load import Personalized, load_personalized
 from .verify import SAMPLE_TEXT, Tolerance, compare, require
 
@@ -33,11 +33,14 @@ QUANTIZED_TOL = Tolerance(max_abs_logit_diff=float("inf"), min_argmax_agreement=
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """What to export. ``formats`` from :data:`FORMATS`; ``max_seq`` the longest accepted sequence."""
+    """What to export. ``formats`` from :data:`FORMATS`; ``max_seq`` the longest accepted sequence; ``kv_cache``:
+    prefill + decode programs over a static cache of ``max_seq`` positions (export/kv.py) instead of full-sequence
+    ones."""
 
     formats: tuple[str, ...] = FORMATS
     quantize: str = "none"
     max_seq: int = 512
+    kv_cache: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -93,6 +96,52 @@ def runner_for(path: Path):
     return OnnxRunner(path)
 
 
+#: What a KV-cache export's files take and return (the ONNX model adds its cache; see export/kv_export.py).
+KV_SIGNATURE = {"inputs": {"input_ids": "int64 (1, seq), 1 <= seq <= max_seq",
+                           "input_pos": "int64 (1,): position of the first token",
+                           "past_key.i / past_value.i": "float32 (1, kv_heads, max_seq, head_dim), ONNX only"},
+                "outputs": {"logits": "float32 (1, 1, vocab): the last token's",
+                            "present_key.i / present_value.i": "ONNX only, the updated cache"}}
+
+
+def check_file(loaded: Personalized, path: Path, tokens: np.ndarray, seq_lens: tuple[int, ...], limits: Tolerance,
+               kv_cache: bool, max_seq: int):
+    """Verify one exported file against the PyTorch model (a KV-cache file through prefill and decode calls)."""
+    if kv_cache:
+        from .kv_export import kv_runner
+        from .verify import compare_kv
+
+        return compare_kv(loaded.model, kv_runner(path, max_seq), tokens, path.name, seq_lens=seq_lens, tol=limits)
+    return compare(loaded.model, runner_for(path), tokens, path.name, seq_lens=seq_lens, tol=limits)
+
+
+#: Greedy generation check of fp32 KV-cache files: this many prompts (cut from the verification text) of
+#: GREEDY_PROMPT tokens, continued by GREEDY_TOKENS tokens each, must equal Hugging Face ``generate``.
+GREEDY_PROMPTS, GREEDY_PROMPT, GREEDY_TOKENS = 3, 12, 16
+
+
+def check_greedy(loaded: Personalized, path: Path, tokens: np.ndarray, max_seq: int) -> dict:
+    """Greedy continuations by the exported KV-cache file equal Hugging Face ``generate`` token for token.
+
+    Raises:
+        VerificationError: if any continuation differs (the prompt and token index are in the message).
+    """
+    from .kv_export import kv_runner
+    from .verify import greedy_parity
+
+    n = min(GREEDY_TOKENS, max_seq - GREEDY_PROMPT)
+    step = max(1, (len(tokens) - GREEDY_PROMPT) // GREEDY_PROMPTS)
+    prompts = [tokens[i * step : i * step + GREEDY_PROMPT].tolist() for i in range(GREEDY_PROMPTS)]
+    log.info("checking greedy generation of %s against Hugging Face generate...", path.name)
+    result = greedy_parity(loaded.model.model, kv_runner(path, max_seq), prompts, n)
+    if result["equal"] != result["prompts"]:
+        prompt, token = result["first_difference"]
+        raise VerificationError(f"{path.name}: greedy generation differs from Hugging Face generate for "
+                                f"{result['prompts'] - result['equal']} of {result['prompts']} prompts (first at "
+                                f"prompt {prompt}, new token {token})")
+    return result
+
+
 def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data: Path | None = None,
                       tol: Tolerance = Tolerance()) -> dict:
     """Export, verify and describe a personalised model. Returns the manifest (also written to ``out``).
@@ -111,7 +160,13 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
         from .executorch import export_pte
 
         program_model, adapters = loaded.model, loaded.adapter_parameters()
-        if options.quantize in PTE_QUANTIZE:
+        if options.kv_cache:
+            from .kv_export import export_kv_pte
+
+            log.info("lowering the KV-cache program to ExecuTorch (XNNPACK)...")
+            exports["pte"] = export_kv_pte(loaded.model.model, out, options.max_seq,
+                                           options.quantize if options.quantize in PTE_QUANTIZE else "none")
+        elif options.quantize in PTE_QUANTIZE:
             from device_sdk.parts import iter_role_parameters
 
             from .quantize import quantize_program
@@ -120,15 +175,21 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
             adapters = {name: p for name, p, _ in iter_role_parameters(program_model.model)}
             log.info("%s: %d base linears, %d embedding(s) int8", options.quantize, counts["linears"],
                      counts["embeddings"])
-        log.info("lowering to ExecuTorch (XNNPACK)... this takes a few minutes on a real model")
-        exports["pte"] = export_pte(program_model, out, options.max_seq, adapters,
-                                    quantized=options.quantize in PTE_QUANTIZE)
+        if not options.kv_cache:
+            log.info("lowering to ExecuTorch (XNNPACK)... this takes a few minutes on a real model")
+            exports["pte"] = export_pte(program_model, out, options.max_seq, adapters,
+                                        quantized=options.quantize in PTE_QUANTIZE)
         files.append(out / "model.pte")
     if "onnx" in options.formats:
         from .onnx import export_onnx
 
         log.info("exporting to ONNX... this takes a minute or two on a real model")
-        exports["onnx"] = export_onnx(loaded.model, out / "model.onnx", options.max_seq)
+        if options.kv_cache:
+            from .kv_export import export_kv_onnx
+
+            exports["onnx"] = export_kv_onnx(loaded.model.model, out / "model.onnx", options.max_seq)
+        else:
+            exports["onnx"] = export_onnx(loaded.model, out / "model.onnx", options.max_seq)
         files.append(out / "model.onnx")
         if options.quantize == "int4":
             from .onnx import quantize_int4
@@ -144,11 +205,13 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
         quantized = ".int4." in path.name or (path.suffix == ".pte" and options.quantize in PTE_QUANTIZE)
         limits = QUANTIZED_TOL if quantized else tol
         log.info("verifying %s against PyTorch...", path.name)
-        result = compare(loaded.model, runner_for(path), tokens, path.name, seq_lens=seq_lens, tol=limits)
+        result = check_file(loaded, path, tokens, seq_lens, limits, options.kv_cache, options.max_seq)
         log.info("%s: max |logit diff| %.2e, argmax agreement %.4f, ppl %.4f vs %.4f", path.name,
                  result.max_abs_logit_diff, result.argmax_agreement, result.ppl_exported, result.ppl_pytorch)
         require(result, limits)
         verification[path.name] = result.to_dict()
+        if options.kv_cache and not quantized:
+            verification[path.name]["greedy"] = check_greedy(loaded, path, tokens, options.max_seq)
     tokenizer_files = save_tokenizer(loaded.tokenizer, out)
     data_files = exports.get("pte", {}).get("data_files", []) + (["adapter_keys.json"] if "pte" in exports else [])
     manifest = {
@@ -159,7 +222,10 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
         "round": loaded.info.get("round"),
         "global_version": loaded.info.get("global_version"),
         "export": {"formats": list(options.formats), "quantize": options.quantize, "max_seq": options.max_seq,
-                   "inputs": {"input_ids": "int64 (batch, seq)"}, "outputs": {"logits": "float32 (batch, seq, vocab)"},
+                   **(KV_SIGNATURE if options.kv_cache else
+                      {"inputs": {"input_ids": "int64 (batch, seq)"},
+                       "outputs": {"logits": "float32 (batch, seq, vocab)"}}),
+                   "kv_cache": options.kv_cache,
                    "pte_batch": 1, **{f"{k}_seconds": v["seconds"] for k, v in exports.items()}},
         "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
                   for p in [*files, *(out / f for f in data_files), *(out / f for f in tokenizer_files)]},
@@ -182,9 +248,14 @@ def verify_export(checkpoint: Path, out: Path, data: Path | None = None, tol: To
         if path.is_file():
             quantized = ".int4." in name or (name == "model.pte" and pte_quantized)
             limits = QUANTIZED_TOL if quantized else tol
-            result = compare(loaded.model, runner_for(path), tokens, name, tol=limits)
+            export = manifest.get("export", {})
+            seq_lens = tuple(t for t in (16, 64) if t <= export.get("max_seq", 64))
+            result = check_file(loaded, path, tokens, seq_lens, limits, bool(export.get("kv_cache")),
+                                export.get("max_seq", 512))
             require(result, limits)
             results[name] = result.to_dict()
+            if export.get("kv_cache") and not quantized:
+                results[name]["greedy"] = check_greedy(loaded, path, tokens, export["max_seq"])
     if not results:
         raise ExportError(f"{out} holds no model.pte or model.onnx")
     return results

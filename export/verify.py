@@ -97,6 +97,11 @@ def compare(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], token
             nll_exp += F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum").item()
     if total == 0:
         raise VerificationError(f"not enough text to verify: {len(tokens)} tokens, need {min(seq_lens) + 1}")
+    return _result(target, used, total, max_diff, agree, nll_ref, nll_exp, tol)
+
+
+def _result(target: str, used: list[int], total: int, max_diff: float, agree: int, nll_ref: float, nll_exp: float,
+            tol: Tolerance) -> VerifyResult:
     result = VerifyResult(target, used, total, max_diff, agree / total, math.exp(nll_ref / total),
                           math.exp(nll_exp / total), passed=False)
     result.passed = (result.max_abs_logit_diff <= tol.max_abs_logit_diff
@@ -113,3 +118,75 @@ def require(result: VerifyResult, tol: Tolerance = Tolerance()) -> None:
             f"(limit {tol.max_abs_logit_diff}), argmax agreement {result.argmax_agreement:.4f} "
             f"(limit {tol.min_argmax_agreement}), perplexity {result.ppl_exported:.4f} vs {result.ppl_pytorch:.4f} "
             f"(relative limit {tol.max_ppl_rel_diff})")
+
+
+@torch.no_grad()
+def compare_kv(model: nn.Module, runner, tokens: np.ndarray, target: str, seq_lens: tuple[int, ...] = (16, 64),
+               windows: int = 4, tol: Tolerance = Tolerance()) -> VerifyResult:
+    """Parity of a KV-cache model (:mod:`export.kv_export`) with the full-sequence PyTorch ``model``.
+
+    Each window of ``n`` tokens is run as a generation would: its first ``n // 2`` tokens in one prefill call,
+    then the rest one decode call each; the logits of the prefill's last token and of every decoded token are
+    compared with ``model``'s logits at the same positions (and give the perplexity of the tokens that follow).
+
+    Args:
+        model: the PyTorch model (input_ids (1, n) -> logits (1, n, V)).
+        runner: a :class:`export.kv_export.KVRunner` (``reset()``, ``runner(ids (1, T), pos) -> (V,)``).
+        tokens: a token stream of real text, at least ``min(seq_lens) + 1`` tokens long.
+    """
+    max_diff, agree, total = 0.0, 0, 0
+    nll_ref, nll_exp = 0.0, 0.0
+    used = []
+    for length in seq_lens:
+        batches = _windows(tokens, length, windows)
+        if not batches:
+            continue
+        used.append(length)
+        for window in batches:
+            x, prefill = window[:, :-1], length // 2
+            ref = model(x)[0, prefill - 1 :].float()  # (n - p + 1, V)
+            runner.reset()
+            out = [runner(x[:, :prefill], 0)]
+            out += [runner(x[:, i : i + 1], i) for i in range(prefill, length)]
+            out = torch.stack(out).float()
+            y = window[0, prefill:]
+            max_diff = max(max_diff, (ref - out).abs().max().item())
+            agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
+            total += y.numel()
+            nll_ref += F.cross_entropy(ref, y, reduction="sum").item()
+            nll_exp += F.cross_entropy(out, y, reduction="sum").item()
+    if total == 0:
+        raise VerificationError(f"not enough text to verify: {len(tokens)} tokens, need {min(seq_lens) + 1}")
+    return _result(target, used, total, max_diff, agree, nll_ref, nll_exp, tol)
+
+
+@torch.no_grad()
+def greedy_parity(model: nn.Module, runner, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Greedy continuations of ``prompts`` by a KV-cache runner against Hugging Face ``generate`` (greedy, with its
+    own KV cache) on the PyTorch model.
+
+    Args:
+        model: the HF causal LM (``Personalized.model.model``).
+        runner: a :class:`export.kv_export.KVRunner`.
+        prompts: token id lists; each prompt plus ``new_tokens`` must fit the runner's cache.
+
+    Returns:
+        ``{"prompts", "new_tokens", "equal" (prompts continued identically), "first_difference"}``, the last a
+        ``[prompt index, token index]`` or ``None``.
+    """
+    from .generate import Generator, SamplingConfig
+
+    generator, equal, first = Generator(runner), 0, None
+    cfg = SamplingConfig(max_new_tokens=new_tokens, stop_tokens=())
+    pad = getattr(model.config, "pad_token_id", None)
+    pad = getattr(model.config, "eos_token_id", 0) if pad is None else pad
+    for i, prompt in enumerate(prompts):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, use_cache=True, pad_token_id=pad)
+        expected = out[0, len(prompt):].tolist()
+        got = generator.generate(prompt, cfg)
+        if got == expected:
+            equal += 1
+        elif first is None:
+            first = [i, next(j for j, (a, b) in enumerate(zip(got, expected)) if a != b)]
+    return {"prompts": len(prompts), "new_tokens": new_tokens, "equal": equal, "first_difference": first}

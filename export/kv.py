@@ -1,0 +1,168 @@
+"""KV-cache forms of a personalised Llama-family model (SmolLM2): prefill of a dynamic number of tokens and decode
+of one token over a static cache of ``max_seq`` positions, routers and top-k gating inside the graph.
+
+The decoder layers' own modules run unchanged (LoRA attention projections, RMSNorms, the routed LoRA-MoE MLP);
+only the attention core is written here, because it reads and writes the cache:
+
+* :class:`KVCacheLM` keeps the cache as module buffers and updates them in place (``index_copy_`` at
+  ``input_pos + arange(T)``): ExecuTorch plans them as mutable buffers that persist between calls.
+* :class:`FunctionalKVLM` takes the cache as inputs and returns the updated cache (ONNX: ``past_key.i`` /
+  ``past_value.i`` in, ``present_key.i`` / ``present_value.i`` out).
+
+Both return the logits of the last position only (generation needs nothing else; the output projection over a
+49k vocabulary would otherwise cost as much as a layer per prompt token).
+
+Attention groups the query heads by their key/value head instead of repeating the cache (GQA): with ``G = H /
+H_kv`` the queries of one KV head form a (G*T, d) block, so no copy of the cache is made per step.
+
+Shapes: ``T`` new tokens, ``S = max_seq`` cache positions, ``H`` query heads, ``H_kv`` key/value heads, ``d`` head
+width, ``V`` vocabulary, ``L`` layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import ExportError
+
+
+def _llama_parts(model: nn.Module) -> nn.Module:
+    """The inner ``LlamaModel`` of a Llama-family causal LM, or a clear error."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head") \
+            or not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "q_proj") for layer in layers):
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ExportError(f"KV-cache programs support the Llama family (SmolLM2, tiny-llama); this model is "
+                          f"{kind!r}. Export it without --kv-cache")
+    return inner
+
+
+def cache_shape(model: nn.Module, max_seq: int) -> tuple[int, int, int, int]:
+    """``(1, H_kv, S, d)``: the shape of one layer's key (or value) cache."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 1, cfg.num_key_value_heads, max_seq, head_dim
+
+
+class _KVBase(nn.Module):
+    """The shared forward; subclasses say where the cache lives (``self.model`` is the HF causal LM, so that
+    parameter names are those of :class:`export.load.LogitsModel`)."""
+
+    def __init__(self, model: nn.Module, max_seq: int) -> None:
+        super().__init__()
+        if max_seq < 2:
+            raise ExportError(f"max_seq must be at least 2, got {max_seq}")
+        _llama_parts(model)
+        self.model = model
+        self.max_seq = max_seq
+        cfg = model.config
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = cache_shape(model, max_seq)[-1]
+
+    def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        """One layer's attention over the cache: (1, T, D) -> (1, T, D); writes the T new keys and values."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        t = x.shape[1]
+        g = self.n_heads // self.n_kv
+        q = attn.q_proj(x).view(1, t, self.n_heads, self.head_dim).transpose(1, 2)  # (1, H, T, d)
+        k = attn.k_proj(x).view(1, t, self.n_kv, self.head_dim).transpose(1, 2)  # (1, H_kv, T, d)
+        v = attn.v_proj(x).view(1, t, self.n_kv, self.head_dim).transpose(1, 2)  # (1, H_kv, T, d)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        keys, values = self._update(layer, positions, k, v)  # (1, H_kv, S, d) each
+        # query head h reads KV head h // G (HF's repeat_kv): group the G heads of each KV head as rows
+        q = q.reshape(1, self.n_kv, g * t, self.head_dim)  # (1, H_kv, G*T, d)
+        scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + mask  # (1, H_kv, G*T, S)
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, values)  # (1, H_kv, G*T, d)
+        out = out.view(1, self.n_kv, g, t, self.head_dim).permute(0, 3, 1, 2, 4)  # (1, T, H_kv, G, d)
+        out = out.contiguous().view(1, t, self.n_heads * self.head_dim)  # (1, T, H*d)
+        return attn.o_proj(out)
+
+    def _update(self, layer: int, positions: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _logits(self, input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """(1, T) tokens at positions ``input_pos[0] + 0..T-1`` -> (1, 1, V) logits of the last one."""
+        inner = self.model.model
+        t = input_ids.shape[1]
+        positions = input_pos + torch.arange(t, dtype=torch.long)  # (T,)
+        h = inner.embed_tokens(input_ids)  # (1, T, D)
+        cos, sin = inner.rotary_emb(h, positions[None])  # (1, T, d) each
+        seen = torch.arange(self.max_seq, dtype=torch.long)[None, :] <= positions[:, None]  # (T, S)
+        g = self.n_heads // self.n_kv
+        mask = torch.where(seen, 0.0, float("-inf")).repeat(g, 1)  # (G*T, S): rows as in the grouped queries
+        for i, layer in enumerate(inner.layers):
+            h = h + self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin, mask, i, positions)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(inner.norm(h[:, -1:]))  # (1, 1, V)
+
+
+class KVCacheLM(_KVBase):
+    """``(input_ids (1, T) int64, input_pos (1,) int64) -> logits (1, 1, V)``, cache in buffers (ExecuTorch).
+
+    ``input_pos`` is the position of the first of the T tokens; the caller keeps ``input_pos + T <= max_seq``.
+    A prefill is one call at position 0, each decode step a call with T = 1 at the next position.
+    """
+
+    def __init__(self, model: nn.Module, max_seq: int) -> None:
+        super().__init__(model, max_seq)
+        shape = cache_shape(model, max_seq)
+        for i in range(self.n_layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
+    def _update(self, layer, positions, k, v):
+        keys, values = getattr(self, f"k_cache_{layer}"), getattr(self, f"v_cache_{layer}")
+        keys.index_copy_(2, positions, k)
+        values.index_copy_(2, positions, v)
+        return keys, values
+
+    def reset(self) -> None:
+        """Zero the cache (not needed between generations: positions past ``input_pos`` are masked)."""
+        for name, buf in self.named_buffers():
+            if "_cache_" in name:
+                buf.zero_()
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self._logits(input_ids, input_pos)
+
+
+class FunctionalKVLM(_KVBase):
+    """``(input_ids (1, T), input_pos (1,), [k_0, v_0, ..., k_{L-1}, v_{L-1}]) -> (logits (1, 1, V), k_0', v_0', ...)``
+    with every cache tensor (1, H_kv, S, d): the cache passes through as inputs and outputs (ONNX)."""
+
+    def __init__(self, model: nn.Module, max_seq: int) -> None:
+        super().__init__(model, max_seq)
+        self._past: list[torch.Tensor] = []
+        self._present: list[torch.Tensor] = []
+
+    def _update(self, layer, positions, k, v):
+        keys = self._past[2 * layer].index_copy(2, positions, k)
+        values = self._past[2 * layer + 1].index_copy(2, positions, v)
+        self._present += [keys, values]
+        return keys, values
+
+    def empty_cache(self) -> list[torch.Tensor]:
+        """``2 L`` zero tensors (1, H_kv, S, d): the cache before the first call."""
+        return [torch.zeros(cache_shape(self.model, self.max_seq)) for _ in range(2 * self.n_layers)]
+
+    def cache_names(self, prefix: str) -> list[str]:
+        """``[f"{prefix}_key.0", f"{prefix}_value.0", ...]``, in argument order."""
+        return [f"{prefix}_{kind}.{i}" for i in range(self.n_layers) for kind in ("key", "value")]
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: list[torch.Tensor]):
+        if len(cache) != 2 * self.n_layers:
+            raise ExportError(f"expected {2 * self.n_layers} cache tensors (key and value per layer), got {len(cache)}")
+        self._past, self._present = list(cache), []
+        try:
+            logits = self._logits(input_ids, input_pos)
+            return (logits, *self._present)
+        finally:
+            self._past, self._present = [], []
