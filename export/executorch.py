@@ -206,21 +206,26 @@ def merged_data_file(program_dir: Path) -> Path:
     return path
 
 
+def load_forward(program: Path):
+    """The ``forward`` method of an exported program on the ExecuTorch Python runtime, with the base and adapter
+    data files beside it (merged into one temporary file for the Python loader) when there are any."""
+    import executorch.kernels.quantized  # noqa: F401  (kernels of 8da4w / 8da8w programs)
+    from executorch.runtime import Runtime
+
+    program = Path(program)
+    data = merged_data_file(program.parent) if (program.parent / BASE_DATA).is_file() else None
+    try:
+        return Runtime.get().load_program(str(program), data_path=str(data) if data else None).load_method("forward")
+    finally:
+        if data is not None:  # the runtime holds the data mapped; the merged copy need not stay on disk
+            data.unlink(missing_ok=True)
+
+
 class PteRunner:
     """Runs an exported program with the ExecuTorch Python runtime: ``(1, T) int64 -> (1, T, V) float32``."""
 
     def __init__(self, program: Path) -> None:
-        import executorch.kernels.quantized  # noqa: F401  (kernels of 8da4w / 8da8w programs)
-        from executorch.runtime import Runtime
-
-        program = Path(program)
-        data = merged_data_file(program.parent) if (program.parent / BASE_DATA).is_file() else None
-        try:
-            self.method = Runtime.get().load_program(str(program), data_path=str(data) if data else None) \
-                .load_method("forward")
-        finally:
-            if data is not None:  # the runtime holds the data mapped; the merged copy need not stay on disk
-                data.unlink(missing_ok=True)
+        self.method = load_forward(program)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[0] != 1:

@@ -132,19 +132,9 @@ class PteKV:
     """A KV-cache ``model.pte`` on the ExecuTorch Python runtime (base and adapter data loaded beside it)."""
 
     def __init__(self, program: Path, max_seq: int) -> None:
-        import executorch.kernels.quantized  # noqa: F401  (kernels of 8da4w / 8da8w programs)
-        from executorch.runtime import Runtime
+        from .executorch import load_forward
 
-        from .executorch import BASE_DATA, merged_data_file
-
-        program = Path(program)
-        data = merged_data_file(program.parent) if (program.parent / BASE_DATA).is_file() else None
-        try:
-            self.method = Runtime.get().load_program(str(program), data_path=str(data) if data else None) \
-                .load_method("forward")
-        finally:
-            if data is not None:  # the runtime holds the data; the merged copy need not stay on disk
-                data.unlink(missing_ok=True)
+        self.method = load_forward(program)
         self.max_seq = max_seq
 
     def reset(self) -> None:
@@ -159,12 +149,9 @@ class OnnxKV:
     """A KV-cache ``.onnx`` on onnxruntime; the cache arrays are kept here between calls."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from .onnx import cpu_session
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads)
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.past = [n for n in inputs if n.startswith("past_")]
         if "input_pos" not in inputs or not self.past:

@@ -45,16 +45,21 @@ def export_onnx(model: nn.Module, path: Path, max_seq: int, max_batch: int = 64)
     return {"file": path.name, "seconds": seconds}
 
 
+def cpu_session(path: Path, threads: int | None = None):
+    """An onnxruntime CPU session of ``path`` (``threads``: intra-op threads; ``None``: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxRunner:
     """Runs an exported ``.onnx`` file with onnxruntime: ``(B, T) int64 -> (B, T, V) float32``."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {"input_ids": input_ids.numpy()})[0])

@@ -78,9 +78,7 @@ def compare(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], token
         run: the exported model's runner, same signature.
         tokens: a token stream of real text, at least ``max(seq_lens) + 1`` tokens long.
     """
-    max_diff, agree, total = 0.0, 0, 0
-    nll_ref, nll_exp = 0.0, 0.0
-    used = []
+    tally, used = _Tally(), []
     for length in seq_lens:
         batches = _windows(tokens, length, windows)
         if not batches:
@@ -88,26 +86,43 @@ def compare(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], token
         used.append(length)
         for window in batches:
             x, y = window[:, :-1], window[:, 1:]
-            ref = model(x).float()
-            out = run(x).float()
-            max_diff = max(max_diff, (ref - out).abs().max().item())
-            agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
-            total += y.numel()
-            nll_ref += F.cross_entropy(ref.flatten(0, 1), y.flatten(), reduction="sum").item()
-            nll_exp += F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum").item()
-    if total == 0:
-        raise VerificationError(f"not enough text to verify: {len(tokens)} tokens, need {min(seq_lens) + 1}")
-    return _result(target, used, total, max_diff, agree, nll_ref, nll_exp, tol)
+            tally.add(model(x).float().flatten(0, 1), run(x).float().flatten(0, 1), y.flatten())
+    return tally.result(target, used, len(tokens), seq_lens, tol)
 
 
-def _result(target: str, used: list[int], total: int, max_diff: float, agree: int, nll_ref: float, nll_exp: float,
-            tol: Tolerance) -> VerifyResult:
-    result = VerifyResult(target, used, total, max_diff, agree / total, math.exp(nll_ref / total),
-                          math.exp(nll_exp / total), passed=False)
-    result.passed = (result.max_abs_logit_diff <= tol.max_abs_logit_diff
-                     and result.argmax_agreement >= tol.min_argmax_agreement
-                     and result.ppl_rel_diff <= tol.max_ppl_rel_diff)
-    return result
+@dataclass
+class _Tally:
+    """Running parity statistics of exported logits against PyTorch's over the predicted tokens."""
+
+    max_diff: float = 0.0
+    agree: int = 0
+    total: int = 0
+    nll_ref: float = 0.0
+    nll_exp: float = 0.0
+
+    def add(self, ref: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        """``ref``, ``out``: (n, V) float logits of the same n positions; ``y``: (n,) the tokens that follow."""
+        self.max_diff = max(self.max_diff, (ref - out).abs().max().item())
+        self.agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
+        self.total += y.numel()
+        self.nll_ref += F.cross_entropy(ref, y, reduction="sum").item()
+        self.nll_exp += F.cross_entropy(out, y, reduction="sum").item()
+
+    def result(self, target: str, used: list[int], n_tokens: int, seq_lens: tuple[int, ...],
+               tol: Tolerance) -> VerifyResult:
+        """The verdict against ``tol``.
+
+        Raises:
+            VerificationError: if no window fitted the ``n_tokens`` of text.
+        """
+        if self.total == 0:
+            raise VerificationError(f"not enough text to verify: {n_tokens} tokens, need {min(seq_lens) + 1}")
+        result = VerifyResult(target, used, self.total, self.max_diff, self.agree / self.total,
+                              math.exp(self.nll_ref / self.total), math.exp(self.nll_exp / self.total), passed=False)
+        result.passed = (result.max_abs_logit_diff <= tol.max_abs_logit_diff
+                         and result.argmax_agreement >= tol.min_argmax_agreement
+                         and result.ppl_rel_diff <= tol.max_ppl_rel_diff)
+        return result
 
 
 def require(result: VerifyResult, tol: Tolerance = Tolerance()) -> None:
@@ -134,9 +149,7 @@ def compare_kv(model: nn.Module, runner, tokens: np.ndarray, target: str, seq_le
         runner: a :class:`export.kv_export.KVRunner` (``reset()``, ``runner(ids (1, T), pos) -> (V,)``).
         tokens: a token stream of real text, at least ``min(seq_lens) + 1`` tokens long.
     """
-    max_diff, agree, total = 0.0, 0, 0
-    nll_ref, nll_exp = 0.0, 0.0
-    used = []
+    tally, used = _Tally(), []
     for length in seq_lens:
         batches = _windows(tokens, length, windows)
         if not batches:
@@ -148,16 +161,8 @@ def compare_kv(model: nn.Module, runner, tokens: np.ndarray, target: str, seq_le
             runner.reset()
             out = [runner(x[:, :prefill], 0)]
             out += [runner(x[:, i : i + 1], i) for i in range(prefill, length)]
-            out = torch.stack(out).float()
-            y = window[0, prefill:]
-            max_diff = max(max_diff, (ref - out).abs().max().item())
-            agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
-            total += y.numel()
-            nll_ref += F.cross_entropy(ref, y, reduction="sum").item()
-            nll_exp += F.cross_entropy(out, y, reduction="sum").item()
-    if total == 0:
-        raise VerificationError(f"not enough text to verify: {len(tokens)} tokens, need {min(seq_lens) + 1}")
-    return _result(target, used, total, max_diff, agree, nll_ref, nll_exp, tol)
+            tally.add(ref, torch.stack(out).float(), window[0, prefill:])
+    return tally.result(target, used, len(tokens), seq_lens, tol)
 
 
 @torch.no_grad()
