@@ -199,3 +199,15 @@ def forced_expert(model: nn.Module, expert: int) -> Iterator[nn.Module]:
     finally:
         for b, previous in zip(blocks, before):
             b.forced_expert = previous
+
+
+def use_export_form(model: nn.Module) -> nn.Module:
+    """Switch every routed MLP block of ``model`` to the export form and return it.
+
+    The model then computes the same function (to float tolerance) from ops an exported graph can delegate as a
+    whole: every expert on every token weighted by its dense gate (zero outside the top k), each expert with its own
+    LoRA weights (so each adapter tensor keeps its own key in a program's data file), no data-dependent shapes.
+    """
+    for block in routed_blocks(model):
+        block.use_export_form()
+    return model

@@ -103,6 +103,24 @@ def top_k_gates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return gates, indices
 
 
+def dense_gates(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The gates of :func:`top_k_gates` alone: (..., E) -> (..., E), zero outside the top k.
+
+    With ``k == E`` they are a plain softmax, computed as one: no top-k, scatter or gather in an exported graph,
+    whose partitioner (XNNPACK) delegates softmax but not those.
+    """
+    if k == logits.shape[-1]:
+        return logits.float().softmax(dim=-1)
+    return top_k_gates(logits, k)[0]
+
+
+def constant_weight(value: torch.Tensor) -> nn.Parameter:
+    """A constant used as the weight of ``F.linear`` in an exported graph: a frozen parameter without role (part of
+    the base). Not a buffer: XNNPACK (executorch 1.x) computes a linear whose weight is a buffer wrongly (errors of
+    order 1 against eager), while a parameter weight is exact and delegated whole."""
+    return nn.Parameter(value, requires_grad=False)
+
+
 def fixed_gates(logits: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every token on one expert with gate 1 (see :func:`device_sdk.inject.forced_expert`).
 
@@ -124,11 +142,14 @@ class Routing:
 
     Attributes:
         gates: (B, T, E) dense gate weights.
-        indices: (B, T, k) selected experts.
+        indices: (B, T, k) selected experts; ``None`` in the export form, where every expert runs on every token
+            weighted by its gate.
+        columns: the export form's gates, one (B, T, 1) tensor per expert.
     """
 
     gates: torch.Tensor
-    indices: torch.Tensor
+    indices: torch.Tensor | None
+    columns: list[torch.Tensor] | None = None
 
 
 class RoutingSlot:
@@ -147,7 +168,8 @@ class LoRAMoELinear(nn.Module):
 
     Experts are ordered generalists first, then specialists. The gates come from the enclosing block's router
     through ``slot``. Dense mode computes all experts as one concatenated rank-``E*r`` LoRA with the gates applied
-    on the low-rank activations; sparse mode runs each expert only on the tokens routed to it.
+    on the low-rank activations; sparse mode runs each expert only on the tokens routed to it; the export form
+    (routing without indices) runs each expert's own A and B on every token and weights it by its gate.
     """
 
     def __init__(
@@ -166,7 +188,6 @@ class LoRAMoELinear(nn.Module):
         self.scale = scale
         self.rank = rank
         self.sparse = sparse
-        self.fused = True  # dense mode: one concatenated matmul (training); False: one per expert (export)
         self._slot = slot
         roles = [Role.GENERALIST] * n_generalists + [Role.SPECIALIST] * n_specialists
         self.experts = nn.ModuleList(LoRAExpert(d_in, d_out, rank, role) for role in roles)
@@ -181,19 +202,11 @@ class LoRAMoELinear(nn.Module):
 
     def low_rank_in(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's ``A_e x``: (..., D_in) -> (..., E, r)."""
-        if not self.fused:  # every expert's A stays a separate weight in an exported graph
-            return torch.stack([F.linear(x, e.lora_A) for e in self.experts], dim=-2)
         a_cat = torch.cat([e.lora_A for e in self.experts], dim=0)  # (E*r, D_in)
         return F.linear(x, a_cat).unflatten(-1, (self.n_experts, self.rank))
 
     def low_rank_out(self, h: torch.Tensor) -> torch.Tensor:
         """``sum_e B_e h_e`` (unscaled): (..., E, r) -> (..., D_out)."""
-        if not self.fused:
-            out = None
-            for e, expert in enumerate(self.experts):
-                y = F.linear(h[..., e, :], expert.lora_B)
-                out = y if out is None else out + y
-            return out
         b_cat = torch.cat([e.lora_B for e in self.experts], dim=1)  # (D_out, E*r)
         return F.linear(h.flatten(-2), b_cat)
 
@@ -205,9 +218,20 @@ class LoRAMoELinear(nn.Module):
         routing = self._slot.routing
         if routing is None:
             raise RuntimeError("LoRAMoELinear called outside its RoutedMLP block: no routing available")
+        if routing.columns is not None:
+            return out + self.scale * self._per_expert_update(x, routing.columns)
         if self.sparse:
             return out + self.scale * self._sparse_update(x, routing)
         return out + self.scale * self._dense_update(x, routing.gates)
+
+    def _per_expert_update(self, x: torch.Tensor, columns: list[torch.Tensor]) -> torch.Tensor:
+        """Export form: ``sum_e g_e B_e(A_e x)`` with each expert's own weights (one data-file key each), from ops
+        XNNPACK delegates. (B, T, D_in) and E gates (B, T, 1) -> (B, T, D_out)."""
+        out = None
+        for expert, gate in zip(self.experts, columns):
+            y = expert(x) * gate.to(x.dtype)
+            out = y if out is None else out + y
+        return out
 
     def _dense_update(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         h = self.low_rank_in(x)  # (B, T, E, r)
@@ -260,6 +284,21 @@ class RoutedMLP(nn.Module):
         #: ``None``: the router chooses; an expert index: every token goes to that expert with gate 1 (set it with
         #: :func:`device_sdk.inject.forced_expert`).
         self.forced_expert: int | None = None
+        self.export_form = False  # see use_export_form
+
+    def use_export_form(self) -> None:
+        """Compute the same function (to float tolerance) from ops an exported graph delegates as a whole (XNNPACK):
+        every expert on every token weighted by its dense gate (no top-k when k = E, no gather, scatter or masks),
+        each gate column taken by a product with a constant one-hot row (XNNPACK delegates a linear on a dynamic
+        number of tokens, not a slice)."""
+        if self.router is not None and not self.export_form:
+            for e, row in enumerate(torch.eye(self.n_experts, device=self.router.weight.device)):
+                setattr(self, f"gate_row_{e}", constant_weight(row[None]))  # (1, E)
+        self.export_form = True
+
+    def _gate_columns(self, gates: torch.Tensor) -> list[torch.Tensor]:
+        """E (B, T, 1) columns of (B, T, E) dense gates (export form)."""
+        return [F.linear(gates, getattr(self, f"gate_row_{e}")) for e in range(self.n_experts)]
 
     @property
     def mixing(self) -> str:
@@ -270,15 +309,20 @@ class RoutedMLP(nn.Module):
         if self.router is None:
             return self.mlp(x, *args, **kwargs)
         logits = self.router(x)  # (B, T, E)
-        if self.forced_expert is None:
-            gates, indices = top_k_gates(logits, self.k)
-        else:
+        if self.forced_expert is not None:
             gates, indices = fixed_gates(logits, self.forced_expert)
+        elif self.export_form:
+            gates, indices = dense_gates(logits, self.k), None
+        else:
+            gates, indices = top_k_gates(logits, self.k)
         self.router_probs = logits.float().softmax(dim=-1).reshape(-1, self.n_experts)
         self.gates = gates.reshape(-1, self.n_experts)
+        columns = None if indices is not None else self._gate_columns(gates)
         if self._experts is not None:
+            if columns is not None:
+                return self._experts.every_expert(x, columns)
             return self._experts(x, gates.gather(-1, indices), indices)
-        self._slot.routing = Routing(gates=gates, indices=indices)
+        self._slot.routing = Routing(gates=gates, indices=indices, columns=columns)
         try:
             return self.mlp(x, *args, **kwargs)
         finally:

@@ -100,6 +100,32 @@ class ExpertMLPs:
             out = self.dropout(out)
         return out
 
+    def every_expert(self, x: torch.Tensor, columns: list[torch.Tensor]) -> torch.Tensor:
+        """The export form: every expert on every token, weighted by its dense gate (zero outside the top k).
+
+        Each expert with its own LoRA weights: ops XNNPACK delegates, so a block lowers without partition breaks. Per token it computes all E experts instead of k (an exported program
+        runs one token per decode step, where the frozen weights dominate).
+
+        Args:
+            x: (B, T, D) block input.
+            columns: E gates (B, T, 1), one per expert.
+
+        Returns:
+            (B, T, D) the block output.
+        """
+        inputs = [self._projection(n) for n in self.form.inputs]
+        output = self._projection(self.form.output)
+        base_pre = [p.base(x) for p in inputs]  # (B, T, F) each, once
+        h_mix, low = None, None
+        for e, gate in enumerate(columns):
+            g = gate.to(x.dtype)  # (B, T, 1)
+            h = self._hidden([b + p.scale * p.experts[e](x) for b, p in zip(base_pre, inputs)])  # (B, T, F)
+            h_mix = h * g if h_mix is None else h_mix + h * g
+            y = output.experts[e](h) * g  # (B, T, D)
+            low = y if low is None else low + y
+        out = output.base(h_mix) + output.scale * low
+        return self.dropout(out) if self.dropout is not None else out
+
     def _slot_mix(self, x, weights, indices, inputs, output, base_pre) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed shapes: slot j of every token runs the token's j-th expert, its low-rank terms selected by a
         one-hot mask over the experts' concatenated ranks. Returns ``(sum_j w_j h_j, sum_j w_j lowrank_out_j)``."""

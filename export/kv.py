@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from device_sdk.lora import constant_weight
+
 from .errors import ExportError
 
 
@@ -62,27 +64,45 @@ class _KVBase(nn.Module):
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = cache_shape(model, max_seq)[-1]
+        # constants of the delegable norm and rotary forms, used as linear weights: frozen parameters, not buffers
+        # (XNNPACK miscomputes a linear whose weight is a buffer; see device_sdk.lora.constant_weight)
+        self._mean_row = constant_weight(torch.full((1, cfg.hidden_size), 1.0 / cfg.hidden_size))
+        half = self.head_dim // 2
+        rotate = torch.zeros(self.head_dim, self.head_dim)  # rotate_half(x) = x @ rotate.T = cat(-x2, x1)
+        rotate[torch.arange(half), torch.arange(half) + half] = -1.0
+        rotate[torch.arange(half) + half, torch.arange(half)] = 1.0
+        self._rotate_half = constant_weight(rotate)  # (d, d)
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """HF's ``LlamaRMSNorm`` with the mean of squares as a product with a constant ``1/D`` row: (1, T, D) ->
+        (1, T, D). XNNPACK averages only over the last two dims of 4-D tensors; a linear it delegates."""
+        mean_sq = torch.nn.functional.linear(x * x, self._mean_row)  # (1, T, 1)
+        return norm.weight * (x * torch.rsqrt(mean_sq + norm.variance_epsilon))
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of (1, T, heads, d) with cos, sin (1, T, 1, d); HF's ``rotate_half`` as a product with
+        a constant signed permutation (exact: one nonzero term per output), which XNNPACK delegates (slices of a
+        dynamic number of tokens it does not)."""
+        return x * cos + torch.nn.functional.linear(x, self._rotate_half) * sin
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor, layer: int, positions: torch.Tensor) -> torch.Tensor:
-        """One layer's attention over the cache: (1, T, D) -> (1, T, D); writes the T new keys and values."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        """One layer's attention over the cache: (1, T, D) -> (1, T, D); writes the T new keys and values.
 
-        t = x.shape[1]
-        g = self.n_heads // self.n_kv
-        q = attn.q_proj(x).view(1, t, self.n_heads, self.head_dim).transpose(1, 2)  # (1, H, T, d)
-        k = attn.k_proj(x).view(1, t, self.n_kv, self.head_dim).transpose(1, 2)  # (1, H_kv, T, d)
-        v = attn.v_proj(x).view(1, t, self.n_kv, self.head_dim).transpose(1, 2)  # (1, H_kv, T, d)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        keys, values = self._update(layer, positions, k, v)  # (1, H_kv, S, d) each
+        Shapes are written with one inferred (-1) dimension and no symbolic size, so that XNNPACK delegates the
+        reshapes (it refuses symbolic ones).
+        """
+        d, g = self.head_dim, self.n_heads // self.n_kv
+        q = self._rotate(attn.q_proj(x).view(1, -1, self.n_heads, d), cos, sin)  # (1, T, H, d)
+        k = self._rotate(attn.k_proj(x).view(1, -1, self.n_kv, d), cos, sin)  # (1, T, H_kv, d)
+        v = attn.v_proj(x).view(1, -1, self.n_kv, d)  # (1, T, H_kv, d)
+        keys, values = self._update(layer, positions, k.transpose(1, 2), v.transpose(1, 2))  # (1, H_kv, S, d) each
         # query head h reads KV head h // G (HF's repeat_kv): group the G heads of each KV head as rows
-        q = q.reshape(1, self.n_kv, g * t, self.head_dim)  # (1, H_kv, G*T, d)
-        scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + mask  # (1, H_kv, G*T, S)
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, values)  # (1, H_kv, G*T, d)
-        out = out.view(1, self.n_kv, g, t, self.head_dim).permute(0, 3, 1, 2, 4)  # (1, T, H_kv, G, d)
-        out = out.contiguous().view(1, t, self.n_heads * self.head_dim)  # (1, T, H*d)
-        return attn.o_proj(out)
+        q = q.permute(0, 2, 1, 3).reshape(self.n_kv, -1, d)  # (H_kv, G*T, d)
+        scores = torch.bmm(q, keys[0].transpose(1, 2)) * attn.scaling + mask  # (H_kv, G*T, S)
+        out = torch.bmm(torch.softmax(scores, dim=-1), values[0])  # (H_kv, G*T, d)
+        out = out.view(self.n_kv, g, -1, d).permute(2, 0, 1, 3)  # (T, H_kv, G, d)
+        return attn.o_proj(out.reshape(1, -1, self.n_heads * d))  # (1, T, D)
 
     def _update(self, layer: int, positions: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,14 +114,15 @@ class _KVBase(nn.Module):
         t = input_ids.shape[1]
         positions = input_pos + torch.arange(t, dtype=torch.long)  # (T,)
         h = inner.embed_tokens(input_ids)  # (1, T, D)
-        cos, sin = inner.rotary_emb(h, positions[None])  # (1, T, d) each
+        cos, sin = (c.view(1, -1, 1, self.head_dim) for c in inner.rotary_emb(h, positions[None]))  # (1, T, 1, d)
         seen = torch.arange(self.max_seq, dtype=torch.long)[None, :] <= positions[:, None]  # (T, S)
         g = self.n_heads // self.n_kv
         mask = torch.where(seen, 0.0, float("-inf")).repeat(g, 1)  # (G*T, S): rows as in the grouped queries
         for i, layer in enumerate(inner.layers):
-            h = h + self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin, mask, i, positions)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(inner.norm(h[:, -1:]))  # (1, 1, V)
+            h = h + self._attention(layer.self_attn, self._norm(layer.input_layernorm, h), cos, sin, mask, i,
+                                    positions)
+            h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
+        return self.model.lm_head(self._norm(inner.norm, h[:, -1:]))  # (1, 1, V)
 
 
 class KVCacheLM(_KVBase):

@@ -1,5 +1,6 @@
 """Rebuild a device's personalised model (base + generalists + specialists + routers + attention LoRA) from its
-saved adapters, ready for export: eval mode, dense gating (no data-dependent shapes), logits-only forward."""
+saved adapters, ready for export: eval mode, the export form of the routed blocks (dense gates, per-expert weights, no
+data-dependent shapes), logits-only forward."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from device_sdk.adapters import file_attention_rank, file_mixing, load_adapters,
 from device_sdk.checkpoint import latest_checkpoint
 from device_sdk.config import AdapterConfig
 from device_sdk.errors import SDKError
-from device_sdk.inject import inject_adapters
-from device_sdk.lora import LoRAMoELinear
+from device_sdk.inject import inject_adapters, use_export_form
 from device_sdk.models import load_base_model
 from device_sdk.parts import Role, iter_role_parameters
 from device_sdk.tokenizer import Tokenizer
@@ -106,9 +106,5 @@ def load_personalized(checkpoint: Path, cache_dir: Path | None = None) -> Person
     missing = expected - set(loaded)
     if missing:
         raise ExportError(f"malformed checkpoint: {folder} lacks {sorted(r.value for r in missing)} adapter files")
-    for module in model.modules():
-        if isinstance(module, LoRAMoELinear):
-            module.sparse = False  # dense gate tensor: no data-dependent shapes in the graph
-            module.fused = False  # per-expert weights, so each adapter tensor keeps its own key in the data file
-    wrapped = LogitsModel(model).eval()
+    wrapped = LogitsModel(use_export_form(model)).eval()
     return Personalized(wrapped, base.name, base.tokenizer, adapter, folder, info)

@@ -111,13 +111,13 @@ def rewrite_for_training(gm: torch.fx.GraphModule) -> dict[str, int]:
     return counts
 
 
-def _dense_routing(model: nn.Module) -> list[tuple[LoRAMoELinear, bool, bool]]:
+def _dense_routing(model: nn.Module) -> list[tuple[LoRAMoELinear, bool]]:
     """Switch every mixture to dense, fused routing (fixed shapes); returns what to restore."""
     saved = []
     for module in model.modules():
         if isinstance(module, LoRAMoELinear):
-            saved.append((module, module.sparse, module.fused))
-            module.sparse, module.fused = False, True
+            saved.append((module, module.sparse))
+            module.sparse = False
     return saved
 
 
@@ -180,8 +180,8 @@ def export_train_program(model: nn.Module, out: Path, batch_size: int, context: 
     except Exception as err:  # torch.export / exir raise many types; report them as one
         raise ExportError(f"ExecuTorch training export failed: {type(err).__name__}: {str(err)[:500]}") from err
     finally:
-        for module, sparse, fused in saved_routing:
-            module.sparse, module.fused = sparse, fused
+        for module, sparse in saved_routing:
+            module.sparse = sparse
         for name, p in model.named_parameters():
             p.requires_grad_(trainable[name])
         model.train(was_training)

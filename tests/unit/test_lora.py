@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from device_sdk.config import AdapterConfig
-from device_sdk.inject import inject_adapters, routed_blocks
-from device_sdk.lora import LoRALinear, LoRAMoELinear, RoutedMLP, RoutingSlot, top_k_gates
+from device_sdk.inject import inject_adapters, routed_blocks, use_export_form
+from device_sdk.lora import LoRALinear, LoRAMoELinear, RoutedMLP, RoutingSlot, dense_gates, top_k_gates
 from device_sdk.models import load_base_model
 from device_sdk.parts import Role, iter_role_parameters
 
@@ -137,11 +137,25 @@ def test_auto_routing_is_dense_until_the_concatenated_rank_gets_large():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_per_expert_dense_form_equals_the_fused_one(family):
-    model = make_model(family, seed=2, n_specialists=3, routing="dense", mixing="projection")
+@pytest.mark.parametrize("mixing", ["mlp", "projection"])
+@pytest.mark.parametrize("n_specialists,routing", [(1, "dense"), (3, "dense"), (3, "sparse")])
+def test_export_form_computes_the_training_forms_function(family, mixing, n_specialists, routing):
+    """Every expert on every token weighted by dense gates (k = E: a plain softmax; k < E: zero outside the top k)
+    equals the slot / sparse forms the model trains with."""
+    model = make_model(family, seed=2, n_specialists=n_specialists, routing=routing, mixing=mixing).eval()
     x = torch.randint(0, 257, (2, 13))
-    fused = model(input_ids=x).logits
-    for m in model.modules():
-        if isinstance(m, LoRAMoELinear):
-            m.fused = False
-    torch.testing.assert_close(model(input_ids=x).logits, fused, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        trained = model(input_ids=x).logits
+        gates = [b.gates.clone() for b in routed_blocks(model)]
+        exported = use_export_form(model)(input_ids=x).logits
+    assert all(b.export_form for b in routed_blocks(model))
+    torch.testing.assert_close(exported, trained, rtol=1e-5, atol=1e-5)
+    for block, before in zip(routed_blocks(model), gates):
+        torch.testing.assert_close(block.gates, before, rtol=1e-6, atol=1e-7)
+        assert ((block.gates > 0).sum(-1) == block.k).all()
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_dense_gates_are_the_top_k_gates(k):
+    logits = torch.randn(5, 7, 4)
+    torch.testing.assert_close(dense_gates(logits, k), top_k_gates(logits, k)[0], rtol=1e-6, atol=1e-7)

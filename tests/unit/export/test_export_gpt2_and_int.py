@@ -63,10 +63,11 @@ def test_int4_onnx_quantises_base_matmuls_only_and_holds_quality(tmp_path, mixin
 
     quantized = onnx.load(str(tmp_path / "out" / "model.int4.onnx"))
     assert sum(n.op_type == "MatMulNBits" for n in quantized.graph.node) == 2 * (4 + 3)  # base projections
-    # attention A/B, routers and (projection form) 3 experts' A/B on 3 projections: fp32 MatMul (besides each int4
-    # node's offset term); the mlp form runs its experts' A/B on (N, .) inputs, as Gemm nodes, which stay fp32
+    # per layer: attention A/B, the router, 3 experts' A/B on 3 projections and the 3 gate columns of the export
+    # form (device_sdk.lora.RoutedMLP.use_export_form), in either mixing form: fp32 MatMul (besides each int4
+    # node's offset term)
     kept = [n for n in adapter_matmuls(quantized, 8) if "_int4_" not in n]
-    assert len(kept) == 2 * 4 * 2 + (2 * 3 * 3 * 2 if mixing == "projection" else 0) + 2
+    assert len(kept) == 2 * (4 * 2 + 1 + 3 * 3 * 2 + 3)
     inits = {i.name: list(i.dims) for i in quantized.graph.initializer}
     gemm = [inits[n.input[1]] for n in quantized.graph.node if n.op_type == "Gemm" and n.input[1] in inits]
     assert all(min(dims) <= 8 for dims in gemm)  # no base projection left fp32 as a Gemm

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from device_sdk.adapters import save_adapters
-from device_sdk.lora import LoRAMoELinear
+from device_sdk.inject import use_export_form
 from export.errors import ExportError
 from export.generate import Generator, SamplingConfig
 from export.kv import FunctionalKVLM, KVCacheLM
@@ -27,11 +27,8 @@ ATOL = 1e-4  # fp32 logits of the exported files against PyTorch (measured: ~1e-
 
 
 def export_model(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` as ``load_personalized`` prepares it for export: dense, per-expert gating."""
-    for m in model.modules():
-        if isinstance(m, LoRAMoELinear):
-            m.sparse, m.fused = False, False
-    return model.eval()
+    """``model`` as ``load_personalized`` prepares it for export: the export form of the routed blocks."""
+    return use_export_form(model).eval()
 
 
 def run_sequence(runner, x: torch.Tensor, prefill: int) -> torch.Tensor:
