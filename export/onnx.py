@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .blocks import block_sum_matrix as blocks_sum
+from .blocks import q4_1_blocks
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -75,11 +77,8 @@ def adapter_matmuls(model, max_adapter_dim: int) -> list[str]:
 
 
 def int4_blocks(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric int4 blocks in ``MatMulNBits`` layout, as ``scale * q + low`` with ``q`` in 0..15.
-
-    Each block of ``block_size`` consecutive input rows of one output column gets ``low = min`` and ``scale =
-    (max - min) / 15``: GGUF's Q4_1 scheme, so weights that come from a Q4_1 file (SmolLM2's) are represented
-    exactly, where onnxruntime's integer zero points would round every block a second time.
+    """The Q4_1 blocks of :func:`export.blocks.q4_1_blocks` in ``MatMulNBits`` layout (``scale * q + low``, ``q`` in
+    0..15; onnxruntime's integer zero points would round every block a second time).
 
     Args:
         weight: (K, N) float32, ``K`` a multiple of ``block_size``.
@@ -89,18 +88,15 @@ def int4_blocks(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.nda
         first; (N * K / block_size,) float32; (K / block_size, N) float32.
     """
     k, n = weight.shape
-    blocks = weight.T.reshape(n, k // block_size, block_size)  # (N, nb, block)
-    low, high = blocks.min(axis=-1), blocks.max(axis=-1)
-    scales = ((high - low) / 15).astype(np.float32)
-    scales[scales == 0] = 1.0  # a constant block: q = 0 everywhere, the value is in ``low``
-    q = np.clip(np.rint((blocks - low[..., None]) / scales[..., None]), 0, 15).astype(np.uint8)
+    blocks = q4_1_blocks(torch.from_numpy(np.ascontiguousarray(weight.T)), block_size)
+    q = blocks.q.numpy().reshape(n, k // block_size, block_size)
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    return packed, scales.reshape(-1), np.ascontiguousarray(low.T, dtype=np.float32)
+    return packed, blocks.scales.numpy().reshape(-1), np.ascontiguousarray(blocks.lows.numpy().T)
 
 
 def block_sum_matrix(k: int, block_size: int) -> np.ndarray:
     """(K, K / block_size) 0/1 matrix: ``x @ S`` sums ``x`` over each block of ``block_size`` inputs."""
-    return np.kron(np.eye(k // block_size, dtype=np.float32), np.ones((block_size, 1), dtype=np.float32))
+    return np.ascontiguousarray(blocks_sum(k, block_size).numpy().T)
 
 
 def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 32) -> dict:

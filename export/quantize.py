@@ -1,19 +1,45 @@
-"""Quantised ExecuTorch programs (torchao): base linears and the output projection get int8 dynamic activations
-with int4 weights in groups of 32 (``8da4w``) or int8 weights per output channel (``8da8w``); the token embedding
-gets int8 weights; adapters and routers stay fp32.
+"""Quantised ExecuTorch programs (torchao + XNNPACK), adapters and routers always fp32:
 
-Measured on SmolLM2-135M (whose weights come from a Q4_1 GGUF file, i.e. are already on a 4-bit grid): int4
-re-quantisation rounds every block a second time (perplexity +41% from the base linears alone, +24% with
-asymmetric int4), int8 weights cost about 1-2%. See docs/results.md."""
+- ``8da8w``: base linears and the output projection get int8 weights per output channel with int8 dynamic
+  activations; the token embedding int8 weights.
+- ``8da4w``: base linears get int4 weights in blocks of 32 in GGUF's Q4_1 form (:mod:`export.blocks`: the int4
+  kernel with zero point 0 plus an exact per-block offset term), with int8 dynamic activations; the output
+  projection, the most sensitive layer, stays at 8da8w; the token embedding int8 weights.
+
+SmolLM2-135M's weights come from a Q4_1 GGUF file, so its 8da4w base linears are exact (up to XNNPACK's bf16 block
+scales); plain symmetric int4 rounded every block a second time (+41% perplexity from the base linears alone).
+See docs/results.md."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from device_sdk.lora import constant_weight
+
+from .blocks import block_sum_matrix, q4_1_blocks
 from .errors import ExportError
+
+SCHEMES = ("8da4w", "8da8w")
+
+
+class BlockOffsetLinear(nn.Module):
+    """A Q4_1 linear as its int4 part plus the per-block offsets: (..., K) -> (..., N).
+
+    ``linear`` holds ``(q - 8) * scale`` on the int4 kernel; the offsets add ``(x summed per block) @ offsets^T``
+    with ``block_sum`` (K / B, K) shared by every linear of the same width and ``offsets`` (N, K / B)."""
+
+    def __init__(self, linear: nn.Linear, offsets: torch.Tensor, block_sum: nn.Parameter) -> None:
+        super().__init__()
+        self.linear = linear
+        self.block_sum = block_sum
+        self.offsets = constant_weight(offsets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + F.linear(F.linear(x, self.block_sum), self.offsets)
 
 
 def _untie_output_embedding(model: nn.Module) -> None:
@@ -25,41 +51,75 @@ def _untie_output_embedding(model: nn.Module) -> None:
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
 
 
+def _is_base(fqn: str) -> bool:
+    return fqn.endswith(".base")
+
+
+def _is_head(fqn: str) -> bool:
+    return fqn.endswith("lm_head")
+
+
+def _q4_1_linears(model: nn.Module, linears: list[tuple[str, nn.Linear]], group_size: int) -> None:
+    """Quantise ``linears`` (fp32 ``nn.Linear`` modules of ``model``) to Q4_1 blocks: each becomes a
+    :class:`BlockOffsetLinear` whose int4 tensor holds ``q - 8`` and the block scales exactly."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    blocks = {fqn: q4_1_blocks(m.weight, group_size) for fqn, m in linears}
+    wanted = set(blocks)
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                           weight_granularity=PerGroup(group_size)),
+              filter_fn=lambda m, fqn: fqn in wanted)
+    block_sums: dict[int, nn.Parameter] = {}
+    for fqn, module in linears:
+        q, offsets = blocks[fqn].symmetric()
+        weight = module.weight  # torchao's IntxUnpackedToInt8Tensor: qdata (N, K) int8, scale, zero_point (N, K/B)
+        with torch.no_grad():
+            weight.qdata.copy_(q)
+            weight.scale.copy_(blocks[fqn].scales)
+            weight.zero_point.zero_()
+        k = module.in_features
+        if k not in block_sums:
+            block_sums[k] = constant_weight(block_sum_matrix(k, group_size))
+        parent, _, name = fqn.rpartition(".")
+        setattr(model.get_submodule(parent), name, BlockOffsetLinear(module, offsets, block_sums[k]))
+
+
 def quantize_program(model: nn.Module, scheme: str = "8da4w", group_size: int = 32) -> tuple[nn.Module, dict]:
     """A quantised copy of ``model`` (the original stays fp32 for verification).
 
     Args:
-        scheme: ``8da4w`` (int4 weights, groups of ``group_size``) or ``8da8w`` (int8 weights per channel).
+        scheme: ``8da4w`` (int4 Q4_1 blocks of ``group_size`` on base linears, 8da8w output projection) or
+            ``8da8w`` (int8 weights per channel).
 
     Returns:
         ``(quantised_model, {"linears": n, "embeddings": m})``.
 
     Raises:
-        ExportError: if no base projection is an ``nn.Linear`` (GPT-2's Conv1D is not supported) or a width is not
-            a multiple of ``group_size``.
+        ExportError: for an unknown scheme, if no base projection is an ``nn.Linear`` (GPT-2's Conv1D is not
+            supported) or a width is not a multiple of ``group_size``.
     """
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.granularity import PerAxis
 
+    if scheme not in SCHEMES:
+        raise ExportError(f"unknown quantisation scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     quantised = copy.deepcopy(model)
     _untie_output_embedding(quantised)
-    base_linears = [(fqn, m) for fqn, m in quantised.named_modules()
-                    if isinstance(m, nn.Linear) and (fqn.endswith(".base") or fqn.endswith("lm_head"))]
-    if not any(fqn.endswith(".base") for fqn, _ in base_linears):
+    base = [(fqn, m) for fqn, m in quantised.named_modules() if isinstance(m, nn.Linear) and _is_base(fqn)]
+    heads = [(fqn, m) for fqn, m in quantised.named_modules() if isinstance(m, nn.Linear) and _is_head(fqn)]
+    if not base:
         raise ExportError(f"{scheme} needs nn.Linear base projections (Llama family); this model's projections "
                           "are not nn.Linear (GPT-2 uses Conv1D). Export with --quantize none")
-    odd = [fqn for fqn, m in base_linears if m.in_features % group_size]
+    odd = [fqn for fqn, m in base if m.in_features % group_size]
     if odd and scheme == "8da4w":
         raise ExportError(f"8da4w groups of {group_size} need input widths divisible by {group_size}; not: {odd[:2]}")
+    per_channel = heads + (base if scheme == "8da8w" else [])
     if scheme == "8da4w":
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-                                                       weight_granularity=PerGroup(group_size))
-    elif scheme == "8da8w":
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-    else:
-        raise ExportError(f"unknown quantisation scheme {scheme!r}; choose 8da4w or 8da8w")
-    quantize_(quantised, config,
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and (fqn.endswith(".base") or fqn.endswith("lm_head")))
+        _q4_1_linears(quantised, base, group_size)
+    names = {fqn for fqn, _ in per_channel}
+    quantize_(quantised, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+              filter_fn=lambda m, fqn: fqn in names)
     embeddings = [m for m in quantised.modules() if isinstance(m, nn.Embedding)]
     for embedding in embeddings:
         # padding_idx only shapes gradients; left set, it hides the int8 embedding from ExecuTorch's quant fusion
@@ -67,4 +127,4 @@ def quantize_program(model: nn.Module, scheme: str = "8da4w", group_size: int = 
         embedding.padding_idx = None
     quantize_(quantised, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
               filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
-    return quantised, {"linears": len(base_linears), "embeddings": len(embeddings)}
+    return quantised, {"linears": len(base) + len(heads), "embeddings": len(embeddings)}

@@ -1,10 +1,19 @@
-"""int4 blocks (scale * q + low): exact on Q4_1-grid weights, and what onnxruntime computes with them."""
+"""int4 blocks (scale * q + low, export/blocks.py): exact on Q4_1-grid weights, what onnxruntime computes with them,
+and the 8da4w program's int4 tensors (export/quantize.py)."""
+
+import copy
 
 import numpy as np
 import onnxruntime as ort
+import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from export.blocks import q4_1_blocks
 from export.onnx import block_sum_matrix, int4_blocks
+from export.quantize import BlockOffsetLinear, quantize_program
+
+from ...conftest import make_model
 
 
 def _q4_1_weight(k=64, n=24, block=32, seed=0):
@@ -57,3 +66,55 @@ def test_onnxruntime_computes_the_exact_product_from_int4_and_block_offsets():
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = np.random.default_rng(2).standard_normal((2, 3, 64)).astype(np.float32)
     assert np.abs(session.run(None, {"A": a})[0] - a @ w).max() < 1e-4
+
+
+def _q4_1_grid(model: torch.nn.Module) -> None:
+    """Put every base projection of ``model`` on a Q4_1 grid (as SmolLM2's GGUF weights are)."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(".base"):
+                k, n = module.in_features, module.out_features
+                module.weight.copy_(torch.from_numpy(_q4_1_weight(k=k, n=n, seed=len(name)).T.copy()) * 2)
+
+
+def test_symmetric_form_of_the_blocks_is_the_weight():
+    w = torch.from_numpy(_q4_1_weight().T.copy())  # (N, K)
+    blocks = q4_1_blocks(w, 32)
+    q, offsets = blocks.symmetric()
+    assert q.dtype == torch.int8 and int(q.min()) == -8 and int(q.max()) == 7
+    rebuilt = (q.float().view(24, 2, 32) * blocks.scales[..., None] + offsets[..., None]).reshape(24, 64)
+    torch.testing.assert_close(rebuilt, w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(blocks.dequantize(), w, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        q4_1_blocks(w[:, :40], 32)
+
+
+def test_8da4w_keeps_q4_1_weights_exactly_where_symmetric_int4_rounds_them_again():
+    """The 8da4w program's int4 tensors plus block offsets are the Q4_1 weights; its output is closer to fp32 than
+    torchao's plain symmetric int4 (the form before), whose only other difference is the weight grid."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    model = make_model("tiny-llama", n_specialists=1).eval()
+    _q4_1_grid(model)
+    quantised, counts = quantize_program(model, "8da4w")
+    wrapped = {n: m for n, m in quantised.named_modules() if isinstance(m, BlockOffsetLinear)}
+    bases = {n: m for n, m in model.named_modules() if n.endswith(".base")}
+    assert set(wrapped) == set(bases) and counts["linears"] == len(bases) + 1
+    for name, module in wrapped.items():
+        weight = module.linear.weight  # int4 in -8..7, zero point 0
+        n, k = weight.qdata.shape
+        assert int(weight.qdata.min()) >= -8 and int(weight.qdata.max()) <= 7 and not weight.zero_point.any()
+        deq = (weight.qdata.float().view(n, k // 32, 32) * weight.scale[..., None]).reshape(n, k)
+        torch.testing.assert_close(deq + module.offsets.repeat_interleave(32, dim=1), bases[name].weight,
+                                   atol=1e-6, rtol=0)
+    assert quantised.lm_head.weight.target_dtype == torch.int8  # the output projection stays 8-bit
+
+    plain = copy.deepcopy(model)
+    quantize_(plain, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)),
+              filter_fn=lambda m, fqn: fqn.endswith(".base"))
+    x = torch.randint(0, 257, (2, 40))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        ours, before = (m(input_ids=x).logits for m in (quantised, plain))
+    assert (ours - ref).abs().mean() < 0.5 * (before - ref).abs().mean()
