@@ -69,12 +69,14 @@ def rewrite_for_training(gm: torch.fx.GraphModule) -> dict[str, int]:
     """Rewrite ops of a joint graph that ExecuTorch runs slowly or not at all (in place).
 
     ``aten.addmm(bias, a, b)`` -> ``mm(a, b) + bias`` (the portable addmm kernel is naive);
-    ``aten.empty_permuted(size, layout)`` -> ``empty(size permuted) . permute(inverse)`` (no edge op).
+    ``aten.empty_permuted(size, layout)`` -> ``empty(size permuted) . permute(inverse)`` (no edge op);
+    ``aten.mm(a, b)`` of two computed tensors (the backward's products) -> ``bmm`` of one batch, which XNNPACK
+    delegates (it takes ``mm`` only against a constant weight; the portable ``mm`` kernel is naive).
 
     Returns:
-        ``{"addmm": n, "empty_permuted": m}`` rewrite counts.
+        ``{"addmm": n, "empty_permuted": m, "mm": k}`` rewrite counts.
     """
-    graph, counts = gm.graph, {"addmm": 0, "empty_permuted": 0}
+    graph, counts = gm.graph, {"addmm": 0, "empty_permuted": 0, "mm": 0}
     for node in list(graph.nodes):
         if node.target == torch.ops.aten.addmm.default:
             bias, a, b = node.args[:3]
@@ -106,9 +108,30 @@ def rewrite_for_training(gm: torch.fx.GraphModule) -> dict[str, int]:
             continue
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.target == torch.ops.aten.mm.default:
+            node.replace_all_uses_with(_as_bmm(graph, node))
+            graph.erase_node(node)
+            counts["mm"] += 1
     graph.lint()
     gm.recompile()
     return counts
+
+
+def _as_bmm(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+    """``mm(a, b)`` as ``bmm`` of a batch of one, with static views (which XNNPACK delegates, unlike squeeze and
+    unsqueeze): (M, K) x (K, N) -> (M, N); returns the replacement node."""
+    a, b = node.args[:2]
+    val = node.meta["val"]
+    with graph.inserting_before(node):
+        batched = [graph.call_function(torch.ops.aten.view.default, (x, [1, *x.meta["val"].shape])) for x in (a, b)]
+        product = graph.call_function(torch.ops.aten.bmm.default, tuple(batched))
+        out = graph.call_function(torch.ops.aten.view.default, (product, list(val.shape)))
+    for new, x in zip(batched, (a, b)):
+        new.meta = {**x.meta, "val": x.meta["val"].unsqueeze(0)}
+    product.meta = {**node.meta, "val": val.unsqueeze(0)}
+    out.meta = dict(node.meta)
+    return out
 
 
 def _dense_routing(model: nn.Module) -> list[tuple[LoRAMoELinear, bool]]:

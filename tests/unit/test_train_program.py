@@ -230,7 +230,8 @@ def test_the_pte_train_format_refuses_quantisation_and_a_missing_checkpoint(tmp_
 
 
 def test_the_rewrites_keep_the_graph_s_results():
-    """addmm -> mm + add (with alpha and beta) and empty_permuted -> empty + permute, checked on tiny graphs."""
+    """addmm -> mm + add (with alpha and beta), mm -> bmm of one batch and empty_permuted -> empty + permute,
+    checked on tiny graphs."""
     from export.train_program import rewrite_for_training
 
     class AddMM(torch.nn.Module):
@@ -243,11 +244,22 @@ def test_the_rewrites_keep_the_graph_s_results():
 
     args = (torch.randn(3), torch.randn(2, 4), torch.randn(4, 3))
     gm = torch.export.export(AddMM(), args).graph_module
-    assert rewrite_for_training(gm) == {"addmm": 1, "empty_permuted": 0}
+    assert rewrite_for_training(gm) == {"addmm": 1, "empty_permuted": 0, "mm": 1}  # the addmm's mm too
+    assert not [n for n in gm.graph.nodes if n.target == torch.ops.aten.mm.default]
     assert torch.allclose(gm(*args)[0], torch.addmm(*args, beta=2.0, alpha=3.0), atol=1e-6)
     x = torch.randn(2, 3, 4)
     gm = torch.export.export(EmptyPermuted(), (x,)).graph_module
-    assert rewrite_for_training(gm) == {"addmm": 0, "empty_permuted": 1}
+    assert rewrite_for_training(gm) == {"addmm": 0, "empty_permuted": 1, "mm": 0}
     out = gm(x)[0]
     assert out.shape == (2, 3, 4) and torch.equal(out, x)
     assert out.stride() == torch.empty_permuted((2, 3, 4), (2, 0, 1)).stride()
+
+    class MM(torch.nn.Module):
+        def forward(self, a, b):
+            return (torch.mm(a.t(), b),)
+
+    args = (torch.randn(5, 4), torch.randn(5, 3))
+    gm = torch.export.export(MM(), args).graph_module
+    assert rewrite_for_training(gm)["mm"] == 1
+    assert [n.target for n in gm.graph.nodes].count(torch.ops.aten.bmm.default) == 1
+    assert gm(*args)[0].shape == (4, 3) and torch.allclose(gm(*args)[0], args[0].t() @ args[1], atol=1e-6)
