@@ -48,9 +48,9 @@ PREFILL, DECODE = 128, (64, 256)
 SMOLLM2_PARAMS = {"dim": 576, "hidden_dim": 1536, "n_heads": 9, "n_kv_heads": 3, "n_layers": 30, "norm_eps": 1e-5,
                   "rope_theta": 100000.0, "use_scaled_rope": False, "vocab_size": 49152, "use_hf_rope": True}
 #: How each quantisation label is asked of export_llm (int8 embedding as in export/quantize.py).
-STOCK_QMODES = {"none": [], "8da8w": ["quantization.qmode=8da8w", "quantization.embedding_quantize=8,0"],
+STOCK_QMODES = {"none": [], "8da8w": ["quantization.qmode=8da8w", "quantization.embedding_quantize='8,0'"],
                 "8da4w": ["quantization.qmode=8da4w", "quantization.group_size=32",
-                          "quantization.embedding_quantize=8,0"]}
+                          "quantization.embedding_quantize='8,0'"]}
 
 
 def make_stock(out: Path, quantizations: list[str], max_seq: int) -> list[Path]:
