@@ -103,8 +103,9 @@ class ExpertMLPs:
     def every_expert(self, x: torch.Tensor, columns: list[torch.Tensor]) -> torch.Tensor:
         """The export form: every expert on every token, weighted by its dense gate (zero outside the top k).
 
-        Each expert with its own LoRA weights: ops XNNPACK delegates, so a block lowers without partition breaks. Per token it computes all E experts instead of k (an exported program
-        runs one token per decode step, where the frozen weights dominate).
+        Each expert with its own LoRA weights: ops XNNPACK delegates, so a block lowers without partition breaks.
+        Per token it computes all E experts instead of k (an exported program runs one token per decode step, where
+        the frozen weights dominate).
 
         Args:
             x: (B, T, D) block input.
