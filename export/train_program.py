@@ -70,8 +70,9 @@ def rewrite_for_training(gm: torch.fx.GraphModule) -> dict[str, int]:
 
     ``aten.addmm(bias, a, b)`` -> ``mm(a, b) + bias`` (the portable addmm kernel is naive);
     ``aten.empty_permuted(size, layout)`` -> ``empty(size permuted) . permute(inverse)`` (no edge op);
-    ``aten.mm(a, b)`` of two computed tensors (the backward's products) -> ``bmm`` of one batch, which XNNPACK
-    delegates (it takes ``mm`` only against a constant weight; the portable ``mm`` kernel is naive).
+    every ``aten.mm(a, b)`` -> ``bmm`` of one batch with static views, which XNNPACK delegates (the partitioner
+    left the joint graph's ``mm`` nodes, such as the backward's products of two computed tensors, to the portable
+    ``mm`` kernel, a naive loop).
 
     Returns:
         ``{"addmm": n, "empty_permuted": m, "mm": k}`` rewrite counts.
@@ -135,7 +136,7 @@ def _as_bmm(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
 
 
 def _dense_routing(model: nn.Module) -> list[tuple[LoRAMoELinear, bool]]:
-    """Switch every mixture to dense, fused routing (fixed shapes); returns what to restore."""
+    """Switch every mixture to dense routing (fixed shapes); returns what to restore."""
     saved = []
     for module in model.modules():
         if isinstance(module, LoRAMoELinear):
