@@ -67,8 +67,9 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", type=_formats, default="all", help="pte, onnx, all, or a list such as pte,onnx; "
                         "peft: Hugging Face PEFT LoRA adapters (alone)")
     parser.add_argument("--quantize", choices=QUANTIZE, default="none",
-                        help="8da8w / 8da4w: int8 / int4 base weights with int8 dynamic activations in model.pte; "
-                             "int4: an extra model.int4.onnx; adapters and routers stay fp32")
+                        help="8da8w / 8da4w: int8 / int4 base weights with int8 dynamic activations in model.pte "
+                             "(8da4w: Q4_1 blocks of 32, int8 output projection); int4: an extra model.int4.onnx "
+                             "(Q4_1 blocks); adapters and routers stay fp32")
     parser.add_argument("--max-seq", type=int, default=512, help="the longest sequence the exported model accepts")
     parser.add_argument("--kv-cache", action="store_true",
                         help="prefill + decode programs over a static KV cache of --max-seq positions (Llama family; "
