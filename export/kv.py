@@ -99,8 +99,10 @@ class _KVBase(nn.Module):
         keys, values = self._update(layer, positions, k.transpose(1, 2), v.transpose(1, 2))  # (1, H_kv, S, d) each
         # query head h reads KV head h // G (HF's repeat_kv): group the G heads of each KV head as rows
         q = q.permute(0, 2, 1, 3).reshape(self.n_kv, -1, d)  # (H_kv, G*T, d)
-        scores = torch.bmm(q, keys[0].transpose(1, 2)) * attn.scaling + mask  # (H_kv, G*T, S)
-        out = torch.bmm(torch.softmax(scores, dim=-1), values[0])  # (H_kv, G*T, d)
+        # the cache as (H_kv, S, d) by a view: indexing [0] would copy the whole cache of the layer every step
+        keys, values = keys.view(self.n_kv, self.max_seq, d), values.view(self.n_kv, self.max_seq, d)
+        scores = torch.bmm(q, keys.transpose(1, 2)) * attn.scaling + mask  # (H_kv, G*T, S)
+        out = torch.bmm(torch.softmax(scores, dim=-1), values)  # (H_kv, G*T, d)
         out = out.view(self.n_kv, g, -1, d).permute(2, 0, 1, 3)  # (T, H_kv, G, d)
         return attn.o_proj(out.reshape(1, -1, self.n_heads * d))  # (1, T, D)
 
