@@ -24,7 +24,8 @@ from torch import nn
 
 from device_sdk.fileio import atomic_write_bytes
 
-from .errors import ExportError
+from .dependencies import compact_dependencies
+from .errors import ExportError, exporter_failures
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
     dims = dynamic_shapes or {"input_ids": {1: torch.export.Dim("seq", min=2, max=max_seq)}}
     start = time.perf_counter()
     try:
-        with torch.no_grad():
+        with exporter_failures("ExecuTorch export"), torch.no_grad():
             for p in adapters.values():  # unique stand-ins: one key per adapter tensor
                 p.copy_(torch.randn(p.shape, generator=generator) * 1e-2)
             stand_in = {_digest(p): name for name, p in adapters.items()}
@@ -115,7 +116,8 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
             delegate_external_constants_pass_unlifted(unlifted, tag)
             exported = torch.export.export(unlifted, example, dynamic_shapes=dims)
             log.info("ExecuTorch: graph captured in %.0f s; lowering to XNNPACK...", time.perf_counter() - start)
-            lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+            with compact_dependencies():  # the stock viewers hold the graph's closure: O(nodes^2) sets
+                lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
             log.info("ExecuTorch: lowered in %.0f s so far; writing the program...", time.perf_counter() - start)
             from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
@@ -124,10 +126,6 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
                                                                run_reinplace_pass=bool(cache_buffers),
                                                                do_quant_fusion_and_const_prop=quantized))
             data = {name: bytes(cord) for name, cord in et._tensor_data.items()}
-    except ExportError:
-        raise
-    except Exception as err:  # torch.export / exir raise many types; report them as one
-        raise ExportError(f"ExecuTorch export failed: {type(err).__name__}: {str(err)[:500]}") from err
     finally:
         with torch.no_grad():
             for name, p in adapters.items():

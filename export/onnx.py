@@ -12,7 +12,7 @@ from torch import nn
 
 from .blocks import block_sum_matrix as blocks_sum
 from .blocks import q4_1_blocks
-from .errors import ExportError
+from .errors import ExportError, exporter_failures
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,12 @@ def export_onnx(model: nn.Module, path: Path, max_seq: int, max_batch: int = 64)
     dims = {"input_ids": {0: torch.export.Dim("batch", min=1, max=max_batch),
                           1: torch.export.Dim("seq", min=2, max=max_seq)}}
     start = time.perf_counter()
-    try:
+    with exporter_failures("ONNX export"):
         with torch.no_grad():
             program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=dims,
                                         input_names=["input_ids"], output_names=["logits"], external_data=False,
                                         verbose=False)
         program.save(str(path), external_data=False)
-    except Exception as err:  # the exporter raises many types; report them as one
-        raise ExportError(f"ONNX export failed: {type(err).__name__}: {str(err)[:500]}") from err
     seconds = time.perf_counter() - start
     log.info("wrote %s in %.1f s", path, seconds)
     return {"file": path.name, "seconds": seconds}

@@ -43,7 +43,8 @@ from device_sdk.inject import adapter_config
 from device_sdk.lora import LoRAMoELinear
 from device_sdk.train import objective
 
-from .errors import ExportError
+from .dependencies import compact_dependencies
+from .errors import ExportError, exporter_failures
 
 log = logging.getLogger(__name__)
 
@@ -187,22 +188,20 @@ def export_train_program(model: nn.Module, out: Path, batch_size: int, context: 
     was_training = model.training
     start = time.perf_counter()
     try:
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in params)
-        model.eval()  # no dropout in the graph; the adapters behave the same in both modes
-        with sdpa_kernel([SDPBackend.MATH]):  # a flash-attention backward op has no edge form
-            program = torch.export.export(wrapper, example, strict=False)
-            program = _export_forward_backward(program)
-        counts = rewrite_for_training(program.graph_module)
-        log.info("training graph captured in %.0f s (rewrote %s); lowering...", time.perf_counter() - start, counts)
-        partitioner = [XnnpackPartitioner(force_fp32_dynamic_linear=True)] if lower else []
-        edge = to_edge_transform_and_lower(program, partitioner=partitioner)
-        et = edge.to_executorch(ExecutorchBackendConfig(external_mutable_weights=True))
-        data = {name: bytes(cord) for name, cord in et._tensor_data.items()}
-    except ExportError:
-        raise
-    except Exception as err:  # torch.export / exir raise many types; report them as one
-        raise ExportError(f"ExecuTorch training export failed: {type(err).__name__}: {str(err)[:500]}") from err
+        with exporter_failures("ExecuTorch training export"):
+            for name, p in model.named_parameters():
+                p.requires_grad_(name in params)
+            model.eval()  # no dropout in the graph; the adapters behave the same in both modes
+            with sdpa_kernel([SDPBackend.MATH]):  # a flash-attention backward op has no edge form
+                program = torch.export.export(wrapper, example, strict=False)
+                program = _export_forward_backward(program)
+            counts = rewrite_for_training(program.graph_module)
+            log.info("training graph captured in %.0f s (rewrote %s); lowering...", time.perf_counter() - start, counts)
+            partitioner = [XnnpackPartitioner(force_fp32_dynamic_linear=True)] if lower else []
+            with compact_dependencies():  # the stock viewers hold the graph's closure: O(nodes^2) sets
+                edge = to_edge_transform_and_lower(program, partitioner=partitioner)
+            et = edge.to_executorch(ExecutorchBackendConfig(external_mutable_weights=True))
+            data = {name: bytes(cord) for name, cord in et._tensor_data.items()}
     finally:
         for module, sparse in saved_routing:
             module.sparse = sparse
