@@ -8,8 +8,17 @@ training graph cut to 3 / 6 / 10 layers (2,167 / 4,237 / ~7,000 nodes) peaked at
 partitioning, and the full 30 layers were killed at 22 GiB (see docs/results.md, issue 14).
 
 :class:`CompactDependencies` keeps the same closure as one bit row per node (n^2 / 8 bytes: 55 MB for 21,000 nodes)
-and answers ``downstreams_of`` with the same nodes. :func:`compact_dependencies` installs it for the duration of a
-lowering; the partitions are the same (tested against the stock viewer).
+and answers ``downstreams_of`` with the same nodes.
+
+ExecuTorch's group partitioner then tries to merge every pair of its P initial partitions (one per matched op
+group), each try building the union of both node sets and walking the external users' closures: 268,080 tries and
+385 s for the 6-layer cut, growing as P^2 times the partition size. :func:`_merge_partitions` makes the same
+decisions, pair by pair in the same order, with the closure as integer bit masks: a merge of ``p2`` into ``p1`` is
+refused exactly when a node outside both, used by one of them, reaches back into either (the stock check, and what
+its ``validate_partition`` walk re-checks on the unchanged graph).
+
+:func:`compact_dependencies` installs both for the duration of a lowering; the partitions are the same (tested
+against the stock partitioner).
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ class CompactDependencies:
         self._index = {node: i for i, node in enumerate(self._nodes)}
         self._down = self._closure(lambda node: node.users, reverse=True)
         self._up: np.ndarray | None = None
+        self._reach: dict[torch.fx.Node, int] = {}
 
     def _closure(self, edges, reverse: bool) -> np.ndarray:
         """Rows of reachable nodes along ``edges`` (users or inputs), filled in an order where every edge's
@@ -68,6 +78,20 @@ class CompactDependencies:
         """Every node that (transitively) uses ``node``'s output, in graph order."""
         return self._members(self._down, node)
 
+    def bit(self, node: torch.fx.Node) -> int:
+        """``node`` as a one-bit mask (0 for a node outside the graph)."""
+        i = self._index.get(node)
+        return 0 if i is None else 1 << i
+
+    def reach(self, node: torch.fx.Node) -> int:
+        """``node`` and everything downstream of it as a bit mask (cached)."""
+        mask = self._reach.get(node)
+        if mask is None:
+            i = self._index.get(node)
+            mask = 0 if i is None else (1 << i) | int.from_bytes(self._down[i].tobytes(), "little")
+            self._reach[node] = mask
+        return mask
+
     def upstreams_of(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         """Every node whose output ``node`` (transitively) reads, in graph order."""
         if self._up is None:
@@ -75,14 +99,77 @@ class CompactDependencies:
         return self._members(self._up, node)
 
 
+def _merge_partitions(self, partitions_by_id, assignment, partition_users, partition_map, partitions_order) -> None:
+    """``GroupBasedPartitioner._merge_partitions`` with the cycle check on bit masks (same decisions, same order).
+
+    The stock loop: for each partition ``p1`` not yet merged, in creation order, try every later ``p2`` not yet
+    merged and merge it into ``p1`` when the union has no external user whose downstream nodes fall back inside it.
+    Here ``outside`` is the OR of ``reach(u)`` over the union's external users ``u``; the merge is refused when it
+    intersects the union. ``p1``'s part is kept between tries and recomputed only when ``p2`` swallows one of its
+    external users.
+    """
+    deps = self.dependency_viewer
+    if not isinstance(deps, CompactDependencies):  # built outside compact_dependencies: the stock loop
+        return _STOCK_MERGE[0](self, partitions_by_id, assignment, partition_users, partition_map, partitions_order)
+
+    def mask_of(nodes) -> int:
+        mask = 0
+        for node in nodes:
+            mask |= deps.bit(node)
+        return mask
+
+    def external(users, inside: int) -> tuple[set, int]:
+        """The users outside ``inside`` and the OR of their reach."""
+        kept, reach = set(), 0
+        for user in users:
+            if not deps.bit(user) & inside:
+                kept.add(user)
+                reach |= deps.reach(user)
+        return kept, reach
+
+    partition_ids = list(partitions_by_id.keys())
+    merged: set[int] = set()
+    for i, p1 in enumerate(partition_ids):
+        if p1 in merged:
+            continue
+        mask1 = mask_of(partitions_by_id[p1].nodes)
+        users1, reach1 = external((u for node in partitions_by_id[p1].nodes for u in node.users), mask1)
+        users1_mask = mask_of(users1)
+        for p2 in partition_ids[i + 1 :]:
+            if p2 in merged:
+                continue
+            nodes2 = partitions_by_id[p2].nodes
+            mask2 = mask_of(nodes2)
+            union = mask1 | mask2
+            users2, reach2 = external((u for node in nodes2 for u in node.users), union)
+            if users1_mask & mask2:  # p2 holds some of p1's external users: they are inside now
+                users1_now, reach1_now = external(users1, union)
+            else:
+                users1_now, reach1_now = users1, reach1
+            if (reach1_now | reach2) & union:
+                continue
+            self._perform_partition_merge(p1, p2, partitions_by_id, assignment, partition_users, partition_map,
+                                          partitions_order)
+            merged.add(p2)
+            mask1, users1, reach1 = union, users1_now | users2, reach1_now | reach2
+            users1_mask = mask_of(users1)
+
+
+#: The group partitioner's own merge loop, set while :func:`compact_dependencies` replaces it.
+_STOCK_MERGE: list = []
+
+
 @contextlib.contextmanager
 def compact_dependencies() -> Iterator[None]:
-    """Build the partitioners' dependency viewers as :class:`CompactDependencies` inside the block (a lowering).
+    """Inside the block (a lowering), the partitioners build :class:`CompactDependencies` as their dependency
+    viewers and ExecuTorch's group partitioner merges with :func:`_merge_partitions`.
 
     Raises:
         ImportError: if a partitioner module is missing (the pinned torch / executorch versions have both).
     """
     import importlib
+
+    from executorch.exir.backend.canonical_partitioners.group_partitioner import GroupBasedPartitioner
 
     saved = []
     try:
@@ -90,10 +177,13 @@ def compact_dependencies() -> Iterator[None]:
             module = importlib.import_module(module_name)
             saved.append((module, attribute, getattr(module, attribute)))
             setattr(module, attribute, CompactDependencies)
+        saved.append((GroupBasedPartitioner, "_merge_partitions", GroupBasedPartitioner._merge_partitions))
+        _STOCK_MERGE[:] = [GroupBasedPartitioner._merge_partitions]
+        GroupBasedPartitioner._merge_partitions = _merge_partitions
         yield
     finally:
-        for module, attribute, original in saved:
-            setattr(module, attribute, original)
+        for owner, attribute, original in reversed(saved):
+            setattr(owner, attribute, original)
 
 
 __all__ = ["CompactDependencies", "compact_dependencies"]

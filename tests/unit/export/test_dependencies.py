@@ -1,8 +1,10 @@
-"""export.dependencies: the compact dependency viewer answers as the stock ones and leaves XNNPACK's partitions
-unchanged, and the stock viewers are back after the block."""
+"""export.dependencies: the compact dependency viewer answers as the stock ones, XNNPACK's partitions (stock viewer and
+merge loop against the compact ones) are the same on a small branchy graph and on a tiny Llama's joint training
+graph, and the stock viewers and merge loop are back after the block."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.fx.passes.infra import partitioner as fx_partitioner
@@ -45,22 +47,64 @@ def test_the_compact_viewer_answers_as_the_stock_one_for_every_node():
     assert compact.downstreams_of(torch.fx.Graph().placeholder("elsewhere")) == []
 
 
-def test_xnnpack_partitions_are_the_same_and_the_stock_viewers_come_back():
+def partition_tags(program: torch.export.ExportedProgram) -> list[tuple[str, str]]:
+    """``(node name, delegation tag)`` of every node after XNNPACK's partitioner (as the training export runs it)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    for node in program.graph.nodes:
+        node.meta.pop("delegation_tag", None)
+    result = XnnpackPartitioner(force_fp32_dynamic_linear=True).partition(program)
+    return [(n.name, n.meta.get("delegation_tag", "")) for n in result.tagged_exported_program.graph.nodes]
+
+
+def branchy_program() -> torch.export.ExportedProgram:
     from executorch.exir import to_edge
+
+    return to_edge(torch.export.export(Branchy().eval(), (torch.randn(2, 8),))).exported_program()
+
+
+def training_program() -> torch.export.ExportedProgram:
+    """The edge form of a tiny Llama 1G2S's joint training graph (export/train_program.py's capture)."""
+    from executorch.exir import to_edge
+    from torch.export.experimental import _export_forward_backward
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from device_sdk.backends.executorch import program_parameters
+    from device_sdk.config import TrainConfig
+    from export.train_program import TrainingObjective, _dense_routing, rewrite_for_training
+
+    from ...conftest import make_model
+
+    model = make_model("tiny-llama", n_specialists=2)
+    trained = program_parameters(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trained)
+    model.eval()
+    _dense_routing(model)
+    example = (torch.zeros(2, 16, dtype=torch.long),) * 2
+    with sdpa_kernel([SDPBackend.MATH]):
+        joint = _export_forward_backward(torch.export.export(
+            TrainingObjective(model, TrainConfig(precision="fp32", device="cpu")), example, strict=False))
+    rewrite_for_training(joint.graph_module)
+    return to_edge(joint).exported_program()
+
+
+@pytest.mark.parametrize("make_program", [branchy_program, training_program], ids=["branchy", "training"])
+def test_xnnpack_partitions_are_the_same_and_the_stock_parts_come_back(make_program):
     from executorch.exir.backend.canonical_partitioners import group_partitioner
 
-    def tags() -> list[tuple[str, str]]:
-        program = to_edge(torch.export.export(Branchy().eval(), (torch.randn(2, 8),))).exported_program()
-        result = XnnpackPartitioner().partition(program)
-        return [(n.name, n.meta.get("delegation_tag", "")) for n in result.tagged_exported_program.graph.nodes]
+    def stock_parts():
+        return (fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer,
+                group_partitioner.GroupBasedPartitioner._merge_partitions)
 
-    stock_viewers = (fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer)
-    reference = tags()
+    program = make_program()
+    before = stock_parts()
+    reference = partition_tags(program)
     with compact_dependencies():
         assert fx_partitioner._DependencyViewer is CompactDependencies
         assert group_partitioner._DependencyViewer is CompactDependencies
-        compact = tags()
+        assert stock_parts()[2] is not before[2]
+        compact = partition_tags(program)
     assert compact == reference
-    assert len({tag for _, tag in reference if tag}) >= 2  # the test graph does split
-    assert (fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer) == stock_viewers
+    assert len({tag for _, tag in reference if tag}) >= 2  # the graph does split
+    assert stock_parts() == before
