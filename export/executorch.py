@@ -24,8 +24,8 @@ from torch import nn
 
 from device_sdk.fileio import atomic_write_bytes
 
-from .dependencies import compact_dependencies
 from .errors import ExportError, exporter_failures
+from .partitioning import fast_partitioning
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
             delegate_external_constants_pass_unlifted(unlifted, tag)
             exported = torch.export.export(unlifted, example, dynamic_shapes=dims)
             log.info("ExecuTorch: graph captured in %.0f s; lowering to XNNPACK...", time.perf_counter() - start)
-            with compact_dependencies():  # the stock viewers hold the graph's closure: O(nodes^2) sets
+            with fast_partitioning():  # the stock partitioning costs O(nodes^2) memory and time
                 lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
             log.info("ExecuTorch: lowered in %.0f s so far; writing the program...", time.perf_counter() - start)
             from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass

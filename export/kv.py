@@ -4,8 +4,10 @@ of one token over a static cache of ``max_seq`` positions, routers and top-k gat
 The decoder layers' own modules run unchanged (LoRA attention projections, RMSNorms, the routed LoRA-MoE MLP);
 only the attention core is written here, because it reads and writes the cache:
 
-* :class:`KVCacheLM` keeps the cache as module buffers and updates them in place (``index_copy_`` at
-  ``input_pos + arange(T)``): ExecuTorch plans them as mutable buffers that persist between calls.
+* :class:`KVCacheLM` keeps the cache as module buffers of shape (H_kv, S, d), the layout attention reads, and
+  updates them in place (``index_copy_`` at ``input_pos + arange(T)``): ExecuTorch plans them as mutable buffers that
+  persist between calls. (A (1, H_kv, S, d) buffer would need a reshape before attention, and XNNPACK's reshape
+  copies: the whole cache of every layer, every step.)
 * :class:`FunctionalKVLM` takes the cache as inputs and returns the updated cache (ONNX: ``past_key.i`` /
   ``past_value.i`` in, ``present_key.i`` / ``present_value.i`` out).
 
@@ -96,11 +98,11 @@ class _KVBase(nn.Module):
         q = self._rotate(attn.q_proj(x).view(1, -1, self.n_heads, d), cos, sin)  # (1, T, H, d)
         k = self._rotate(attn.k_proj(x).view(1, -1, self.n_kv, d), cos, sin)  # (1, T, H_kv, d)
         v = attn.v_proj(x).view(1, -1, self.n_kv, d)  # (1, T, H_kv, d)
-        keys, values = self._update(layer, positions, k.transpose(1, 2), v.transpose(1, 2))  # (1, H_kv, S, d) each
+        # the T new keys and values as (H_kv, T, d); the cache comes back as (H_kv, S, d), the layout read below
+        keys, values = self._update(layer, positions, k.view(-1, self.n_kv, d).transpose(0, 1),
+                                    v.view(-1, self.n_kv, d).transpose(0, 1))
         # query head h reads KV head h // G (HF's repeat_kv): group the G heads of each KV head as rows
         q = q.permute(0, 2, 1, 3).reshape(self.n_kv, -1, d)  # (H_kv, G*T, d)
-        # the cache as (H_kv, S, d) by a view: indexing [0] would copy the whole cache of the layer every step
-        keys, values = keys.view(self.n_kv, self.max_seq, d), values.view(self.n_kv, self.max_seq, d)
         scores = torch.bmm(q, keys.transpose(1, 2)) * attn.scaling + mask  # (H_kv, G*T, S)
         out = torch.bmm(torch.softmax(scores, dim=-1), values)  # (H_kv, G*T, d)
         out = out.view(self.n_kv, g, -1, d).permute(2, 0, 1, 3)  # (T, H_kv, G, d)
@@ -108,6 +110,8 @@ class _KVBase(nn.Module):
 
     def _update(self, layer: int, positions: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys and values k, v (H_kv, T, d) at ``positions`` (T,); return the layer's whole cache
+        as two (H_kv, S, d) tensors."""
         raise NotImplementedError
 
     def _logits(self, input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -136,15 +140,15 @@ class KVCacheLM(_KVBase):
 
     def __init__(self, model: nn.Module, max_seq: int) -> None:
         super().__init__(model, max_seq)
-        shape = cache_shape(model, max_seq)
+        shape = cache_shape(model, max_seq)[1:]  # (H_kv, S, d)
         for i in range(self.n_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
 
     def _update(self, layer, positions, k, v):
         keys, values = getattr(self, f"k_cache_{layer}"), getattr(self, f"v_cache_{layer}")
-        keys.index_copy_(2, positions, k)
-        values.index_copy_(2, positions, v)
+        keys.index_copy_(1, positions, k)
+        values.index_copy_(1, positions, v)
         return keys, values
 
     def reset(self) -> None:
@@ -167,10 +171,10 @@ class FunctionalKVLM(_KVBase):
         self._present: list[torch.Tensor] = []
 
     def _update(self, layer, positions, k, v):
-        keys = self._past[2 * layer].index_copy(2, positions, k)
-        values = self._past[2 * layer + 1].index_copy(2, positions, v)
+        keys = self._past[2 * layer].index_copy(2, positions, k[None])  # (1, H_kv, S, d)
+        values = self._past[2 * layer + 1].index_copy(2, positions, v[None])
         self._present += [keys, values]
-        return keys, values
+        return keys[0], values[0]
 
     def empty_cache(self) -> list[torch.Tensor]:
         """``2 L`` zero tensors (1, H_kv, S, d): the cache before the first call."""

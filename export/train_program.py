@@ -43,8 +43,8 @@ from device_sdk.inject import adapter_config
 from device_sdk.lora import LoRAMoELinear
 from device_sdk.train import objective
 
-from .dependencies import compact_dependencies
 from .errors import ExportError, exporter_failures
+from .partitioning import fast_partitioning
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def export_train_program(model: nn.Module, out: Path, batch_size: int, context: 
             counts = rewrite_for_training(program.graph_module)
             log.info("training graph captured in %.0f s (rewrote %s); lowering...", time.perf_counter() - start, counts)
             partitioner = [XnnpackPartitioner(force_fp32_dynamic_linear=True)] if lower else []
-            with compact_dependencies():  # the stock viewers hold the graph's closure: O(nodes^2) sets
+            with fast_partitioning():  # the stock partitioning costs O(nodes^2) memory and time
                 edge = to_edge_transform_and_lower(program, partitioner=partitioner)
             et = edge.to_executorch(ExecutorchBackendConfig(external_mutable_weights=True))
             data = {name: bytes(cord) for name, cord in et._tensor_data.items()}

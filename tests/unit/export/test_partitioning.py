@@ -1,4 +1,4 @@
-"""export.dependencies: the compact dependency viewer answers as the stock ones, XNNPACK's partitions (stock viewer and
+"""export.partitioning: the compact dependency viewer answers as the stock ones, XNNPACK's partitions (stock viewer and
 merge loop against the compact ones) are the same on a small branchy graph and on a tiny Llama's joint training
 graph, and the stock viewers and merge loop are back after the block."""
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.fx.passes.infra import partitioner as fx_partitioner
 
-from export.dependencies import CompactDependencies, compact_dependencies
+from export.partitioning import CompactDependencies, fast_partitioning
 
 
 class Branchy(nn.Module):
@@ -91,20 +91,37 @@ def training_program() -> torch.export.ExportedProgram:
 
 @pytest.mark.parametrize("make_program", [branchy_program, training_program], ids=["branchy", "training"])
 def test_xnnpack_partitions_are_the_same_and_the_stock_parts_come_back(make_program):
+    from executorch.exir import lowered_backend_module
     from executorch.exir.backend.canonical_partitioners import group_partitioner
 
     def stock_parts():
         return (fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer,
-                group_partitioner.GroupBasedPartitioner._merge_partitions)
+                group_partitioner.GroupBasedPartitioner._merge_partitions, lowered_backend_module.legalize_graph)
 
     program = make_program()
     before = stock_parts()
     reference = partition_tags(program)
-    with compact_dependencies():
+    with fast_partitioning():
         assert fx_partitioner._DependencyViewer is CompactDependencies
         assert group_partitioner._DependencyViewer is CompactDependencies
-        assert stock_parts()[2] is not before[2]
+        assert all(now is not then for now, then in zip(stock_parts()[2:], before[2:]))
         compact = partition_tags(program)
     assert compact == reference
     assert len({tag for _, tag in reference if tag}) >= 2  # the graph does split
     assert stock_parts() == before
+
+
+def test_a_program_lowered_with_fast_partitioning_computes_as_eager():
+    """The in-place re-sort replaces legalize_graph when each partition is cut out; the program still runs right."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    torch.manual_seed(0)
+    model, x = Branchy().eval(), torch.randn(2, 8)
+    with fast_partitioning():
+        lowered = to_edge_transform_and_lower(torch.export.export(model, (x,)), partitioner=[XnnpackPartitioner()])
+    assert sum(1 for n in lowered.exported_program().graph.nodes if "call_delegate" in str(n.target)) >= 2
+    method = Runtime.get().load_program(lowered.to_executorch().buffer).load_method("forward")
+    with torch.no_grad():
+        torch.testing.assert_close(method.execute([x])[0], model(x), atol=1e-5, rtol=1e-5)

@@ -1,5 +1,6 @@
-"""Graph partitioning in memory linear-ish in the graph, not quadratic: a compact stand-in for the dependency viewer of
-torch.fx's ``CapabilityBasedPartitioner`` and ExecuTorch's ``GroupBasedPartitioner`` (which XNNPACK uses).
+"""Partitioning that scales with the graph: compact stand-ins for three steps of an XNNPACK lowering that cost
+O(nodes^2) memory or O(partitions x nodes) time, which is what kept SmolLM2's joint training graph (about 21,000
+nodes and 700 partitions) from lowering in 24 GiB (docs/results.md, issue 14).
 
 Both partitioners build, for every node, a Python ``set`` of all nodes downstream of it (ExecuTorch's also of all
 upstream ones), the transitive closure of the graph. A joint forward + backward graph is nearly a chain of layers
@@ -17,8 +18,12 @@ decisions, pair by pair in the same order, with the closure as integer bit masks
 refused exactly when a node outside both, used by one of them, reaches back into either (the stock check, and what
 its ``validate_partition`` walk re-checks on the unchanged graph).
 
-:func:`compact_dependencies` installs both for the duration of a lowering; the partitions are the same (tested
-against the stock partitioner).
+Each partition is then cut out of the graph by ``create_submodule_from_nodes``, which re-sorts the whole graph
+with ``legalize_graph``: a new graph of every node and a regenerated Python forward, once per partition. Here the
+graph is re-sorted in place (:func:`_sort_in_place`): only the nodes that now come before an input move.
+
+:func:`fast_partitioning` installs all three for the duration of a lowering; the partitions are the same (tested
+against the stock partitioner) and the programs compute the same (the export tests).
 """
 
 from __future__ import annotations
@@ -155,14 +160,24 @@ def _merge_partitions(self, partitions_by_id, assignment, partition_users, parti
             users1_mask = mask_of(users1)
 
 
-#: The group partitioner's own merge loop, set while :func:`compact_dependencies` replaces it.
+def _sort_in_place(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Topologically sort ``gm``'s graph in place, keeping the order where it is valid (``legalize_graph``'s job
+    without its copy of the graph and recompile of the forward; ExecuTorch recompiles when it builds the program)."""
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    stable_topological_sort(gm.graph)
+    return gm
+
+
+#: The group partitioner's own merge loop, set while :func:`fast_partitioning` replaces it.
 _STOCK_MERGE: list = []
 
 
 @contextlib.contextmanager
-def compact_dependencies() -> Iterator[None]:
+def fast_partitioning() -> Iterator[None]:
     """Inside the block (a lowering), the partitioners build :class:`CompactDependencies` as their dependency
-    viewers and ExecuTorch's group partitioner merges with :func:`_merge_partitions`.
+    viewers, ExecuTorch's group partitioner merges with :func:`_merge_partitions`, and cutting out a partition
+    re-sorts the graph with :func:`_sort_in_place`.
 
     Raises:
         ImportError: if a partitioner module is missing (the pinned torch / executorch versions have both).
@@ -178,6 +193,9 @@ def compact_dependencies() -> Iterator[None]:
             saved.append((module, attribute, getattr(module, attribute)))
             setattr(module, attribute, CompactDependencies)
         saved.append((GroupBasedPartitioner, "_merge_partitions", GroupBasedPartitioner._merge_partitions))
+        lowered_module = importlib.import_module("executorch.exir.lowered_backend_module")
+        saved.append((lowered_module, "legalize_graph", lowered_module.legalize_graph))
+        lowered_module.legalize_graph = _sort_in_place
         _STOCK_MERGE[:] = [GroupBasedPartitioner._merge_partitions]
         GroupBasedPartitioner._merge_partitions = _merge_partitions
         yield
@@ -186,4 +204,4 @@ def compact_dependencies() -> Iterator[None]:
             setattr(owner, attribute, original)
 
 
-__all__ = ["CompactDependencies", "compact_dependencies"]
+__all__ = ["CompactDependencies", "fast_partitioning"]
