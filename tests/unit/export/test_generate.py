@@ -57,7 +57,8 @@ def test_generation_stops_at_a_stop_token_at_max_tokens_and_when_the_cache_is_fu
     assert len(first) == 10 and gen.stats.stopped_by == "max_new_tokens"
     assert gen.stats.prompt_tokens == 3 and gen.stats.prefill_tokens_per_s > 0 and gen.stats.decode_tokens_per_s > 0
     stop = first[3]
-    assert gen.generate([1, 2, 3], SamplingConfig(max_new_tokens=10, stop_tokens=(stop,))) == first[: first.index(stop) + 1]
+    stopped = gen.generate([1, 2, 3], SamplingConfig(max_new_tokens=10, stop_tokens=(stop,)))
+    assert stopped == first[: first.index(stop) + 1]
     assert gen.stats.stopped_by == "stop token"
     assert len(gen.generate(list(range(20)), SamplingConfig(max_new_tokens=10, stop_tokens=()))) == 5  # 20 + 4 = 24
     assert gen.stats.stopped_by == "cache full"
