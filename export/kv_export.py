@@ -90,12 +90,11 @@ def export_kv_onnx(model: nn.Module, path: Path, max_seq: int) -> dict:
     cache = wrapped.empty_cache()
     dims = {"input_ids": {1: _seq_dim(max_seq)}, "input_pos": None, "cache": [None] * len(cache)}
     start = time.perf_counter()
-    with exporter_failures("ONNX KV-cache export"):
-        with torch.no_grad():
-            program = torch.onnx.export(wrapped, (*_example(max_seq), cache), dynamo=True, dynamic_shapes=dims,
-                                        input_names=["input_ids", "input_pos", *wrapped.cache_names("past")],
-                                        output_names=["logits", *wrapped.cache_names("present")],
-                                        external_data=False, verbose=False)
+    with exporter_failures("ONNX KV-cache export"), torch.no_grad():
+        program = torch.onnx.export(wrapped, (*_example(max_seq), cache), dynamo=True, dynamic_shapes=dims,
+                                    input_names=["input_ids", "input_pos", *wrapped.cache_names("past")],
+                                    output_names=["logits", *wrapped.cache_names("present")],
+                                    external_data=False, verbose=False)
         program.save(str(path), external_data=False)
     seconds = time.perf_counter() - start
     log.info("wrote %s (KV cache, max_seq %d) in %.1f s", path, max_seq, seconds)

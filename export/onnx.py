@@ -34,11 +34,10 @@ def export_onnx(model: nn.Module, path: Path, max_seq: int, max_batch: int = 64)
     dims = {"input_ids": {0: torch.export.Dim("batch", min=1, max=max_batch),
                           1: torch.export.Dim("seq", min=2, max=max_seq)}}
     start = time.perf_counter()
-    with exporter_failures("ONNX export"):
-        with torch.no_grad():
-            program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=dims,
-                                        input_names=["input_ids"], output_names=["logits"], external_data=False,
-                                        verbose=False)
+    with exporter_failures("ONNX export"), torch.no_grad():
+        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=dims,
+                                    input_names=["input_ids"], output_names=["logits"], external_data=False,
+                                    verbose=False)
         program.save(str(path), external_data=False)
     seconds = time.perf_counter() - start
     log.info("wrote %s in %.1f s", path, seconds)

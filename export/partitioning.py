@@ -34,12 +34,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-#: (module, attribute) of every dependency viewer the partitioners look up when they are built.
-_VIEWERS = (
-    ("torch.fx.passes.infra.partitioner", "_DependencyViewer"),
-    ("executorch.exir.backend.canonical_partitioners.group_partitioner", "_DependencyViewer"),
-)
-
 
 class CompactDependencies:
     """Transitive downstream and upstream nodes of every node of ``graph_module``, as packed bit rows.
@@ -111,12 +105,9 @@ def _merge_partitions(self, partitions_by_id, assignment, partition_users, parti
     merged and merge it into ``p1`` when the union has no external user whose downstream nodes fall back inside it.
     Here ``outside`` is the OR of ``reach(u)`` over the union's external users ``u``; the merge is refused when it
     intersects the union. ``p1``'s part is kept between tries and recomputed only when ``p2`` swallows one of its
-    external users.
+    external users. ``self.dependency_viewer`` is a :class:`CompactDependencies`.
     """
     deps = self.dependency_viewer
-    if not isinstance(deps, CompactDependencies):  # built outside compact_dependencies: the stock loop
-        return _STOCK_MERGE[0](self, partitions_by_id, assignment, partition_users, partition_map, partitions_order)
-
     def mask_of(nodes) -> int:
         mask = 0
         for node in nodes:
@@ -169,10 +160,6 @@ def _sort_in_place(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-#: The group partitioner's own merge loop, set while :func:`fast_partitioning` replaces it.
-_STOCK_MERGE: list = []
-
-
 @contextlib.contextmanager
 def fast_partitioning() -> Iterator[None]:
     """Inside the block (a lowering), the partitioners build :class:`CompactDependencies` as their dependency
@@ -182,25 +169,27 @@ def fast_partitioning() -> Iterator[None]:
     Raises:
         ImportError: if a partitioner module is missing (the pinned torch / executorch versions have both).
     """
-    import importlib
+    from executorch.exir import lowered_backend_module
+    from executorch.exir.backend.canonical_partitioners import group_partitioner
+    from torch.fx.passes.infra import partitioner
 
-    from executorch.exir.backend.canonical_partitioners.group_partitioner import GroupBasedPartitioner
+    stock_merge = group_partitioner.GroupBasedPartitioner._merge_partitions
 
-    saved = []
+    def merge(self, *args) -> None:  # a partitioner built before the block keeps its stock viewer and loop
+        merge_fn = _merge_partitions if isinstance(self.dependency_viewer, CompactDependencies) else stock_merge
+        merge_fn(self, *args)
+
+    patches = [(partitioner, "_DependencyViewer", CompactDependencies),
+               (group_partitioner, "_DependencyViewer", CompactDependencies),
+               (group_partitioner.GroupBasedPartitioner, "_merge_partitions", merge),
+               (lowered_backend_module, "legalize_graph", _sort_in_place)]
+    saved = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in patches]
     try:
-        for module_name, attribute in _VIEWERS:
-            module = importlib.import_module(module_name)
-            saved.append((module, attribute, getattr(module, attribute)))
-            setattr(module, attribute, CompactDependencies)
-        saved.append((GroupBasedPartitioner, "_merge_partitions", GroupBasedPartitioner._merge_partitions))
-        lowered_module = importlib.import_module("executorch.exir.lowered_backend_module")
-        saved.append((lowered_module, "legalize_graph", lowered_module.legalize_graph))
-        lowered_module.legalize_graph = _sort_in_place
-        _STOCK_MERGE[:] = [GroupBasedPartitioner._merge_partitions]
-        GroupBasedPartitioner._merge_partitions = _merge_partitions
+        for owner, attribute, replacement in patches:
+            setattr(owner, attribute, replacement)
         yield
     finally:
-        for owner, attribute, original in reversed(saved):
+        for owner, attribute, original in saved:
             setattr(owner, attribute, original)
 
 
