@@ -208,6 +208,7 @@ def load_forward(program: Path):
     """The ``forward`` method of an exported program on the ExecuTorch Python runtime, with the base and adapter
     data files beside it (merged into one temporary file for the Python loader) when there are any."""
     import executorch.kernels.quantized  # noqa: F401  (kernels of 8da4w / 8da8w programs)
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (KV programs' cache and attention ops)
     from executorch.runtime import Runtime
 
     program = Path(program)

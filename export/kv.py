@@ -4,18 +4,20 @@ of one token over a static cache of ``max_seq`` positions, routers and top-k gat
 The decoder layers' own modules run unchanged (LoRA attention projections, RMSNorms, the routed LoRA-MoE MLP);
 only the attention core is written here, because it reads and writes the cache:
 
-* :class:`KVCacheLM` keeps the cache as module buffers of shape (H_kv, S, d), the layout attention reads, and
-  updates them in place (``index_copy_`` at ``input_pos + arange(T)``): ExecuTorch plans them as mutable buffers that
-  persist between calls. (A (1, H_kv, S, d) buffer would need a reshape before attention, and XNNPACK's reshape
-  copies: the whole cache of every layer, every step.)
+* :class:`KVCacheLM` keeps the cache as module buffers of shape (1, S, H_kv, d) and runs attention with the
+  kernels of ExecuTorch's own LLM export (``llama::update_cache`` writes the T new keys and values in place,
+  ``llama::custom_sdpa`` attends causally over positions ``0 .. input_pos + T - 1`` only, with grouped query
+  heads). ExecuTorch plans the buffers as mutable state that persists between calls. A decode step thus reads the
+  filled part of the cache, not all ``max_seq`` positions (a masked product over the whole cache cost 5x the stock
+  program's attention at short contexts). A phone runtime must link the custom-ops kernels, as ExecuTorch's LLM
+  runner does.
 * :class:`FunctionalKVLM` takes the cache as inputs and returns the updated cache (ONNX: ``past_key.i`` /
-  ``past_value.i`` in, ``present_key.i`` / ``present_value.i`` out).
+  ``past_value.i`` in, ``present_key.i`` / ``present_value.i`` out), with a masked product over the whole cache
+  that groups the query heads by their key/value head instead of repeating the cache (GQA): with ``G = H / H_kv``
+  the queries of one KV head form a (G*T, d) block.
 
 Both return the logits of the last position only (generation needs nothing else; the output projection over a
 49k vocabulary would otherwise cost as much as a layer per prompt token).
-
-Attention groups the query heads by their key/value head instead of repeating the cache (GQA): with ``G = H /
-H_kv`` the queries of one KV head form a (G*T, d) block, so no copy of the cache is made per step.
 
 Shapes: ``T`` new tokens, ``S = max_seq`` cache positions, ``H`` query heads, ``H_kv`` key/value heads, ``d`` head
 width, ``V`` vocabulary, ``L`` layers.
@@ -44,7 +46,8 @@ def _llama_parts(model: nn.Module) -> nn.Module:
 
 
 def cache_shape(model: nn.Module, max_seq: int) -> tuple[int, int, int, int]:
-    """``(1, H_kv, S, d)``: the shape of one layer's key (or value) cache."""
+    """``(1, H_kv, S, d)``: the shape of one layer's key (or value) cache in the ONNX form (the ExecuTorch buffers
+    are (1, S, H_kv, d))."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return 1, cfg.num_key_value_heads, max_seq, head_dim
@@ -87,31 +90,28 @@ class _KVBase(nn.Module):
         dynamic number of tokens it does not)."""
         return x * cos + torch.nn.functional.linear(x, self._rotate_half) * sin
 
-    def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor, layer: int, positions: torch.Tensor) -> torch.Tensor:
+    def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                   step) -> torch.Tensor:
         """One layer's attention over the cache: (1, T, D) -> (1, T, D); writes the T new keys and values.
 
         Shapes are written with one inferred (-1) dimension and no symbolic size, so that XNNPACK delegates the
         reshapes (it refuses symbolic ones).
         """
-        d, g = self.head_dim, self.n_heads // self.n_kv
+        d = self.head_dim
         q = self._rotate(attn.q_proj(x).view(1, -1, self.n_heads, d), cos, sin)  # (1, T, H, d)
         k = self._rotate(attn.k_proj(x).view(1, -1, self.n_kv, d), cos, sin)  # (1, T, H_kv, d)
         v = attn.v_proj(x).view(1, -1, self.n_kv, d)  # (1, T, H_kv, d)
-        # the T new keys and values as (H_kv, T, d); the cache comes back as (H_kv, S, d), the layout read below
-        keys, values = self._update(layer, positions, k.view(-1, self.n_kv, d).transpose(0, 1),
-                                    v.view(-1, self.n_kv, d).transpose(0, 1))
-        # query head h reads KV head h // G (HF's repeat_kv): group the G heads of each KV head as rows
-        q = q.permute(0, 2, 1, 3).reshape(self.n_kv, -1, d)  # (H_kv, G*T, d)
-        scores = torch.bmm(q, keys.transpose(1, 2)) * attn.scaling + mask  # (H_kv, G*T, S)
-        out = torch.bmm(torch.softmax(scores, dim=-1), values)  # (H_kv, G*T, d)
-        out = out.view(self.n_kv, g, -1, d).permute(2, 0, 1, 3)  # (T, H_kv, G, d)
+        out = self._attend(layer, step, q, k, v, attn.scaling)  # (1, T, H, d)
         return attn.o_proj(out.reshape(1, -1, self.n_heads * d))  # (1, T, D)
 
-    def _update(self, layer: int, positions: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys and values k, v (H_kv, T, d) at ``positions`` (T,); return the layer's whole cache
-        as two (H_kv, S, d) tensors."""
+    def _step(self, input_pos: torch.Tensor, t: int):
+        """What every layer's :meth:`_attend` of one call needs to know about the positions of its T tokens."""
+        raise NotImplementedError
+
+    def _attend(self, layer: int, step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        """Write the new keys and values k, v (1, T, H_kv, d) of ``layer`` and attend with q (1, T, H, d) over the
+        cache up to each query's position: -> (1, T, H, d)."""
         raise NotImplementedError
 
     def _logits(self, input_ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -121,14 +121,20 @@ class _KVBase(nn.Module):
         positions = input_pos + torch.arange(t, dtype=torch.long)  # (T,)
         h = inner.embed_tokens(input_ids)  # (1, T, D)
         cos, sin = (c.view(1, -1, 1, self.head_dim) for c in inner.rotary_emb(h, positions[None]))  # (1, T, 1, d)
-        seen = torch.arange(self.max_seq, dtype=torch.long)[None, :] <= positions[:, None]  # (T, S)
-        g = self.n_heads // self.n_kv
-        mask = torch.where(seen, 0.0, float("-inf")).repeat(g, 1)  # (G*T, S): rows as in the grouped queries
+        step = self._step(input_pos, t)
         for i, layer in enumerate(inner.layers):
-            h = h + self._attention(layer.self_attn, self._norm(layer.input_layernorm, h), cos, sin, mask, i,
-                                    positions)
+            h = h + self._attention(layer.self_attn, self._norm(layer.input_layernorm, h), cos, sin, i, step)
             h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
         return self.model.lm_head(self._norm(inner.norm, h[:, -1:]))  # (1, 1, V)
+
+
+def _load_llm_kernels() -> None:
+    """Register ExecuTorch's LLM attention and cache ops (``torch.ops.llama.*``: eager kernels and export shapes)."""
+    try:
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    except (ImportError, OSError, AssertionError) as err:
+        raise ExportError(f"ExecuTorch's LLM kernels (executorch.extension.llm.custom_ops) did not load: {err}. "
+                          "Reinstall the pinned executorch (make setup)") from err
 
 
 class KVCacheLM(_KVBase):
@@ -140,19 +146,26 @@ class KVCacheLM(_KVBase):
 
     def __init__(self, model: nn.Module, max_seq: int) -> None:
         super().__init__(model, max_seq)
-        shape = cache_shape(model, max_seq)[1:]  # (H_kv, S, d)
+        _load_llm_kernels()
+        shape = (1, max_seq, self.n_kv, self.head_dim)  # the layout of llama::update_cache and custom_sdpa
         for i in range(self.n_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
 
-    def _update(self, layer, positions, k, v):
+    def _step(self, input_pos, t):
+        start = input_pos[0].item()  # a symbolic size in the exported graph, as in ExecuTorch's own LLM export
+        torch._check_is_size(start)
+        torch._check(start < self.max_seq)
+        return start
+
+    def _attend(self, layer, step, q, k, v, scale):
         keys, values = getattr(self, f"k_cache_{layer}"), getattr(self, f"v_cache_{layer}")
-        keys.index_copy_(1, positions, k)
-        values.index_copy_(1, positions, v)
-        return keys, values
+        torch.ops.llama.update_cache(k, keys, step)
+        torch.ops.llama.update_cache(v, values, step)
+        return torch.ops.llama.custom_sdpa(q, keys, values, step, None, 0.0, True, scale)
 
     def reset(self) -> None:
-        """Zero the cache (not needed between generations: positions past ``input_pos`` are masked)."""
+        """Zero the cache (not needed between generations: positions past ``input_pos`` are never read)."""
         for name, buf in self.named_buffers():
             if "_cache_" in name:
                 buf.zero_()
@@ -170,11 +183,24 @@ class FunctionalKVLM(_KVBase):
         self._past: list[torch.Tensor] = []
         self._present: list[torch.Tensor] = []
 
-    def _update(self, layer, positions, k, v):
-        keys = self._past[2 * layer].index_copy(2, positions, k[None])  # (1, H_kv, S, d)
-        values = self._past[2 * layer + 1].index_copy(2, positions, v[None])
+    def _step(self, input_pos, t):
+        positions = input_pos + torch.arange(t, dtype=torch.long)  # (T,)
+        seen = torch.arange(self.max_seq, dtype=torch.long)[None, :] <= positions[:, None]  # (T, S)
+        g = self.n_heads // self.n_kv
+        mask = torch.where(seen, 0.0, float("-inf")).repeat(g, 1)  # (G*T, S): rows as in the grouped queries
+        return positions, mask
+
+    def _attend(self, layer, step, q, k, v, scale):
+        positions, mask = step
+        d, g = self.head_dim, self.n_heads // self.n_kv
+        keys = self._past[2 * layer].index_copy(2, positions, k.transpose(1, 2))  # (1, H_kv, S, d)
+        values = self._past[2 * layer + 1].index_copy(2, positions, v.transpose(1, 2))
         self._present += [keys, values]
-        return keys[0], values[0]
+        # query head h reads KV head h // G (HF's repeat_kv): group the G heads of each KV head as rows
+        q = q.permute(0, 2, 1, 3).reshape(self.n_kv, -1, d)  # (H_kv, G*T, d)
+        scores = torch.bmm(q, keys[0].transpose(1, 2)) * scale + mask  # (H_kv, G*T, S)
+        out = torch.bmm(torch.softmax(scores, dim=-1), values[0])  # (H_kv, G*T, d)
+        return out.view(self.n_kv, g, -1, d).permute(2, 0, 1, 3)  # (T, H_kv, G, d) = (1, T, H, d) in memory order
 
     def empty_cache(self) -> list[torch.Tensor]:
         """``2 L`` zero tensors (1, H_kv, S, d): the cache before the first call."""

@@ -54,6 +54,21 @@ def test_eager_cache_forms_equal_the_full_sequence_model(mixing):
     torch.testing.assert_close(torch.stack(out), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_the_program_form_reads_only_the_filled_part_of_its_cache():
+    """Attention of the ExecuTorch form runs over positions ``0 .. pos + T - 1`` only: cache positions past them
+    may hold anything (here NaN; a masked product over the whole cache would turn it into NaN logits)."""
+    model = export_model(make_model("tiny-llama", n_specialists=2))
+    x = torch.randint(0, 257, (1, 20))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits[0, 9:]
+    eager = EagerKV(model, 32)
+    for name, buf in eager.module.named_buffers():
+        if "_cache_" in name:
+            buf.fill_(float("nan"))
+    out = [eager(x[:, :10], 0)] + [eager(x[:, i : i + 1], i) for i in range(10, 20)]  # no reset: NaNs stay
+    torch.testing.assert_close(torch.stack(out), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_a_model_outside_the_llama_family_fails_clearly():
     with pytest.raises(ExportError, match="Llama family.*'gpt2'.*without --kv-cache"):
         KVCacheLM(make_model("tiny-gpt2"), 16)
