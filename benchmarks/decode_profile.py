@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import table, write_json  # noqa: E402
-from export.executorch import BASE_DATA, PROGRAM, merged_data_file  # noqa: E402
+from export.executorch import PROGRAM, data_beside  # noqa: E402
 
 
 def profile(path: Path, steps: int, prompt: int) -> dict:
@@ -34,12 +34,8 @@ def profile(path: Path, steps: int, prompt: int) -> dict:
     from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
     program = path / PROGRAM if path.is_dir() else path
-    data = merged_data_file(program.parent) if (program.parent / BASE_DATA).is_file() else None
-    try:
+    with data_beside(program) as data:
         module = _load_for_executorch(str(program), str(data) if data else None, enable_etdump=True)
-    finally:
-        if data is not None:
-            data.unlink(missing_ok=True)
     module.forward([torch.randint(0, 1000, (1, prompt)), torch.tensor([0])])
     start = time.perf_counter()
     for i in range(steps):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--programs", type=Path, default=OUT / "train-program")
     parser.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # export stages
     shapes = [_shape(s) for s in args.shapes.split(",")]
     if args.child:  # peak memory of one variant in this fresh process
         b, t = shapes[0]

@@ -13,10 +13,12 @@ valid for any adapter values of the same shapes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -194,30 +196,33 @@ def write_adapters(program_dir: Path, tensors: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-def merged_data_file(program_dir: Path) -> Path:
-    """One .ptd with base and adapter data (the Python runtime loads a single data file; the C++ one takes
-    several). Written next to the program as ``.merged.ptd``."""
-    program_dir = Path(program_dir)
+@contextlib.contextmanager
+def data_beside(program: Path) -> Iterator[Path | None]:
+    """The one data file the Python loaders take for ``program``: its base and adapter data merged into a
+    temporary ``.merged.ptd`` beside it (the C++ runtime takes several files), or ``None`` for a program without
+    data files. The file is removed on exit: a loaded program keeps it mapped."""
+    program_dir = Path(program).parent
+    if not (program_dir / BASE_DATA).is_file():
+        yield None
+        return
     merged = {**read_ptd(program_dir / BASE_DATA), **read_ptd(program_dir / ADAPTER_DATA)}
     path = program_dir / ".merged.ptd"
     atomic_write_bytes(path, _serialize(merged))
-    return path
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def load_forward(program: Path):
     """The ``forward`` method of an exported program on the ExecuTorch Python runtime, with the base and adapter
-    data files beside it (merged into one temporary file for the Python loader) when there are any."""
+    data files beside it when there are any."""
     import executorch.kernels.quantized  # noqa: F401  (kernels of 8da4w / 8da8w programs)
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (KV programs' cache and attention ops)
     from executorch.runtime import Runtime
 
-    program = Path(program)
-    data = merged_data_file(program.parent) if (program.parent / BASE_DATA).is_file() else None
-    try:
+    with data_beside(program) as data:
         return Runtime.get().load_program(str(program), data_path=str(data) if data else None).load_method("forward")
-    finally:
-        if data is not None:  # the runtime holds the data mapped; the merged copy need not stay on disk
-            data.unlink(missing_ok=True)
 
 
 class PteRunner:
