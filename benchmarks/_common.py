@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
-import torch
+
+from device_sdk.hostinfo import host
 
 OUT = Path(__file__).resolve().parent / "out"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def host() -> dict:
-    return {"cpus": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability()}
 
 
 def write_json(name: str, payload: dict) -> Path:

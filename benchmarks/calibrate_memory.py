@@ -2,8 +2,9 @@
 
 Each configuration runs in a fresh process (peak RSS is per process): load the model, inject 1 generalist and
 E-1 specialists, run 4 expert steps and 1 router step at batch B x T, report VmHWM and the fastest of the last
-three expert steps (step time depends on the machine and its load: calibrate on the device class you target). The fitted coefficients
-are written to device_sdk/calibration/memory.json with the measurements and the worst fit error.
+three expert steps (step time depends on the machine and its load: calibrate on the device class you target). The
+fitted coefficients are written to device_sdk/calibration/memory.json with the measurements and the worst fit
+error.
 
     .venv/bin/python benchmarks/calibrate_memory.py [--model smollm2-135m] [--quick]
 """

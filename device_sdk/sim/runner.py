@@ -24,6 +24,7 @@ from ..data import UserData, eval_windows, interleave
 from ..device_select import model_device
 from ..errors import ConfigError
 from ..evaluate import autocast, evaluate, loss_with
+from ..hostinfo import host
 from ..inject import adapter_config, inject_adapters, routed_blocks
 from ..models import BaseModel
 from ..parts import Role, count_parameters
@@ -283,7 +284,7 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
         "mean": float(np.mean(list(final.values()))), "pretrained": {n: c[0] for n, c in curves.items()},
         "train_loss": train_loss, "expert_scores": scores, "routing": routing,
         "strategy_state": _jsonable(strategy.state), "seconds": time.perf_counter() - start,
-        "via_server": rounds_via is not None,
+        "via_server": rounds_via is not None, "host": host(),  # the machine of the last round (runs resume elsewhere)
         "trainable_params": {n: sum(count_parameters(test_model(u))[r.value] for r in Role)  # adapters, all roles
                              for u, n in enumerate(names)},
     }

@@ -45,6 +45,7 @@ def test_comigs_shares_generalists_and_attention_but_keeps_specialists_and_route
     assert record["iterations"] == [0, 2, 4] and len(record["test_ppl"]["u1"]) == 3
     assert record["mean"] < sum(record["pretrained"].values()) / 3  # it learned something
     assert set(record["routing"]) == {"u1", "u2"}  # u3 has one expert: no router
+    assert record["host"]["isa"] == torch.backends.cpu.get_cpu_capability() and record["host"]["cpu"]
 
 
 def test_local_shares_nothing_and_fedavg_ends_with_one_model(users_dir):
