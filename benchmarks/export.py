@@ -47,8 +47,11 @@ PREFILL, DECODE = 128, (64, 256)
 #: SmolLM2-135M in the params format of ExecuTorch's Llama model (HF rotary layout: weights need no permutation).
 SMOLLM2_PARAMS = {"dim": 576, "hidden_dim": 1536, "n_heads": 9, "n_kv_heads": 3, "n_layers": 30, "norm_eps": 1e-5,
                   "rope_theta": 100000.0, "use_scaled_rope": False, "vocab_size": 49152, "use_hf_rope": True}
-#: How each quantisation label is asked of export_llm (int8 embedding as in export/quantize.py).
-STOCK_QMODES = {"none": [], "8da8w": ["quantization.qmode=8da8w", "quantization.embedding_quantize='8,0'"],
+#: How each quantisation label is asked of export_llm (int8 embedding as in export/quantize.py). Its source
+#: transforms have no 8da8w qmode; int8 dynamic activations with int8 per-channel weights on XNNPACK are its PT2E
+#: ``xnnpack_dynamic`` quantizer.
+STOCK_QMODES = {"none": [], "8da8w": ["quantization.pt2e_quantize=xnnpack_dynamic",
+                                      "quantization.embedding_quantize='8,0'"],
                 "8da4w": ["quantization.qmode=8da4w", "quantization.group_size=32",
                           "quantization.embedding_quantize='8,0'"]}
 
