@@ -45,6 +45,8 @@ from device_sdk.models import load_base_model  # noqa: E402
 from device_sdk.train import expert_step, init_train_state  # noqa: E402
 
 VARIANTS = ("pytorch-fp32", "pytorch-bf16", "executorch")
+COLUMNS = ["shape", "variant", "step_s", "tokens_per_s", "vs_fp32", "peak_rss_mb", "program_mb", "data_mb",
+           "export_s"]
 ADAPTER = AdapterConfig(n_specialists=1, mixing="mlp", routing="dense")
 
 
@@ -147,12 +149,11 @@ def main() -> None:
             rows.append({"shape": f"{b}x{t}", "variant": v, "step_s": s, "tokens_per_s": b * t / s,
                          "vs_fp32": s / fp32, "peak_rss_mb": child_peak(v, args, b, t, folder),
                          **({k: files[k] for k in files} if v == "executorch" else {})})
-    columns = ["shape", "variant", "step_s", "tokens_per_s", "vs_fp32", "peak_rss_mb", "program_mb", "data_mb",
-               "export_s"]
-    print(table(rows, columns))
-    path = write_json("train_program", {"model": args.model, "adapter": ADAPTER.to_dict(), "rows": rows,
-                                        "raw_times": raw, "goal": "executorch step <= 1.5x pytorch-fp32"})
-    print(f"wrote {path}")
+        # after each shape: a long export of the next one must not hold back what is measured
+        print(table(rows, COLUMNS), flush=True)
+        path = write_json("train_program", {"model": args.model, "adapter": ADAPTER.to_dict(), "rows": rows,
+                                            "raw_times": raw, "goal": "executorch step <= 1.5x pytorch-fp32"})
+        print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":
