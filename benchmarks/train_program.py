@@ -9,8 +9,12 @@ for each batch shape (default 2x128 and 8x128). Peak memory: each variant in a f
 3 steps, kernel high-water mark); the ExecuTorch child holds only the program (no PyTorch model), as an edge app
 does. Also reported: program and data file sizes and export time (goal: executorch step <= 1.5x pytorch-fp32).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_program.py [--shapes 2x128,8x128] [--rounds 4]
+    .venv/bin/python benchmarks/train_program.py [--shapes 2x128,8x128] [--rounds 4] [--threads 2]
         [--programs benchmarks/out/train-program]   (existing programs there are reused, not re-exported)
+
+``--threads`` sets both PyTorch's intra-op threads and the ExecuTorch runtime's thread pool. On a machine with
+other work on its cores, use 1: a PyTorch step with two OpenMP threads can wait many times its own length for a
+descheduled thread (measured: 122 s for a 2 x 128 fp32 step), which no program would show on a quiet device.
 """
 
 from __future__ import annotations
@@ -101,10 +105,18 @@ def ensure_program(model_name: str, b: int, t: int, folder: Path) -> dict:
             "data_mb": (folder / TRAINABLE_DATA).stat().st_size / 2**20}
 
 
+def set_threads(n: int) -> None:
+    """``n`` threads for PyTorch and for the ExecuTorch runtime alike."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    torch.set_num_threads(n)
+    _unsafe_reset_threadpool(n)
+
+
 def child_peak(variant: str, args, b: int, t: int, folder: Path) -> float:
     done = subprocess.run([sys.executable, __file__, "--child", variant, "--model", args.model, "--shapes",
-                           f"{b}x{t}", "--programs", str(args.programs)], capture_output=True, text=True,
-                          timeout=3600)
+                           f"{b}x{t}", "--programs", str(args.programs), "--threads", str(args.threads)],
+                          capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
@@ -116,8 +128,10 @@ def main() -> None:
     parser.add_argument("--shapes", default="2x128,8x128", help="batch x context, comma-separated")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--programs", type=Path, default=OUT / "train-program")
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch and ExecuTorch threads")
     parser.add_argument("--child", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    set_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # export stages
     shapes = [_shape(s) for s in args.shapes.split(",")]
     if args.child:  # peak memory of one variant in this fresh process
@@ -152,7 +166,8 @@ def main() -> None:
         # after each shape: a long export of the next one must not hold back what is measured
         print(table(rows, COLUMNS), flush=True)
         path = write_json("train_program", {"model": args.model, "adapter": ADAPTER.to_dict(), "rows": rows,
-                                            "raw_times": raw, "goal": "executorch step <= 1.5x pytorch-fp32"})
+                                            "raw_times": raw, "threads": args.threads,
+                                            "goal": "executorch step <= 1.5x pytorch-fp32"})
         print(f"wrote {path}", flush=True)
 
 
