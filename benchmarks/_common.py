@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from device_sdk.hostinfo import host
 
 OUT = Path(__file__).resolve().parent / "out"

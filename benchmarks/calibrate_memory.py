@@ -33,7 +33,8 @@ from device_sdk.inject import inject_adapters
 from device_sdk.memory import peak_rss_mb
 from device_sdk.models import load_base_model
 from device_sdk.train import expert_step, init_train_state, router_step
-model_name, experts, batch, ctx, precision = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+model_name, precision = sys.argv[1], sys.argv[5]
+experts, batch, ctx = (int(a) for a in sys.argv[2:5])
 base = load_base_model(model_name)
 shape = model_shape(base.model)
 model = inject_adapters(base.model, AdapterConfig(n_specialists=experts - 1))
