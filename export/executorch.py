@@ -78,9 +78,9 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
             2..max_seq).
         program: the program's file name (its data files are ``base.ptd`` and ``adapters.ptd`` either way).
         cache_buffers: name patterns of mutable buffers (a KV cache): their initial zeros are stored in the
-            program (ExecuTorch otherwise leaves mutated buffers uninitialised, and a NaN bit pattern there would
-            survive masking: 0 * NaN), and their updates run in place (without the reinplace pass every call
-            copies the whole cache twice).
+            program (ExecuTorch otherwise leaves mutated buffers uninitialised; a program that reads the cache
+            through a mask would turn a NaN bit pattern there into NaN logits: 0 * NaN), and their updates run in
+            place (without the reinplace pass every call copies the whole cache twice).
 
     Returns:
         ``{"file", "seconds", "adapter_keys"}``.

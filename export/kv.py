@@ -104,8 +104,9 @@ class _KVBase(nn.Module):
         out = self._attend(layer, step, q, k, v, attn.scaling)  # (1, T, H, d)
         return attn.o_proj(out.reshape(1, -1, self.n_heads * d))  # (1, T, D)
 
-    def _step(self, input_pos: torch.Tensor, t: int):
-        """What every layer's :meth:`_attend` of one call needs to know about the positions of its T tokens."""
+    def _step(self, input_pos: torch.Tensor, positions: torch.Tensor):
+        """What every layer's :meth:`_attend` of one call needs to know about the positions of its T tokens
+        (``input_pos`` (1,), ``positions`` (T,) = ``input_pos + 0..T-1``)."""
         raise NotImplementedError
 
     def _attend(self, layer: int, step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -121,7 +122,7 @@ class _KVBase(nn.Module):
         positions = input_pos + torch.arange(t, dtype=torch.long)  # (T,)
         h = inner.embed_tokens(input_ids)  # (1, T, D)
         cos, sin = (c.view(1, -1, 1, self.head_dim) for c in inner.rotary_emb(h, positions[None]))  # (1, T, 1, d)
-        step = self._step(input_pos, t)
+        step = self._step(input_pos, positions)
         for i, layer in enumerate(inner.layers):
             h = h + self._attention(layer.self_attn, self._norm(layer.input_layernorm, h), cos, sin, i, step)
             h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
@@ -152,7 +153,7 @@ class KVCacheLM(_KVBase):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
 
-    def _step(self, input_pos, t):
+    def _step(self, input_pos, positions):
         start = input_pos[0].item()  # a symbolic size in the exported graph, as in ExecuTorch's own LLM export
         torch._check_is_size(start)
         torch._check(start < self.max_seq)
@@ -183,8 +184,7 @@ class FunctionalKVLM(_KVBase):
         self._past: list[torch.Tensor] = []
         self._present: list[torch.Tensor] = []
 
-    def _step(self, input_pos, t):
-        positions = input_pos + torch.arange(t, dtype=torch.long)  # (T,)
+    def _step(self, input_pos, positions):
         seen = torch.arange(self.max_seq, dtype=torch.long)[None, :] <= positions[:, None]  # (T, S)
         g = self.n_heads // self.n_kv
         mask = torch.where(seen, 0.0, float("-inf")).repeat(g, 1)  # (G*T, S): rows as in the grouped queries

@@ -135,7 +135,7 @@ class PteKV:
         self.max_seq = max_seq
 
     def reset(self) -> None:
-        """Nothing to do: positions at or after ``pos`` are masked, and written before they are read."""
+        """Nothing to do: positions at or after ``pos`` are written before they are read."""
 
     def __call__(self, input_ids: torch.Tensor, pos: int) -> torch.Tensor:
         _check(input_ids, pos, self.max_seq)
