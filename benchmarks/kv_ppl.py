@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import table, write_json  # noqa: E402
 from device_sdk.data import load_user_data  # noqa: E402
 from device_sdk.models import load_base_model  # noqa: E402
+from export.errors import ExportError  # noqa: E402
 from export.executorch import PROGRAM  # noqa: E402
 from export.kv_export import kv_runner  # noqa: E402
 
@@ -59,7 +60,11 @@ def main() -> None:
     rows = []
     for path in args.programs:
         program = path / PROGRAM if path.is_dir() else path
-        rows.append({"program": str(program), "ppl": perplexity(program, wins), "tokens": args.windows * args.length})
+        try:
+            ppl = perplexity(program, wins)
+        except ExportError as err:  # a missing or unsuitable file: say so without a traceback
+            raise SystemExit(str(err)) from err
+        rows.append({"program": str(program), "ppl": ppl, "tokens": args.windows * args.length})
         print(table(rows[-1:], ["program", "ppl", "tokens"]), flush=True)
     print(table(rows, ["program", "ppl", "tokens"]))
     print("wrote", write_json("kv_ppl", {"data": str(args.data), "windows": args.windows, "length": args.length,

@@ -173,6 +173,8 @@ class OnnxKV:
 def kv_runner(path: Path, max_seq: int) -> KVRunner:
     """The runner of an exported KV-cache file (``.pte`` or ``.onnx``)."""
     path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist; give the model.pte or model.onnx of a --kv-cache export")
     return PteKV(path, max_seq) if path.suffix == ".pte" else OnnxKV(path)
 
 

@@ -139,6 +139,13 @@ def test_update_adapters_after_a_round_keeps_the_kv_program_and_base_file(kv_exp
                                atol=ATOL, rtol=ATOL)
 
 
+def test_a_missing_kv_file_fails_clearly(tmp_path):
+    from export.kv_export import kv_runner
+
+    with pytest.raises(ExportError, match="model.pte does not exist; give the model.pte or model.onnx"):
+        kv_runner(tmp_path / "model.pte", 16)
+
+
 def test_a_full_sequence_onnx_file_is_refused_as_kv_model(tmp_path):
     from export.load import LogitsModel
     from export.onnx import export_onnx
