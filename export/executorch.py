@@ -98,9 +98,13 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fqn = {f"model.{name}" for name in adapters}
+    # constants a delegate takes as runtime inputs (a batched product's operand) stay placeholders of the program,
+    # named after their parameter: filled in once the program is lowered
+    placeholder_fqn: dict[str, str] = {}
 
     def tag(node: torch.fx.Node) -> str:
-        return "adapters" if str(node.target) in fqn else "base"
+        target = str(node.target)
+        return "adapters" if placeholder_fqn.get(target, target) in fqn else "base"
 
     real = {name: p.detach().clone() for name, p in adapters.items()}
     generator = torch.Generator().manual_seed(20240611)
@@ -121,6 +125,7 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
             with fast_partitioning():  # the stock partitioning costs O(nodes^2) memory and time
                 lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
             log.info("ExecuTorch: lowered in %.0f s so far; writing the program...", time.perf_counter() - start)
+            placeholder_fqn.update(lowered.exported_program().graph_signature.inputs_to_parameters)
             from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
             passes = [InitializedMutableBufferPass(list(cache_buffers))] if cache_buffers else []

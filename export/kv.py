@@ -98,11 +98,16 @@ class _KVBase(nn.Module):
         reshapes (it refuses symbolic ones).
         """
         d = self.head_dim
-        q = self._rotate(attn.q_proj(x).view(1, -1, self.n_heads, d), cos, sin)  # (1, T, H, d)
-        k = self._rotate(attn.k_proj(x).view(1, -1, self.n_kv, d), cos, sin)  # (1, T, H_kv, d)
-        v = attn.v_proj(x).view(1, -1, self.n_kv, d)  # (1, T, H_kv, d)
-        out = self._attend(layer, step, q, k, v, attn.scaling)  # (1, T, H, d)
-        return attn.o_proj(out.reshape(1, -1, self.n_heads * d))  # (1, T, D)
+        fused = getattr(attn, "lora_fused", None)  # export.fused.FusedAttentionLoRA
+        if fused is None:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        else:
+            q, k, v = fused.qkv(x, attn.q_proj, attn.k_proj, attn.v_proj)
+        q = self._rotate(q.view(1, -1, self.n_heads, d), cos, sin)  # (1, T, H, d)
+        k = self._rotate(k.view(1, -1, self.n_kv, d), cos, sin)  # (1, T, H_kv, d)
+        v = v.view(1, -1, self.n_kv, d)  # (1, T, H_kv, d)
+        out = self._attend(layer, step, q, k, v, attn.scaling).reshape(1, -1, self.n_heads * d)  # (1, T, H*d)
+        return attn.o_proj(out) if fused is None else fused.o(out, attn.o_proj)  # (1, T, D)
 
     def _step(self, input_pos: torch.Tensor, positions: torch.Tensor):
         """What every layer's :meth:`_attend` of one call needs to know about the positions of its T tokens

@@ -52,14 +52,15 @@ def export_kv_pte(model: nn.Module, out: Path, max_seq: int, quantize: str = "no
         quantize: ``none``, ``8da8w`` or ``8da4w`` (:func:`export.quantize.quantize_program`).
 
     Returns:
-        ``export_pte``'s ``{"file", "seconds", "data_files"}``.
+        ``export_pte``'s ``{"file", "seconds", "data_files"}`` (with the adapter layout file, see
+        :mod:`export.fused`) and ``adapter_constants``.
 
     Raises:
         ExportError: for a model outside the Llama family or a failed lowering.
     """
-    from device_sdk.parts import iter_role_parameters
-
+    from .adapter_layout import save_layout
     from .executorch import export_pte
+    from .fused import fuse_adapters
 
     program = KVCacheLM(model, max_seq).eval()
     if quantize != "none":
@@ -67,10 +68,14 @@ def export_kv_pte(model: nn.Module, out: Path, max_seq: int, quantize: str = "no
 
         program, counts = quantize_program(program, quantize)
         log.info("%s: %d base linears, %d embedding(s) int8", quantize, counts["linears"], counts["embeddings"])
-    adapters = {name: p for name, p, _ in iter_role_parameters(program.model)}
+    program, layout = fuse_adapters(program, copy_first=quantize == "none")  # a quantised program is a copy already
+    adapters = {fused.name: program.model.get_parameter(fused.name) for fused in layout}
     dims = {"input_ids": {1: _seq_dim(max_seq)}, "input_pos": None}
-    return export_pte(program, out, max_seq, adapters, quantized=quantize != "none",
-                      example_inputs=_example(max_seq), dynamic_shapes=dims, cache_buffers=("k_cache_", "v_cache_"))
+    result = export_pte(program, out, max_seq, adapters, quantized=quantize != "none",
+                        example_inputs=_example(max_seq), dynamic_shapes=dims,
+                        cache_buffers=("k_cache_", "v_cache_"))
+    layout_file = save_layout(out, layout)
+    return {**result, "data_files": [*result["data_files"], layout_file.name], "adapter_constants": len(layout)}
 
 
 def export_kv_onnx(model: nn.Module, path: Path, max_seq: int) -> dict:

@@ -270,6 +270,7 @@ def update_program_adapters(program_dir: Path, checkpoint: Path) -> Path:
     """
     from device_sdk.adapters import file_mixing, read_adapter_file
 
+    from .adapter_layout import build_all, load_layout
     from .executorch import write_adapters
     from .load import find_adapters
 
@@ -292,7 +293,8 @@ def update_program_adapters(program_dir: Path, checkpoint: Path) -> Path:
                               f"{program_mixing} mixing (the tensors fit, the model would not); export the "
                               "checkpoint again")
         tensors.update(file_tensors)
-    written = write_adapters(program_dir, tensors)
+    layout = load_layout(program_dir)  # None: the program stores every adapter tensor as it is
+    written = write_adapters(program_dir, tensors if layout is None else build_all(layout, tensors))
     manifest["round"], manifest["global_version"] = info.get("round"), info.get("global_version")
     manifest["files"]["adapters.ptd"] = {"sha256": _sha256(written), "bytes": written.stat().st_size}
     (program_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))

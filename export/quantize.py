@@ -38,8 +38,27 @@ class BlockOffsetLinear(nn.Module):
         self.block_sum = block_sum
         self.offsets = constant_weight(offsets)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + F.linear(F.linear(x, self.block_sum), self.offsets)
+    def forward(self, x: torch.Tensor, sums: torch.Tensor | None = None) -> torch.Tensor:
+        """``sums``: ``x`` summed per block, (..., K / B), when the caller shares them between linears."""
+        if sums is None:
+            sums = F.linear(x, self.block_sum)
+        return self.linear(x) + F.linear(sums, self.offsets)
+
+
+def shared_input(linears: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of base linears that read the same input ``x`` (q, k and v; gate and up): Q4_1 linears of one
+    width share one block-sum product instead of one each."""
+    sums: dict[int, torch.Tensor] = {}
+    outputs = []
+    for linear in linears:
+        if isinstance(linear, BlockOffsetLinear):
+            key = id(linear.block_sum)
+            if key not in sums:
+                sums[key] = F.linear(x, linear.block_sum)
+            outputs.append(linear(x, sums[key]))
+        else:
+            outputs.append(linear(x))
+    return outputs
 
 
 def _untie_output_embedding(model: nn.Module) -> None:
