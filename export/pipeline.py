@@ -26,9 +26,14 @@ QUANTIZE = ("none", "8da4w", "8da8w", "int4")  # 8da4w / 8da8w: the .pte; int4: 
 PTE_QUANTIZE = ("8da4w", "8da8w")
 MANIFEST = "manifest.json"
 #: An int4 model ships only if it stays this close to the fp32 PyTorch model. Perplexity is the quality
-#: criterion; argmax agreement only guards against a broken graph (near-uniform predictions flip argmax easily).
-#: onnxruntime's dynamic int8 on this model family (ppl 16 -> 26-28, argmax 58%) fails both.
-QUANTIZED_TOL = Tolerance(max_abs_logit_diff=float("inf"), min_argmax_agreement=0.70, max_ppl_rel_diff=0.05)
+#: criterion; argmax agreement only guards against a broken graph, which agrees on almost no token (near-uniform
+#: predictions flip argmax easily: a tiny random model's 8da4w program agrees on 0.70 at equal perplexity, the real
+#: SmolLM2's on 0.85). onnxruntime's dynamic int8 on this model family (ppl 16 -> 26-28) fails the perplexity.
+QUANTIZED_TOL = Tolerance(max_abs_logit_diff=float("inf"), min_argmax_agreement=0.50, max_ppl_rel_diff=0.05)
+#: Windows per sequence length of the parity checks: fp32 files must match everywhere, so a few windows do; a
+#: quantised file's perplexity is a statistic, and on the 4 windows' 168 predicted tokens of a KV check it moved by
+#: 3 points between two 8da8w programs of the same function (docs/results.md), so it is judged on 16 (672 tokens).
+WINDOWS, QUANTIZED_WINDOWS = 4, 16
 
 
 @dataclass(frozen=True)
@@ -105,14 +110,16 @@ KV_SIGNATURE = {"inputs": {"input_ids": "int64 (1, seq), 1 <= seq <= max_seq",
 
 
 def check_file(loaded: Personalized, path: Path, tokens: np.ndarray, seq_lens: tuple[int, ...], limits: Tolerance,
-               kv_cache: bool, max_seq: int):
+               kv_cache: bool, max_seq: int, quantized: bool):
     """Verify one exported file against the PyTorch model (a KV-cache file through prefill and decode calls)."""
+    windows = QUANTIZED_WINDOWS if quantized else WINDOWS
     if kv_cache:
         from .kv_export import kv_runner
         from .verify import compare_kv
 
-        return compare_kv(loaded.model, kv_runner(path, max_seq), tokens, path.name, seq_lens=seq_lens, tol=limits)
-    return compare(loaded.model, runner_for(path), tokens, path.name, seq_lens=seq_lens, tol=limits)
+        return compare_kv(loaded.model, kv_runner(path, max_seq), tokens, path.name, seq_lens=seq_lens,
+                          windows=windows, tol=limits)
+    return compare(loaded.model, runner_for(path), tokens, path.name, seq_lens=seq_lens, windows=windows, tol=limits)
 
 
 #: Greedy generation check of fp32 KV-cache files: this many prompts (cut from the verification text) of
@@ -205,7 +212,7 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
         quantized = ".int4." in path.name or (path.suffix == ".pte" and options.quantize in PTE_QUANTIZE)
         limits = QUANTIZED_TOL if quantized else tol
         log.info("verifying %s against PyTorch...", path.name)
-        result = check_file(loaded, path, tokens, seq_lens, limits, options.kv_cache, options.max_seq)
+        result = check_file(loaded, path, tokens, seq_lens, limits, options.kv_cache, options.max_seq, quantized)
         log.info("%s: max |logit diff| %.2e, argmax agreement %.4f, ppl %.4f vs %.4f", path.name,
                  result.max_abs_logit_diff, result.argmax_agreement, result.ppl_exported, result.ppl_pytorch)
         require(result, limits)
@@ -251,7 +258,7 @@ def verify_export(checkpoint: Path, out: Path, data: Path | None = None, tol: To
             export = manifest.get("export", {})
             seq_lens = tuple(t for t in (16, 64) if t <= export.get("max_seq", 64))
             result = check_file(loaded, path, tokens, seq_lens, limits, bool(export.get("kv_cache")),
-                                export.get("max_seq", 512))
+                                export.get("max_seq", 512), quantized)
             require(result, limits)
             results[name] = result.to_dict()
             if export.get("kv_cache") and not quantized:

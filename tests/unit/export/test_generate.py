@@ -107,6 +107,8 @@ def test_quantised_kv_files_hold_perplexity_and_generate(quantised):
     for manifest, name in ((pte, "model.pte"), (onnx, "model.int4.onnx")):
         check = manifest["verification"][name]
         assert check["passed"] and check["ppl_rel_diff"] < 0.05 and check["seq_lens"] == [16, 64]
+    # a quantised file's perplexity is judged on 4x the windows of an fp32 file's parity check (672 tokens)
+    assert onnx["verification"]["model.int4.onnx"]["tokens"] == 4 * onnx["verification"]["model.onnx"]["tokens"] == 672
     for folder, runtime, file in ((root / "pte", "pte", "model.onnx"), (root / "onnx", "onnx", "model.int4.onnx")):
         gen = open_export(folder, runtime, file)
         new = gen.generate(gen.tokens.encode("The train"), SamplingConfig(max_new_tokens=12, stop_tokens=()))
