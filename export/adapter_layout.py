@@ -25,10 +25,9 @@ LAYOUT_FILE = "adapter_layout.json"
 LAYOUT_VERSION = 1
 
 #: ``same``: the tensor itself. ``rows`` / ``cols``: the sources concatenated along dim 0 / 1 (stacked A (E*r, D_in),
-#: side-by-side B (D_out, E*r)). ``batch_t``: the sources transposed and stacked, (E, D_in, D_out) for a batched
-#: product. ``slot_cols``: one B (D_out, r) placed in column block ``slot`` of ``slots`` zero blocks, (D_out,
-#: slots*r), for a product with the stacked A of several projections.
-KINDS = ("same", "rows", "cols", "batch_t", "slot_cols")
+#: side-by-side B (D_out, E*r)). ``slot_cols``: one B (D_out, r) placed in column block ``slot`` of ``slots`` zero
+#: blocks, (D_out, slots*r), for a product with the stacked A of several projections.
+KINDS = ("same", "rows", "cols", "slot_cols")
 
 
 @dataclass(frozen=True)
@@ -81,8 +80,6 @@ class FusedTensor:
                 out = torch.cat(parts, dim=0)
             elif self.kind == "cols":
                 out = torch.cat(parts, dim=1)
-            elif self.kind == "batch_t":
-                out = torch.stack([p.t() for p in parts])
             else:  # slot_cols
                 rows, width = parts[0].shape
                 out = parts[0].new_zeros(rows, width * self.slots)

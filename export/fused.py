@@ -1,18 +1,23 @@
 """Fused adapter products for the ExecuTorch KV-cache program: the same function as the model's LoRA and LoRA-MoE
 layers, in a few larger products per token instead of two small ones per adapter.
 
-At one token per decode step the cost of a product is mostly its call, not its bytes: the unfused program made
-about 34 small float products per layer in 8da8w (1,020 per token for SmolLM2) beside the 7 quantised base
-linears. Fused, per layer:
+At one token per decode step a small product costs about as much for its call as for its bytes (2.2 us per fp32
+product in SmolLM2's 8da8w program, which makes 1,020 of them per token beside 211 quantised base linears).
+Fused, per layer:
 
 * attention: one product with the stacked A matrices of q, k and v, then one per projection with its scaled B
-  placed at its rows of the stack (zero elsewhere), and o's pair;
-* MLP, whole-MLP experts (``mixing="mlp"``): one product with the stacked A of every expert for gate and one for
-  up, the experts' B as one batched product each, the gated mix of the experts' hidden states as one batched
-  product, the down projection's A as one batched product and its B for all experts as one product;
-* MLP, projection experts: per projection one product with the stacked A, the gates applied per expert's rank
-  block, and one with the B matrices side by side;
+  placed at its columns of the stack (zero elsewhere), and o's pair: 6 products instead of 8;
+* MLP, projection experts (``mixing="projection"``, or a single expert): per projection one product with the
+  stacked A of all experts, the gates applied per expert's rank block, and one with the B matrices side by side;
 * Q4_1 base linears (8da4w) that read one input share one block-sum product (:func:`export.quantize.shared_input`).
+
+MLP blocks of whole-MLP experts (``mixing="mlp"``, the default) stay as they are: two products per expert and
+projection. Each expert's product needs its own weight, and with a dynamic number of tokens XNNPACK slices nothing,
+so the one-call forms left are a batched product, which repacks its constant operand at every call (it made the
+8da8w decode slower: 2.1 ms per token for 180 batched products against 1.2 ms for the 630 small ones they
+replaced), and a grouped 1x1 convolution, whose token-batch layout caps the program's input at 15 tokens
+(executorch 1.x) and whose token-length layout needs transposes that cost what it saves. Measured in
+docs/results.md.
 
 The fused constants are built by :mod:`export.adapter_layout`, the one rule also used to write new adapters into a
 program after a round, so the program and its ``adapters.ptd`` always agree.
@@ -73,38 +78,6 @@ class _FusedMLP(nn.Module):
         return None if self.router is None else dense_gates(F.linear(x, self.router), self.k).to(x.dtype)
 
 
-class FusedExpertMLP(_FusedMLP):
-    """Whole-MLP experts (``mixing="mlp"``), as :meth:`device_sdk.mixture.ExpertMLPs.every_expert`:
-    ``sum_e g_e MLP_e(x)`` with the frozen projections run once (down on the gated mix of the hidden states)."""
-
-    def __init__(self, block: RoutedMLP, make) -> None:
-        super().__init__(block, make)
-        mlp = block.mlp
-        experts = {name: getattr(mlp, f"{name}_proj") for name in ("gate", "up", "down")}
-        for name in ("gate", "up"):
-            proj = experts[name]
-            setattr(self, f"a_{name}", make(f"a_{name}", "rows", [e.lora_A for e in proj.experts], 1.0))  # (E*r, D)
-            setattr(self, f"b_{name}", make(f"b_{name}", "batch_t", [e.lora_B for e in proj.experts],
-                                            proj.scale))  # (E, r, F)
-        down = experts["down"]
-        self.a_down = make("a_down", "batch_t", [e.lora_A for e in down.experts], 1.0)  # (E, F, r)
-        self.b_down = make("b_down", "batch_t", [e.lora_B for e in down.experts], down.scale)  # (E, r, D)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(1, T, D) -> (1, T, D)."""
-        n, r = self.n_experts, self.rank
-        g = self._gates(x)  # (1, T, E)
-        base_gate, base_up = shared_input([self.gate_base, self.up_base], x)  # (1, T, F) each
-        low_gate = torch.bmm(F.linear(x, self.a_gate).view(-1, n, r).permute(1, 0, 2), self.b_gate)  # (E, T, F)
-        low_up = torch.bmm(F.linear(x, self.a_up).view(-1, n, r).permute(1, 0, 2), self.b_up)  # (E, T, F)
-        h = self.act(base_gate + low_gate) * (base_up + low_up)  # (E, T, F): expert e's hidden state
-        g_rows = g.view(-1, 1, n)  # (T, 1, E)
-        h_mix = torch.bmm(g_rows, h.permute(1, 0, 2)).view(1, -1, h.shape[-1])  # (1, T, F): sum_e g_e h_e
-        low = torch.bmm(torch.bmm(h, self.a_down), self.b_down)  # (E, T, D): B_e A_e h_e
-        low_mix = torch.bmm(g_rows, low.permute(1, 0, 2)).view(1, -1, low.shape[-1])  # (1, T, D)
-        return self.down_base(h_mix) + low_mix
-
-
 class FusedProjectionMLP(_FusedMLP):
     """Projection experts (``mixing="projection"``, and any single-expert block), as
     :class:`device_sdk.lora.LoRAMoELinear`: each projection adds ``sum_e g_e B_e A_e x``."""
@@ -139,7 +112,7 @@ def _fusable_attention(attn: nn.Module) -> bool:
 
 def _fusable_mlp(block: nn.Module) -> bool:
     mlp = getattr(block, "mlp", None)
-    return isinstance(block, RoutedMLP) and all(
+    return isinstance(block, RoutedMLP) and block.mixing == "projection" and all(
         isinstance(getattr(mlp, f"{p}_proj", None), LoRAMoELinear) for p in ("gate", "up", "down")) \
         and hasattr(mlp, "act_fn")
 
@@ -148,8 +121,9 @@ def fuse_adapters(program: nn.Module, copy_first: bool = True) -> tuple[nn.Modul
     """Fuse the adapter products of a KV-cache program (:class:`export.kv.KVCacheLM`).
 
     Every decoder layer whose attention projections all carry a LoRA gets a :class:`FusedAttentionLoRA` (its
-    projections become their frozen bases), and every routed Llama MLP block becomes a :class:`FusedExpertMLP` or
-    :class:`FusedProjectionMLP`. Adapter tensors of anything else keep their own constants.
+    projections become their frozen bases), and every routed Llama MLP block of projection experts (or of a single
+    expert) becomes a :class:`FusedProjectionMLP`. Adapter tensors of anything else (whole-MLP experts) keep their
+    own constants.
 
     Args:
         program: a KV-cache program over a personalised Llama-family model (fp32 or quantised).
@@ -190,12 +164,10 @@ def fuse_adapters(program: nn.Module, copy_first: bool = True) -> tuple[nn.Modul
                 setattr(attn, f"{p}_proj", proj[p].base)
             attn.lora_fused = fused
         if _fusable_mlp(layer.mlp):
-            block = layer.mlp
-            kind = FusedExpertMLP if block.mixing == "mlp" else FusedProjectionMLP
-            layer.mlp = kind(block, maker(f"{prefix}.mlp"))
+            layer.mlp = FusedProjectionMLP(layer.mlp, maker(f"{prefix}.mlp"))
     used = {s for spec in layout for s in spec.sources}
     layout += identity_layout([name for name in tensors if name not in used])
     return program, layout
 
 
-__all__ = ["FusedAttentionLoRA", "FusedExpertMLP", "FusedProjectionMLP", "fuse_adapters"]
+__all__ = ["FusedAttentionLoRA", "FusedProjectionMLP", "fuse_adapters"]
