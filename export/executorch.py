@@ -98,8 +98,8 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fqn = {f"model.{name}" for name in adapters}
-    # constants a delegate takes as runtime inputs (a batched product's operand) stay placeholders of the program,
-    # named after their parameter: filled in once the program is lowered
+    # constants a delegate takes as runtime inputs (such as a batched product's operand) stay placeholders of the
+    # program, named after their parameter: filled in once the program is lowered
     placeholder_fqn: dict[str, str] = {}
 
     def tag(node: torch.fx.Node) -> str:
@@ -137,7 +137,7 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
         with torch.no_grad():
             for name, p in adapters.items():
                 p.copy_(real[name])
-    adapter_blobs = read_ptd_bytes(data.get("adapters", b""))
+    adapter_blobs = read_ptd_bytes(data["adapters"]) if "adapters" in data else {}
     keys: dict[str, str] = {}
     for key in adapter_blobs:
         name = stand_in.get(hashlib.sha256(adapter_blobs[key][0]).hexdigest())

@@ -62,33 +62,27 @@ class FusedAttentionLoRA(nn.Module):
         return o_proj(x) + F.linear(F.linear(x, self.a_o), self.b_o)
 
 
-class _FusedMLP(nn.Module):
-    """A routed Llama MLP block (SwiGLU) with fused adapter constants; subclasses mix the experts."""
+class FusedProjectionMLP(nn.Module):
+    """A routed Llama MLP block (SwiGLU) of projection experts (``mixing="projection"``, or a single expert), as
+    :class:`device_sdk.lora.LoRAMoELinear`: each projection adds ``sum_e g_e B_e A_e x``, as one product with the
+    experts' stacked A and one with their B side by side."""
 
-    def __init__(self, block: RoutedMLP, make: Callable[[str, str, list[nn.Parameter], float], nn.Parameter]) -> None:
+    def __init__(self, block: RoutedMLP, make: Callable[..., nn.Parameter]) -> None:
         super().__init__()
         mlp = block.mlp
         self.gate_base, self.up_base, self.down_base = mlp.gate_proj.base, mlp.up_proj.base, mlp.down_proj.base
         self.act = mlp.act_fn
         self.n_experts, self.k, self.rank = block.n_experts, block.k, mlp.gate_proj.rank
         self.router = make("router", "same", [block.router.weight], 1.0) if block.router is not None else None
+        for name in ("gate", "up", "down"):
+            proj = getattr(mlp, f"{name}_proj")
+            setattr(self, f"a_{name}", make(f"a_{name}", "rows", [e.lora_A for e in proj.experts], 1.0))  # (E*r, .)
+            setattr(self, f"b_{name}", make(f"b_{name}", "cols", [e.lora_B for e in proj.experts],
+                                            proj.scale))  # (., E*r)
 
     def _gates(self, x: torch.Tensor) -> torch.Tensor | None:
         """(1, T, D) -> dense gates (1, T, E), zero outside the top k; ``None`` for a single expert."""
         return None if self.router is None else dense_gates(F.linear(x, self.router), self.k).to(x.dtype)
-
-
-class FusedProjectionMLP(_FusedMLP):
-    """Projection experts (``mixing="projection"``, and any single-expert block), as
-    :class:`device_sdk.lora.LoRAMoELinear`: each projection adds ``sum_e g_e B_e A_e x``."""
-
-    def __init__(self, block: RoutedMLP, make) -> None:
-        super().__init__(block, make)
-        for name in ("gate", "up", "down"):
-            proj = getattr(block.mlp, f"{name}_proj")
-            setattr(self, f"a_{name}", make(f"a_{name}", "rows", [e.lora_A for e in proj.experts], 1.0))  # (E*r, .)
-            setattr(self, f"b_{name}", make(f"b_{name}", "cols", [e.lora_B for e in proj.experts],
-                                            proj.scale))  # (., E*r)
 
     def _low(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         """``sum_e g_e B_e A_e x``: (1, T, D_in) -> (1, T, D_out)."""

@@ -149,3 +149,31 @@ def test_the_slot_and_side_by_side_kinds_place_each_tensor_where_the_products_re
     side = FusedTensor("s", "cols", ("b", "c"), scale=0.5).build({"b": b, "c": b + 1})
     assert side.shape == (3, 4)
     torch.testing.assert_close(side[:, 2:], 0.5 * (b + 1))
+
+
+class BatchedAdapter(torch.nn.Module):
+    """``input_ids (1, T) -> (3, T, 16)``: a base product, then a batched product whose second operand is an adapter
+    (XNNPACK takes such an operand as a runtime input of its delegate, not as a packed constant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.base = torch.nn.Parameter(torch.randn(24, 1), requires_grad=False)
+        self.model.experts = torch.nn.Parameter(torch.randn(3, 8, 16), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.linear(input_ids.float().unsqueeze(-1), self.model.base)  # (1, T, 24)
+        return torch.bmm(x.view(-1, 3, 8).permute(1, 0, 2), self.model.experts)
+
+
+def test_an_adapter_a_delegate_takes_as_input_is_stored_and_updated_with_the_adapters(tmp_path):
+    from export.executorch import PteRunner, export_pte, write_adapters
+
+    module = BatchedAdapter().eval()
+    export_pte(module, tmp_path, 8, {"experts": module.model.experts})
+    x = torch.randint(0, 5, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(PteRunner(tmp_path / "model.pte")(x), module(x), atol=1e-4, rtol=1e-4)
+        module.model.experts.mul_(-2.0)
+        write_adapters(tmp_path, {"experts": module.model.experts})
+        torch.testing.assert_close(PteRunner(tmp_path / "model.pte")(x), module(x), atol=1e-4, rtol=1e-4)
