@@ -2,7 +2,7 @@
 constants from the model, and the adapter update after a round, which builds them from a checkpoint's files.
 
 A program may hold several adapter tensors as one fused constant: the LoRA A matrices of q, k and v stacked into
-one product, the experts' B matrices as one batch, the LoRA scale folded in. Fewer, larger products per token are
+one product, projection experts' B matrices side by side, the LoRA scale folded in. Fewer, larger products per token are
 what makes a decode step cheap (:mod:`export.fused`). Each constant is a :class:`FusedTensor`: a name in the
 program, the adapter tensors it is made of (their names in the adapter files) and how. A program written without
 fusion has no layout file; its constants are the adapter tensors themselves.

@@ -130,8 +130,8 @@ def fuse_adapters(program: nn.Module, copy_first: bool = True) -> tuple[nn.Modul
     if copy_first:
         program = copy.deepcopy(program)
     model = program.model
-    names = {id(p): name for name, p, _ in iter_role_parameters(model)}
-    tensors = {name: p for name, p, _ in iter_role_parameters(model)}
+    tensors = {name: p for name, p, _ in iter_role_parameters(model)}  # by their names in the adapter files
+    names = {id(p): name for name, p in tensors.items()}
     layout: list[FusedTensor] = []
 
     def maker(prefix: str):
