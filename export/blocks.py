@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Q41Blocks", "block_sum_matrix", "q4_1_blocks"]
+__all__ = ["Q41Blocks", "q4_1_blocks"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,3 @@ def q4_1_blocks(weight: torch.Tensor, block_size: int = 32) -> Q41Blocks:
     q = torch.round((blocks - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
     return Q41Blocks(q=q.reshape(n, k), scales=scales, lows=low, block_size=block_size)
 
-
-def block_sum_matrix(k: int, block_size: int) -> torch.Tensor:
-    """(K / block_size, K) 0/1 matrix: ``F.linear(x, S)`` sums ``x`` (..., K) over each block of inputs."""
-    return torch.kron(torch.eye(k // block_size), torch.ones(1, block_size))

@@ -27,6 +27,7 @@ from torch import nn
 from device_sdk.fileio import atomic_write_bytes
 
 from .errors import ExportError, exporter_failures
+from .lean_passes import lean_passes
 from .partitioning import fast_partitioning
 
 log = logging.getLogger(__name__)
@@ -122,16 +123,17 @@ def export_pte(model: nn.Module, out: Path, max_seq: int, adapters: dict[str, nn
             delegate_external_constants_pass_unlifted(unlifted, tag)
             exported = torch.export.export(unlifted, example, dynamic_shapes=dims)
             log.info("ExecuTorch: graph captured in %.0f s; lowering to XNNPACK...", time.perf_counter() - start)
-            with fast_partitioning():  # the stock partitioning costs O(nodes^2) memory and time
+            # stock partitioning costs O(nodes^2) memory and time; most passes re-trace graphs they leave unchanged
+            with fast_partitioning(), lean_passes():
                 lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
-            log.info("ExecuTorch: lowered in %.0f s so far; writing the program...", time.perf_counter() - start)
-            placeholder_fqn.update(lowered.exported_program().graph_signature.inputs_to_parameters)
-            from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+                log.info("ExecuTorch: lowered in %.0f s so far; writing the program...", time.perf_counter() - start)
+                placeholder_fqn.update(lowered.exported_program().graph_signature.inputs_to_parameters)
+                from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
-            passes = [InitializedMutableBufferPass(list(cache_buffers))] if cache_buffers else []
-            et = lowered.to_executorch(ExecutorchBackendConfig(external_constants=tag, passes=passes,
-                                                               run_reinplace_pass=bool(cache_buffers),
-                                                               do_quant_fusion_and_const_prop=quantized))
+                passes = [InitializedMutableBufferPass(list(cache_buffers))] if cache_buffers else []
+                et = lowered.to_executorch(ExecutorchBackendConfig(external_constants=tag, passes=passes,
+                                                                   run_reinplace_pass=bool(cache_buffers),
+                                                                   do_quant_fusion_and_const_prop=quantized))
             data = {name: bytes(cord) for name, cord in et._tensor_data.items()}
     finally:
         with torch.no_grad():

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blocks import block_sum_matrix as blocks_sum
 from .blocks import q4_1_blocks
 from .errors import ExportError, exporter_failures
 
@@ -91,9 +90,31 @@ def int4_blocks(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.nda
     return packed, blocks.scales.numpy().reshape(-1), np.ascontiguousarray(blocks.lows.numpy().T)
 
 
-def block_sum_matrix(k: int, block_size: int) -> np.ndarray:
-    """(K, K / block_size) 0/1 matrix: ``x @ S`` sums ``x`` over each block of ``block_size`` inputs."""
-    return np.ascontiguousarray(blocks_sum(k, block_size).numpy().T)
+def block_sum_nodes(helper, x: str, block_size: int, k: int, prefix: str) -> tuple[list, str]:
+    """Nodes that sum ``x`` (..., K) over each block of ``block_size`` inputs into (..., K / block_size): a reshape
+    to rows of one block, ``ReduceSum`` and a reshape back (a token reads no weights; a (K, K / B) 0/1 matrix product
+    read 295 KB per down projection of SmolLM2). Returns ``(nodes, output name)``; the constants they use are
+    :func:`block_sum_constants`'s."""
+    names = {t: f"{prefix}_{t}" for t in ("rows", "row_sums", "shape", "lead", "out_shape", "sums")}
+    nodes = [
+        helper.make_node("Reshape", [x, "int4_block_rows"], [names["rows"]], name=names["rows"]),
+        helper.make_node("ReduceSum", [names["rows"], "int4_last_axis"], [names["row_sums"]], keepdims=0,
+                         name=names["row_sums"]),
+        helper.make_node("Shape", [x], [names["shape"]], name=names["shape"]),
+        helper.make_node("Slice", [names["shape"], "int4_zero", "int4_minus_one"], [names["lead"]],
+                         name=names["lead"]),
+        helper.make_node("Concat", [names["lead"], f"int4_blocks_{k}"], [names["out_shape"]], axis=0,
+                         name=names["out_shape"]),
+        helper.make_node("Reshape", [names["row_sums"], names["out_shape"]], [names["sums"]], name=names["sums"]),
+    ]
+    return nodes, names["sums"]
+
+
+def block_sum_constants(numpy_helper, block_size: int, widths: set[int]) -> list:
+    """The int64 constants of :func:`block_sum_nodes` for inputs of the given widths."""
+    arrays = {"int4_block_rows": [-1, block_size], "int4_last_axis": [-1], "int4_zero": [0],
+              "int4_minus_one": [-1], **{f"int4_blocks_{k}": [k // block_size] for k in sorted(widths)}}
+    return [numpy_helper.from_array(np.array(v, dtype=np.int64), name) for name, v in arrays.items()]
 
 
 def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 32) -> dict:
@@ -120,7 +141,7 @@ def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 
         raise ExportError(f"cannot read {src} for int4 quantisation: {err}") from err
     exclude = set(adapter_matmuls(model, max_adapter_dim))
     inits = {i.name: i for i in model.graph.initializer}
-    nodes, quantized, converted, block_sums = [], 0, {}, {}
+    nodes, quantized, converted, widths = [], 0, {}, set()
     before = sum(n.op_type == "MatMul" for n in model.graph.node)
     for node in model.graph.node:
         init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -128,9 +149,7 @@ def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 
             nodes.append(node)
             continue
         k, n = init.dims
-        if k not in block_sums:
-            block_sums[k] = f"int4_block_sum_{k}"
-            model.graph.initializer.append(numpy_helper.from_array(block_sum_matrix(k, block_size), block_sums[k]))
+        widths.add(k)
         if init.name not in converted:
             packed, scales, lows = int4_blocks(numpy_helper.to_array(init).astype(np.float32), block_size)
             zeros = np.zeros((n, -(-(k // block_size) // 2)), dtype=np.uint8)  # zero point 0: (q - 0) * scale
@@ -140,11 +159,12 @@ def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 
             converted[init.name] = names
         q_name, s_name, z_name, low_name = converted[init.name]
         # x @ W = x @ (scale * q) + (x summed per block) @ lows: two exact terms, the first on the int4 kernel
-        base, sums, offset = (f"{node.name}_int4_{t}" for t in ("scaled", "block_sums", "offset"))
+        base, offset = f"{node.name}_int4_scaled", f"{node.name}_int4_offset"
+        summing, sums = block_sum_nodes(helper, node.input[0], block_size, k, f"{node.name}_int4")
         nodes += [
             helper.make_node("MatMulNBits", [node.input[0], q_name, s_name, z_name], [base], name=base,
                              domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size),
-            helper.make_node("MatMul", [node.input[0], block_sums[k]], [sums], name=sums),
+            *summing,
             helper.make_node("MatMul", [sums, low_name], [offset], name=offset),
             helper.make_node("Add", [base, offset], list(node.output), name=f"{node.name}_int4"),
         ]
@@ -154,6 +174,7 @@ def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 
     if gemm_fp32:
         log.warning("int4: %d Gemm node(s) with base-sized weights stay fp32 (only MatMul nodes are quantised), "
                     "e.g. %s", len(gemm_fp32), gemm_fp32[:2])
+    model.graph.initializer.extend(block_sum_constants(numpy_helper, block_size, widths))
     used = {i for node in nodes for i in node.input}
     kept = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]

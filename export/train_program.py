@@ -44,6 +44,7 @@ from device_sdk.lora import LoRAMoELinear
 from device_sdk.train import objective
 
 from .errors import ExportError, exporter_failures
+from .lean_passes import lean_passes
 from .partitioning import fast_partitioning
 
 log = logging.getLogger(__name__)
@@ -198,9 +199,10 @@ def export_train_program(model: nn.Module, out: Path, batch_size: int, context: 
             counts = rewrite_for_training(program.graph_module)
             log.info("training graph captured in %.0f s (rewrote %s); lowering...", time.perf_counter() - start, counts)
             partitioner = [XnnpackPartitioner(force_fp32_dynamic_linear=True)] if lower else []
-            with fast_partitioning():  # the stock partitioning costs O(nodes^2) memory and time
+            # stock partitioning costs O(nodes^2) memory and time; most passes re-trace graphs they leave unchanged
+            with fast_partitioning(), lean_passes():
                 edge = to_edge_transform_and_lower(program, partitioner=partitioner)
-            et = edge.to_executorch(ExecutorchBackendConfig(external_mutable_weights=True))
+                et = edge.to_executorch(ExecutorchBackendConfig(external_mutable_weights=True))
             data = {name: bytes(cord) for name, cord in et._tensor_data.items()}
     finally:
         for module, sparse in saved_routing:

@@ -10,8 +10,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from export.blocks import q4_1_blocks
-from export.onnx import block_sum_matrix, int4_blocks
-from export.quantize import BlockOffsetLinear, quantize_program
+from export.onnx import block_sum_constants, block_sum_nodes, int4_blocks
+from export.quantize import BlockOffsetLinear, block_sums, quantize_program
 
 from ...conftest import make_model
 
@@ -49,23 +49,28 @@ def test_other_weights_round_to_within_half_a_step_and_constant_blocks_survive()
     assert np.abs(_dequantize(packed, scales, zp, 64, 8, 32)[:32, 0] - 0.25).max() < 1e-6
 
 
-def test_onnxruntime_computes_the_exact_product_from_int4_and_block_offsets():
+@pytest.mark.parametrize("shape", [(2, 3, 64), (5, 64)])
+def test_onnxruntime_computes_the_exact_product_from_int4_and_block_offsets(shape):
+    """The int4 product plus the block sums (reshape, ReduceSum, reshape back to the input's leading shape) times
+    the block offsets is the Q4_1 weight's product, for inputs of rank 3 and 2."""
     w = _q4_1_weight(k=64, n=16)
     packed, scales, lows = int4_blocks(w, 32)
     zeros = np.zeros((16, 1), dtype=np.uint8)
+    summing, sums = block_sum_nodes(helper, "A", 32, 64, "p")
     nodes = [helper.make_node("MatMulNBits", ["A", "B", "s", "z"], ["Y0"], domain="com.microsoft", K=64, N=16, bits=4,
                               block_size=32),
-             helper.make_node("MatMul", ["A", "S"], ["AS"]), helper.make_node("MatMul", ["AS", "L"], ["Y1"]),
-             helper.make_node("Add", ["Y0", "Y1"], ["Y"])]
-    inits = [numpy_helper.from_array(a, name) for a, name in
-             ((packed, "B"), (scales, "s"), (zeros, "z"), (block_sum_matrix(64, 32), "S"), (lows, "L"))]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["b", "t", 64])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", "t", 16])], inits)
+             *summing, helper.make_node("MatMul", [sums, "L"], ["Y1"]), helper.make_node("Add", ["Y0", "Y1"], ["Y"])]
+    inits = [numpy_helper.from_array(a, name) for a, name in ((packed, "B"), (scales, "s"), (zeros, "z"), (lows, "L"))]
+    inits += block_sum_constants(numpy_helper, 32, {64})
+    lead = [f"d{i}" for i in range(len(shape) - 1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [*lead, 64])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [*lead, 16])], inits)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    a = np.random.default_rng(2).standard_normal((2, 3, 64)).astype(np.float32)
-    assert np.abs(session.run(None, {"A": a})[0] - a @ w).max() < 1e-4
+    a = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    out = session.run(None, {"A": a})[0]
+    assert out.shape == (*shape[:-1], 16) and np.abs(out - a @ w).max() < 1e-4
 
 
 def _q4_1_grid(model: torch.nn.Module) -> None:
@@ -118,3 +123,10 @@ def test_8da4w_keeps_q4_1_weights_exactly_where_symmetric_int4_rounds_them_again
         ref = model(input_ids=x).logits
         ours, before = (m(input_ids=x).logits for m in (quantised, plain))
     assert (ours - ref).abs().mean() < 0.5 * (before - ref).abs().mean()
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 96), (2, 3, 96), (7, 96)])
+def test_block_sums_sum_each_block_of_inputs(shape):
+    x = torch.randn(shape)
+    ones = torch.ones(1, 32)
+    torch.testing.assert_close(block_sums(x, ones), x.unflatten(-1, (3, 32)).sum(-1))
