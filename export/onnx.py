@@ -141,7 +141,7 @@ def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 
         raise ExportError(f"cannot read {src} for int4 quantisation: {err}") from err
     exclude = set(adapter_matmuls(model, max_adapter_dim))
     inits = {i.name: i for i in model.graph.initializer}
-    nodes, quantized, converted, widths = [], 0, {}, set()
+    nodes, quantized, converted, widths, summed = [], 0, {}, set(), {}
     before = sum(n.op_type == "MatMul" for n in model.graph.node)
     for node in model.graph.node:
         init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -159,8 +159,12 @@ def quantize_int4(src: Path, dst: Path, max_adapter_dim: int, block_size: int = 
             converted[init.name] = names
         q_name, s_name, z_name, low_name = converted[init.name]
         # x @ W = x @ (scale * q) + (x summed per block) @ lows: two exact terms, the first on the int4 kernel
+        # MatMuls that read one input (q, k and v; gate and up) share its block sums
         base, offset = f"{node.name}_int4_scaled", f"{node.name}_int4_offset"
-        summing, sums = block_sum_nodes(helper, node.input[0], block_size, k, f"{node.name}_int4")
+        summing = []
+        if node.input[0] not in summed:
+            summing, summed[node.input[0]] = block_sum_nodes(helper, node.input[0], block_size, k, f"{node.name}_int4")
+        sums = summed[node.input[0]]
         nodes += [
             helper.make_node("MatMulNBits", [node.input[0], q_name, s_name, z_name], [base], name=base,
                              domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size),

@@ -62,7 +62,10 @@ def test_int4_onnx_quantises_base_matmuls_only_and_holds_quality(tmp_path, mixin
     from export.onnx import adapter_matmuls
 
     quantized = onnx.load(str(tmp_path / "out" / "model.int4.onnx"))
-    assert sum(n.op_type == "MatMulNBits" for n in quantized.graph.node) == 2 * (4 + 3)  # base projections
+    int4 = [n for n in quantized.graph.node if n.op_type == "MatMulNBits"]
+    assert len(int4) == 2 * (4 + 3)  # base projections
+    # one block sum per input: q, k and v share theirs, gate and up theirs; o and down have their own
+    assert sum(n.op_type == "ReduceSum" for n in quantized.graph.node) == len({n.input[0] for n in int4}) == 2 * 4
     # per layer: attention A/B, the router, 3 experts' A/B on 3 projections and the 3 gate columns of the export
     # form (device_sdk.lora.RoutedMLP.use_export_form), in either mixing form: fp32 MatMul (besides each int4
     # node's offset term)
