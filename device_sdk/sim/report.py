@@ -14,8 +14,18 @@ from ..strategies import ALL
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
-#: The strategy every other one is compared with, pair by pair.
-REFERENCE = "comigs-1g1s"
+#: The strategies every other one is compared with, pair by pair: the first of these a comparison ran
+#: (CoMiGS-1G1S with homogeneous models; CoMiGS-1GXS where devices hold different numbers of experts, as in the
+#: paper's Table 2).
+REFERENCES = ("comigs-1g1s", "comigs-1gxs")
+REFERENCE = REFERENCES[0]
+
+
+def reference_of(records: list[dict]) -> str | None:
+    """The strategy a comparison's runs are measured against: the first of :data:`REFERENCES` among ``records``
+    (``None``: none of them ran, so no paired differences are reported)."""
+    ran = {r["strategy"] for r in records}
+    return next((name for name in REFERENCES if name in ran), None)
 
 
 def t975(df: int) -> float:
@@ -58,7 +68,9 @@ def paired_difference(records: list[dict], strategy: str, reference: str = REFER
 def summarize(records: list[dict]) -> dict:
     """``{strategy: {"mean", "std", "seeds", "params", "per_user": {user: (mean, std)}, "vs_reference"}}`` over
     seeds, in table order. ``std`` (sample standard deviation over seeds of the mean over users) is ``None`` with
-    one seed: one run has no spread to report."""
+    one seed: one run has no spread to report. ``vs_reference`` is the paired difference against
+    :func:`reference_of` the records (``None`` for the reference itself, or where no reference ran)."""
+    reference = reference_of(records)
     by_strategy: dict[str, list[dict]] = {}
     for r in records:
         by_strategy.setdefault(r["strategy"], []).append(r)
@@ -76,7 +88,7 @@ def summarize(records: list[dict]) -> dict:
             "per_user": {u: (statistics.fmean(r["final"][u] for r in runs),
                              statistics.stdev([r["final"][u] for r in runs]) if len(runs) > 1 else None)
                          for u in users},
-            "vs_reference": None if name == REFERENCE else paired_difference(records, name),
+            "vs_reference": None if reference in (None, name) else paired_difference(records, name, reference),
         }
     return summary
 
@@ -105,16 +117,17 @@ def _params(n: float | None) -> str:
 
 def markdown(summary: dict, records: list[dict], title: str, settings: dict) -> str:
     """The comparison as Markdown: mean test perplexity over users (std over seeds, with two or more seeds), the
-    trainable parameters per device, and every strategy's paired difference against CoMiGS-1G1S with its 95%
-    interval (a difference is called only when the interval excludes zero; no winner is marked), then per-user
-    values."""
+    trainable parameters per device, and every strategy's paired difference against the reference
+    (:func:`reference_of`) with its 95% interval (a difference is called only when the interval excludes zero; no
+    winner is marked), then per-user values."""
     lines = [f"# {title}", ""]
+    reference = reference_of(records) or "the reference (none ran)"
     lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), ""]
     base = pretrained_mean(records)
     if summary:
         users = next(iter(summary.values()))["per_user"].keys()
-        lines += [f"| strategy | mean test ppl (std over seeds) | seeds | trainable params per device | vs {REFERENCE}: "
-                  "mean paired difference [95% interval] over users x seeds |", "|---|---|---|---|---|"]
+        lines += ["| strategy | mean test ppl (std over seeds) | seeds | trainable params per device | "
+                  f"vs {reference}: mean paired difference [95% interval] over users x seeds |", "|---|---|---|---|---|"]
         if base is not None:
             lines.append(f"| *pretrained* | {base:.2f} | | | |")
         for name, s in summary.items():
@@ -142,7 +155,8 @@ def write_results(out: Path, records: list[dict], title: str, settings: dict) ->
 def combined_markdown(results: list[dict]) -> str:
     """One table in the paper's Table 1 layout: a row per strategy, a column per data split (``results.json``
     payloads), each cell the mean test perplexity over users (std over seeds where there are two or more, and the
-    seed count) and the paired difference against CoMiGS-1G1S with its 95% interval."""
+    seed count) and the paired difference against the column's reference (:func:`reference_of`) with its 95%
+    interval; a last row names each column's reference."""
     columns = [r["title"] for r in results]
     names = [n for n in ALL if any(n in r["summary"] for r in results)]
     lines = ["| strategy | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
@@ -158,6 +172,7 @@ def combined_markdown(results: list[dict]) -> str:
             versus = _versus(s.get("vs_reference"))
             cells.append(f"{_ppl(s['mean'], s['std'])}, n={len(s['seeds'])}" + (f"; {versus}" if versus else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| *paired against* | " + " | ".join(reference_of(r["runs"]) or "" for r in results) + " |")
     return "\n".join(lines) + "\n"
 
 

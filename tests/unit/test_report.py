@@ -57,3 +57,23 @@ def test_a_parameter_count_from_any_seed_fills_the_column():
     del old["trainable_params"]  # a record made before parameters were counted
     assert summarize([old, _run("local", 2, {"a": 21.0})])["local"]["params"] == 4_000_000
     assert summarize([old])["local"]["params"] is None
+
+
+def test_heterogeneous_runs_are_paired_against_1gxs_and_runs_without_a_reference_against_nothing():
+    from device_sdk.sim.report import combined_markdown
+
+    users = {"a": 20.0, "b": 30.0, "c": 10.0, "d": 40.0}
+    gxs = _run("comigs-1gxs", 1, users)
+    het = _run("hetlora-active", 1, {u: p * 1.2 + (u == "a") for u, p in users.items()})
+    summary = summarize([gxs, het])
+    assert summary["comigs-1gxs"]["vs_reference"] is None
+    assert summary["hetlora-active"]["vs_reference"]["verdict"] == "worse"
+    assert "vs comigs-1gxs:" in markdown(summary, [gxs, het], "t", {})
+    # with 1G1S present it stays the reference, even next to 1GXS
+    g1s = _run("comigs-1g1s", 1, {u: p * 0.5 for u, p in users.items()})
+    assert summarize([gxs, het, g1s])["comigs-1gxs"]["vs_reference"]["verdict"] == "worse"
+    alone = summarize([het])
+    assert alone["hetlora-active"]["vs_reference"] is None
+    combined = combined_markdown([{"title": "het", "summary": summary, "runs": [gxs, het]},
+                                  {"title": "alone", "summary": alone, "runs": [het]}])
+    assert combined.splitlines()[-1] == "| *paired against* | comigs-1gxs |  |"
