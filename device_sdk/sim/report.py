@@ -127,7 +127,8 @@ def markdown(summary: dict, records: list[dict], title: str, settings: dict) -> 
     if summary:
         users = next(iter(summary.values()))["per_user"].keys()
         lines += ["| strategy | mean test ppl (std over seeds) | seeds | trainable params per device | "
-                  f"vs {reference}: mean paired difference [95% interval] over users x seeds |", "|---|---|---|---|---|"]
+                  f"vs {reference}: mean paired difference [95% interval] over users x seeds |",
+                  "|---|---|---|---|---|"]
         if base is not None:
             lines.append(f"| *pretrained* | {base:.2f} | | | |")
         for name, s in summary.items():
