@@ -406,21 +406,27 @@ def _add_simulate(sub) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_HELP)
 
 
-def _simulate(args: argparse.Namespace) -> int:
+def sim_config(args: argparse.Namespace):
+    """The :class:`device_sdk.sim.SimConfig` of parsed ``simulate`` arguments (the preset, then explicit options)."""
     from .sim import with_preset
+
+    return with_preset(args.preset, data=args.data, strategies=args.strategies, experts=args.experts,
+                       rounds=args.rounds, local_steps=args.local_steps, batch=args.batch, ctx=args.ctx,
+                       router_period=args.router_period, router_steps=args.router_steps, seeds=args.seeds,
+                       ood=args.ood, users=args.users, model=args.model, precision=args.precision,
+                       eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, via_server=args.via_server,
+                       routing_layers=args.routing_layers, train_tokens=args.train_tokens,
+                       train_prefix=args.train_prefix, valid_prefix=args.valid_prefix, mixing=args.mixing,
+                       lb_mode=args.lb_mode, device=args.device, peer_eval_tokens=args.peer_eval_tokens,
+                       engine=args.engine, client_cpus=args.client_cpus, flower_cpus=args.flower_cpus)
+
+
+def _simulate(args: argparse.Namespace) -> int:
     from .sim.simulate import simulate
 
     _check_model(args.model)
     _check_folder(args.data, "--data", "a split folder with one folder per user")
-    cfg = with_preset(args.preset, data=args.data, strategies=args.strategies, experts=args.experts,
-                      rounds=args.rounds, local_steps=args.local_steps, batch=args.batch, ctx=args.ctx,
-                      router_period=args.router_period, router_steps=args.router_steps, seeds=args.seeds,
-                      ood=args.ood, users=args.users, model=args.model, precision=args.precision,
-                      eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, via_server=args.via_server,
-                      routing_layers=args.routing_layers, train_tokens=args.train_tokens,
-                      train_prefix=args.train_prefix, valid_prefix=args.valid_prefix, mixing=args.mixing,
-                      lb_mode=args.lb_mode, device=args.device, peer_eval_tokens=args.peer_eval_tokens,
-                      engine=args.engine, client_cpus=args.client_cpus, flower_cpus=args.flower_cpus)
+    cfg = sim_config(args)
     claim_run_folder(args.out, SIMULATE_OUT, {"data": str(args.data.resolve())}, args.overwrite)
     result = simulate(cfg, args.out, progress=True, cached_only=args.cached_only)
     print()

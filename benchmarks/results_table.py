@@ -1,0 +1,168 @@
+"""Issue 10's results table: every ``python -m device_sdk simulate`` command that makes it, lane by lane.
+
+A lane is a list of simulate commands that run one after the other in one process of one thread; two lanes run
+side by side on two cores. Runs are cached per (strategy, seed, settings) in ``<root>/<folder>/runs``, so running a
+lane again skips every finished run, and a run cut off mid-way resumes from its last round (on the same machine).
+Finished records are committed under ``docs/results/scaled/<folder>/runs``; ``--seed-cache`` copies them back into
+the cache on a fresh machine, ``--collect`` copies new ones there and rebuilds each folder's report from the cache.
+
+    python benchmarks/results_table.py --list                         # every command of every lane
+    python benchmarks/results_table.py --seed-cache                   # fresh machine: docs records -> cache
+    python benchmarks/results_table.py --lane multilingual &          # one process per lane, in the background
+    python benchmarks/results_table.py --lane topic &
+    python benchmarks/results_table.py --collect                      # finished records and reports -> docs
+
+Lanes (the paper's Tables 1, 2, 4 and 5 and section 4.3.2; users in name order):
+  multilingual  core strategies, seeds 1 and 2 (Table 1); then, seed 1: CoMiGS-tr; CoMiGS-1GXS with 2,2,4,4 experts
+                against HetLoRA/FlexLoRA matched on active parameters (Table 2); the other Table 4 rows, PCL and
+                centralized; 1G1S without load balancing and 1GXS with uniform and without load balancing (Table 5);
+                low-data German and Dutch with 8,8,2,2 experts (section 4.3.2)
+  topic         the same with 2,4,4,2 experts (the paper's SlimPajama layout), without the low-data runs
+  topic-ood     core strategies, seeds 1 and 2, out of distribution (Table 1's third column)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "results" / "scaled"
+DATA = ROOT.parent / "shared" / "data"
+CORE = "local,fedavg,pfedmoe,comigs-2s,comigs-2g,comigs-1g1s"
+TABLE4 = "local-moe-tr,fedavg-moe-tr,local-moe,fedavg-moe,ffa-lora,pcl,centralized"
+HETERO = {"multilingual": "2,2,4,4", "topic": "2,4,4,2"}  # the paper's Table 2 layouts for these splits
+
+log = logging.getLogger("results_table")
+
+
+def lanes() -> dict[str, list[tuple[str, list[str]]]]:
+    """``{lane: [(folder, simulate arguments), ...]}`` in run order (most informative first)."""
+    out: dict[str, list[tuple[str, list[str]]]] = {}
+    for split, experts in HETERO.items():
+        data = ["--data", str(DATA / split)]
+        steps = [
+            (f"scaled-{split}", data + ["--strategies", CORE, "--seeds", "1,2"]),
+            (f"scaled-{split}", data + ["--strategies", "comigs-tr"]),
+            (f"scaled-{split}-hetero", data + ["--strategies", "comigs-1gxs,hetlora-active,flexlora-active",
+                                               "--experts", experts]),
+            (f"scaled-{split}", data + ["--strategies", TABLE4]),
+            (f"scaled-{split}-lbnone", data + ["--strategies", "comigs-1g1s", "--lb-mode", "none"]),
+            (f"scaled-{split}-hetero-lbnone", data + ["--strategies", "comigs-1gxs", "--experts", experts,
+                                                      "--lb-mode", "none"]),
+            (f"scaled-{split}-hetero-lbswitch", data + ["--strategies", "comigs-1gxs", "--experts", experts,
+                                                        "--lb-mode", "switch"]),
+        ]
+        if split == "multilingual":
+            steps.append((f"scaled-{split}-lowdata", data + ["--strategies", "comigs-1gxs,comigs-1g1s,local",
+                                                             "--experts", "8,8,2,2",
+                                                             "--train-tokens", "de=4096,nl=4096"]))
+        out[split] = steps
+    out["topic-ood"] = [("scaled-topic-ood", ["--data", str(DATA / "topic"), "--ood", "--strategies", CORE,
+                                              "--seeds", "1,2"])]
+    return out
+
+
+def command(root: Path, folder: str, args: list[str], cached_only: bool = False) -> list[str]:
+    """The full simulate command of one lane step (the scaled preset in bf16, seed 1 unless the step says)."""
+    seeds = [] if "--seeds" in args else ["--seeds", "1"]
+    return ([sys.executable, "-m", "device_sdk", "simulate", "--preset", "scaled", "--precision", "bf16"] + args
+            + seeds + ["--out", str(root / folder)] + (["--cached-only"] if cached_only else []))
+
+
+def seed_cache(root: Path) -> int:
+    """Copy every committed record into the cache (never over an existing file); returns how many were copied."""
+    copied = 0
+    for record in sorted(DOCS.glob("*/runs/*.json")):
+        target = root / f"scaled-{record.parent.parent.name}" / "runs" / record.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(record, target)
+            copied += 1
+    return copied
+
+
+def folders() -> dict[str, tuple[list[str], list[str], list[str]]]:
+    """``{folder: (settings, strategies, seeds)}``: every folder's simulate arguments apart from the strategy list
+    and the seeds (one set per folder), and the union of its lanes' strategies and seeds (for its report)."""
+    out: dict[str, tuple[list[str], list[str], list[str]]] = {}
+    for steps in lanes().values():
+        for folder, args in steps:
+            strategies = args[args.index("--strategies") + 1].split(",")
+            seeds = args[args.index("--seeds") + 1].split(",") if "--seeds" in args else ["1"]
+            listed = {i + 1 for i, a in enumerate(args) if a in ("--strategies", "--seeds")}  # their values
+            settings = [a for i, a in enumerate(args) if a not in ("--strategies", "--seeds") and i not in listed]
+            known = out.setdefault(folder, (settings, [], []))
+            if known[0] != settings:
+                raise AssertionError(f"{folder}: two settings in one folder ({known[0]} and {settings})")
+            known[1].extend(x for x in strategies if x not in known[1])
+            known[2].extend(x for x in seeds if x not in known[2])
+    return out
+
+
+def collect(root: Path) -> None:
+    """Copy new finished records of every folder into ``docs/results/scaled/<folder minus 'scaled-'>/runs`` and
+    rebuild each folder's report (all of its strategies and seeds, ``--cached-only``) there."""
+    for folder, (settings, strategies, seeds) in folders().items():
+        runs = root / folder / "runs"
+        if not any(runs.glob("*.json")):
+            continue
+        docs = DOCS / folder.removeprefix("scaled-")
+        (docs / "runs").mkdir(parents=True, exist_ok=True)
+        for record in sorted(runs.glob("*.json")):
+            if not (docs / "runs" / record.name).exists():
+                shutil.copy2(record, docs / "runs" / record.name)
+                log.info("new record: %s", docs / "runs" / record.name)
+        args = settings + ["--strategies", ",".join(strategies), "--seeds", ",".join(sorted(seeds))]
+        done = subprocess.run(command(root, folder, args, cached_only=True), cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            log.warning("%s: no report (%s)", folder, done.stderr.strip().splitlines()[-1:])
+            continue
+        for name in ("results.json", "results.md", "curves.png", "routing.html"):
+            if (root / folder / name).exists():
+                shutil.copy2(root / folder / name, docs / name)
+        for plot in (root / folder).glob("experts-*.png"):
+            shutil.copy2(plot, docs / plot.name)
+        log.info("report: %s", docs / "results.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--lane", choices=sorted(lanes()), help="run this lane's commands in order")
+    parser.add_argument("--list", action="store_true", help="print every lane's commands and exit")
+    parser.add_argument("--seed-cache", action="store_true", help="copy docs records into the cache first")
+    parser.add_argument("--collect", action="store_true", help="copy new records and reports into docs")
+    parser.add_argument("--root", type=Path, default=Path.home() / ".cache" / "comigs-sdk" / "sim",
+                        help="folder of the simulations' --out folders (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if not (args.lane or args.list or args.seed_cache or args.collect):
+        parser.error("nothing to do: give --lane, --list, --seed-cache or --collect")
+    if args.list:
+        for lane, steps in lanes().items():
+            print(f"# {lane}")
+            for folder, step in steps:
+                print(" ".join(command(args.root, folder, step)[1:]))
+        return 0
+    if args.seed_cache:
+        log.info("copied %d committed records into %s", seed_cache(args.root), args.root)
+    if args.lane:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        for folder, step in lanes()[args.lane]:
+            cmd = command(args.root, folder, step)
+            log.info("%s", " ".join(cmd[1:]))
+            if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
+                log.error("failed; the lane goes on with its next command")
+    if args.collect:
+        collect(args.root)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
