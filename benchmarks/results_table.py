@@ -123,7 +123,7 @@ def collect(root: Path) -> None:
         if done.returncode != 0:
             log.warning("%s: no report (%s)", folder, done.stderr.strip().splitlines()[-1:])
             continue
-        for name in ("results.json", "results.md", "curves.png", "routing.html"):
+        for name in ("results.json", "results.md", "curves.png", "paired.png", "routing.html"):
             if (root / folder / name).exists():
                 shutil.copy2(root / folder / name, docs / name)
         for plot in (root / folder).glob("experts-*.png"):

@@ -1,4 +1,5 @@
-"""Pictures of a simulated comparison: learning curves (paper Fig. 4-6, 9) and expert scores (Fig. 3, 10)."""
+"""Pictures of a simulated comparison: learning curves (paper Fig. 4-6, 9), expert scores (Fig. 3, 10) and the
+paired differences to the reference strategy with their intervals (the results table as a picture)."""
 
 from __future__ import annotations
 
@@ -102,6 +103,42 @@ def plot_expert_scores(records: list[dict], strategy: str, path: Path, title: st
     axes[0][0].set_ylabel("mean router weight (sum over the group)")
     fig.suptitle(title or f"{strategy}: expert scores per layer (orange: generalists, blue: specialists; "
                  "darker: deeper)")
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def plot_paired(results: list[dict], path: Path) -> Path | None:
+    """Every strategy's mean paired difference to its comparison's reference (``results.json`` payloads: one
+    panel each) as a dot with its 95% interval: red where the interval lies above zero (worse than the reference),
+    green below (better), grey where it holds zero (inside the noise). ``None`` if no comparison has a reference.
+    """
+    from .report import reference_of
+
+    panels = [r for r in results if any(s.get("vs_reference") for s in r["summary"].values())]
+    if not panels:
+        return None
+    plt = _pyplot()
+    names = [n for n in dict.fromkeys(n for r in panels for n, s in r["summary"].items() if s.get("vs_reference"))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 0.9 + 0.42 * len(names)), sharey=True,
+                             squeeze=False)
+    colours = {"worse": "tab:red", "better": "tab:green", "inside noise": "0.45"}
+    for ax, result in zip(axes[0], panels):
+        for y, name in enumerate(names):
+            diff = result["summary"].get(name, {}).get("vs_reference") if name in result["summary"] else None
+            if diff is None:
+                continue
+            mean, low, high = (100 * diff[k] for k in ("mean", "low", "high"))
+            ax.errorbar(mean, y, xerr=[[mean - low], [high - mean]], fmt="o", ms=5, capsize=3,
+                        color=colours[diff["verdict"]])
+            ax.annotate(f"{mean:+.1f}% (n={diff['n']})", (high, y), xytext=(4, 0), textcoords="offset points",
+                        va="center", fontsize=7)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(f"{result['title']}\nagainst {reference_of(result['runs'])}", fontsize=9)
+        ax.set_xlabel("test perplexity vs reference, %\n(mean over users x seeds, 95% interval)", fontsize=8)
+        ax.grid(alpha=0.3, axis="x")
+        ax.margins(x=0.35)
+    axes[0][0].set_yticks(range(len(names)), names)
+    axes[0][0].invert_yaxis()
     fig.tight_layout()
     return _save(fig, path, plt)
 

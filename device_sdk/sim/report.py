@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                     "perplexity +- std over seeds, the seed count, and the paired comparison with the reference).",
         epilog="example: python -m device_sdk.sim.report docs/results/scaled/*/results.json")
     parser.add_argument("results", nargs="+", type=Path, help="results.json written by python -m device_sdk simulate")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="also draw every column's paired differences with their intervals into this PNG")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.results if not p.is_file()]
     if missing:
@@ -196,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(f"not a results.json file: {err}")
     print(combined_markdown(results), end="")
+    if args.plot is not None:
+        from .figures import plot_paired
+
+        picture = plot_paired(results, args.plot)
+        print(f"\n{picture}" if picture else "\nno plot: no column has a reference strategy to pair against")
     return 0
 
 

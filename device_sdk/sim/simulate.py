@@ -18,8 +18,8 @@ from ..fileio import atomic_write_bytes
 from ..models import default_cache_dir, load_base_model
 from ..strategies import make_strategy
 from .config import SimConfig, cap_training
-from .figures import plot_expert_scores, plot_learning_curves
-from .report import write_results
+from .figures import plot_expert_scores, plot_learning_curves, plot_paired
+from .report import summarize, write_results
 from .resume import discard
 from .routing_html import routing_page
 from .runner import run_strategy
@@ -135,6 +135,9 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
         picture = plot_expert_scores(records, strategy, out / f"experts-{strategy}.png")
         if picture is not None:
             files[picture.name] = picture
+    paired = plot_paired([{"title": title, "summary": summarize(records), "runs": records}], out / "paired.png")
+    if paired is not None:
+        files["paired.png"] = paired
     page = routing_page(records, out / "routing.html", title, cfg.routing_layers)
     if page is not None:
         files["routing.html"] = page

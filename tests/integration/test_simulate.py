@@ -74,7 +74,7 @@ def test_simulate_writes_the_report_and_reuses_cached_runs(users_dir, tmp_path):
     cfg = _cfg(users_dir, strategies=("local", "comigs-1g1s", "pcl"), seeds=(1, 2))
     out = tmp_path / "report"
     result = simulate(cfg, out)
-    for name in ("results.json", "results.md", "curves.png", "experts-comigs-1g1s.png", "routing.html"):
+    for name in ("results.json", "results.md", "curves.png", "paired.png", "experts-comigs-1g1s.png", "routing.html"):
         assert (out / name).stat().st_size > 0, name
     assert "experts-local.png" not in result["files"]  # fixed gates: nothing to show
     summary = json.loads((out / "results.json").read_text())["summary"]
@@ -101,7 +101,9 @@ def test_simulate_writes_the_report_and_reuses_cached_runs(users_dir, tmp_path):
     from device_sdk.sim.report import combined_markdown
 
     combined = combined_markdown([json.loads((out / "results.json").read_text())] * 2)
-    assert combined.count("| comigs-1g1s |") == 1 and combined.count("n=2") == 6
+    rows = combined.splitlines()
+    assert sum(row.startswith("| comigs-1g1s |") for row in rows) == 1 and combined.count("n=2") == 6
+    assert rows[-1] == "| *paired against* | comigs-1g1s | comigs-1g1s |"
     runs[0].write_text("{torn")  # a torn cache file is recomputed, not trusted
     simulate(cfg, out)
     assert json.loads(runs[0].read_text())["final"]

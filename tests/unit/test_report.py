@@ -77,3 +77,21 @@ def test_heterogeneous_runs_are_paired_against_1gxs_and_runs_without_a_reference
     combined = combined_markdown([{"title": "het", "summary": summary, "runs": [gxs, het]},
                                   {"title": "alone", "summary": alone, "runs": [het]}])
     assert combined.splitlines()[-1] == "| *paired against* | comigs-1gxs |  |"
+
+
+def test_the_paired_plot_draws_every_column_with_a_reference_and_nothing_without_one(tmp_path, capsys):
+    import json
+
+    from device_sdk.sim.figures import plot_paired
+    from device_sdk.sim.report import main
+
+    users = {"a": 20.0, "b": 30.0, "c": 10.0, "d": 40.0}
+    runs = [_run("comigs-1g1s", 1, users), _run("local", 1, {u: p * 1.1 for u, p in users.items()})]
+    with_ref = {"title": "t", "summary": summarize(runs), "runs": runs}
+    alone = {"title": "u", "summary": summarize(runs[1:]), "runs": runs[1:]}
+    assert plot_paired([alone], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    picture = plot_paired([with_ref, alone], tmp_path / "paired.png")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "r.json").write_text(json.dumps(with_ref))
+    assert main([str(tmp_path / "r.json"), "--plot", str(tmp_path / "cli.png")]) == 0
+    assert (tmp_path / "cli.png").is_file() and str(tmp_path / "cli.png") in capsys.readouterr().out
