@@ -24,6 +24,7 @@ Lanes (the paper's Tables 1, 2, 4 and 5 and section 4.3.2; users in name order):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -33,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "results" / "scaled"
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path("..") / "shared" / "data"  # from ROOT, where every command runs (cache keys resolve it)
 CORE = "local,fedavg,pfedmoe,comigs-2s,comigs-2g,comigs-1g1s"
 TABLE4 = "local-moe-tr,fedavg-moe-tr,local-moe,fedavg-moe,ffa-lora,pcl,centralized"
 HETERO = {"multilingual": "2,2,4,4", "topic": "2,4,4,2"}  # the paper's Table 2 layouts for these splits
@@ -107,28 +108,29 @@ def folders() -> dict[str, tuple[list[str], list[str], list[str]]]:
 
 def collect(root: Path) -> None:
     """Copy new finished records of every folder into ``docs/results/scaled/<folder minus 'scaled-'>/runs`` and
-    rebuild each folder's report (all of its strategies and seeds, ``--cached-only``) there."""
+    write each folder's report there from its committed records (every strategy and seed its lanes name that has
+    finished; no model is loaded)."""
+    from device_sdk.__main__ import build_parser, sim_config
+    from device_sdk.sim.simulate import write_report
+
     for folder, (settings, strategies, seeds) in folders().items():
-        runs = root / folder / "runs"
-        if not any(runs.glob("*.json")):
-            continue
         docs = DOCS / folder.removeprefix("scaled-")
-        (docs / "runs").mkdir(parents=True, exist_ok=True)
-        for record in sorted(runs.glob("*.json")):
-            if not (docs / "runs" / record.name).exists():
-                shutil.copy2(record, docs / "runs" / record.name)
-                log.info("new record: %s", docs / "runs" / record.name)
+        new = [r for r in sorted((root / folder / "runs").glob("*.json")) if not (docs / "runs" / r.name).exists()]
+        for record in new:
+            (docs / "runs").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(record, docs / "runs" / record.name)
+            log.info("new record: %s", docs / "runs" / record.name)
         args = settings + ["--strategies", ",".join(strategies), "--seeds", ",".join(sorted(seeds))]
-        done = subprocess.run(command(root, folder, args, cached_only=True), cwd=ROOT, capture_output=True, text=True)
-        if done.returncode != 0:
-            log.warning("%s: no report (%s)", folder, done.stderr.strip().splitlines()[-1:])
-            continue
-        for name in ("results.json", "results.md", "curves.png", "paired.png", "routing.html"):
-            if (root / folder / name).exists():
-                shutil.copy2(root / folder / name, docs / name)
-        for plot in (root / folder).glob("experts-*.png"):
-            shutil.copy2(plot, docs / plot.name)
-        log.info("report: %s", docs / "results.md")
+        cfg = sim_config(build_parser().parse_args(command(root, folder, args)[3:]))
+        found = {}
+        for path in sorted((docs / "runs").glob("*.json")):
+            record = json.loads(path.read_text())
+            if path.stem == cfg.run_key(record["strategy"], record["seed"], record["users"]):  # these settings
+                found[record["strategy"], record["seed"]] = record
+        records = [found[s, seed] for seed in cfg.seeds for s in cfg.strategies if (s, seed) in found]
+        if records:
+            write_report(cfg, records, docs)
+            log.info("report of %d runs: %s", len(records), docs / "results.md")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path.home() / ".cache" / "comigs-sdk" / "sim",
                         help="folder of the simulations' --out folders (default: %(default)s)")
     args = parser.parse_args(argv)
+    os.chdir(ROOT)  # the commands' relative --data paths, and the cache keys made from them, start here
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not (args.lane or args.list or args.seed_cache or args.collect):
         parser.error("nothing to do: give --lane, --list, --seed-cache or --collect")

@@ -121,11 +121,27 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
     if missing:
         log.warning("%d of %d runs not finished yet (left out): %s", len(missing), len(jobs),
                     ", ".join(f"{s} seed {seed}" for s, seed in missing))
+    files = write_report(cfg, records, out, missing)
+    return {"records": records, "files": files, "missing": missing}
+
+
+def write_report(cfg: SimConfig, records: list[dict], out: Path,
+                 missing: list[tuple[str, int]] | tuple = ()) -> dict[str, Path]:
+    """Write the report of ``records`` (finished runs of ``cfg``'s settings) into ``out``: ``results.json``,
+    ``results.md``, ``curves.png``, ``paired.png``, ``experts-<strategy>.png`` and ``routing.html``.
+
+    Args:
+        missing: ``(strategy, seed)`` pairs of ``cfg`` not finished yet (named in the settings line).
+
+    Returns:
+        ``{file name: path}`` of what was written (strategies without a learned router get no expert plot).
+    """
+    out = Path(out)
     title = f"{Path(cfg.data).name}{' (out of distribution)' if cfg.ood else ''}"
     if cfg.train_tokens:
         title += " (low data: " + ", ".join(f"{u} {n} training tokens" for u, n in cfg.train_tokens) + ")"
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("extra", "cache_dir")}
-    settings.update(users=names, torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
+    settings.update(users=records[0]["users"], torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
                     machine=platform.machine(), device_name=device_name(cfg.device),
                     runs_missing=[f"{s} seed {seed}" for s, seed in missing])
     json_path, md_path = write_results(out, records, title, settings)
@@ -141,4 +157,4 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
     page = routing_page(records, out / "routing.html", title, cfg.routing_layers)
     if page is not None:
         files["routing.html"] = page
-    return {"records": records, "files": files, "missing": missing}
+    return files

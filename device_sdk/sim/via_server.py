@@ -22,9 +22,9 @@ import torch
 from ..client import AggregatorClient
 from ..config import AdapterConfig
 from ..errors import ConfigError, SDKError
-from ..loopback import start_aggregator, stop_aggregator
 from ..federated import Upload
 from ..federated.roles import role_names
+from ..loopback import start_aggregator, stop_aggregator
 from ..strategies import Strategy
 
 log = logging.getLogger(__name__)

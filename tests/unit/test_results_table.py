@@ -60,3 +60,40 @@ def test_the_script_says_what_to_do(capsys):
     assert "nothing to do" in capsys.readouterr().err
     assert results_table.main(["--list"]) == 0
     assert "--strategies comigs-tr" in capsys.readouterr().out
+
+
+def _record(cfg, strategy: str, seed: int, ppl: float) -> tuple[str, dict]:
+    users = ["a", "b"]
+    record = {"strategy": strategy, "seed": seed, "users": users, "experts": [2, 2], "iterations": [0, 10],
+              "test_ppl": {u: [50.0, ppl] for u in users}, "final": {u: ppl for u in users}, "mean": ppl,
+              "pretrained": {u: 50.0 for u in users}, "train_loss": {u: [3.0] for u in users},
+              "expert_scores": {u: [{"iteration": 0, "layers": []}] for u in users}, "routing": {},
+              "strategy_state": {}, "seconds": 1.0, "via_server": False, "host": {}, "trainable_params": {}}
+    return cfg.run_key(strategy, seed, users), record
+
+
+def test_collect_copies_new_records_and_reports_only_the_runs_of_each_folders_settings(tmp_path, monkeypatch):
+    import json
+
+    data = tmp_path / "data" / "split"
+    monkeypatch.setattr(results_table, "DOCS", tmp_path / "docs")
+    monkeypatch.setattr(results_table, "lanes", lambda: {"split": [
+        ("scaled-split", ["--data", str(data), "--strategies", "local,comigs-1g1s", "--seeds", "1,2"])]})
+    cfg = _config("scaled-split", ["--data", str(data), "--strategies", "local,comigs-1g1s", "--seeds", "1,2"])
+    other = _config("scaled-split", ["--data", str(data), "--strategies", "local", "--rounds", "3"])
+    runs = tmp_path / "cache" / "scaled-split" / "runs"
+    runs.mkdir(parents=True)
+    for c, strategy, seed, ppl in ((cfg, "local", 1, 30.0), (cfg, "comigs-1g1s", 1, 20.0), (other, "local", 1, 99.0)):
+        key, record = _record(c, strategy, seed, ppl)
+        (runs / f"{key}.json").write_text(json.dumps(record))
+    committed = tmp_path / "docs" / "split" / "runs"
+    committed.mkdir(parents=True)
+    key, record = _record(cfg, "local", 2, 31.0)
+    (committed / f"{key}.json").write_text(json.dumps(record))
+    results_table.collect(tmp_path / "cache")
+    assert len(list(committed.glob("*.json"))) == 4  # three new copies next to the committed one
+    report = json.loads((tmp_path / "docs" / "split" / "results.json").read_text())
+    assert sorted((r["strategy"], r["seed"]) for r in report["runs"]) == [("comigs-1g1s", 1), ("local", 1),
+                                                                          ("local", 2)]  # not the 3-round run
+    assert report["summary"]["local"]["vs_reference"]["n"] == 2
+    assert (tmp_path / "docs" / "split" / "paired.png").is_file()
