@@ -88,21 +88,20 @@ def seed_cache(root: Path) -> int:
     return copied
 
 
-def folders() -> dict[str, tuple[list[str], list[str], list[str]]]:
-    """``{folder: (settings, strategies, seeds)}``: every folder's simulate arguments apart from the strategy list
-    and the seeds (one set per folder), and the union of its lanes' strategies and seeds (for its report)."""
-    out: dict[str, tuple[list[str], list[str], list[str]]] = {}
+def folders() -> dict[str, tuple[list[str], list[tuple[str, int]]]]:
+    """``{folder: (settings, planned)}``: every folder's simulate arguments apart from the strategy list and the
+    seeds (one set per folder), and the ``(strategy, seed)`` runs its lanes plan there, in run order."""
+    out: dict[str, tuple[list[str], list[tuple[str, int]]]] = {}
     for steps in lanes().values():
         for folder, args in steps:
             strategies = args[args.index("--strategies") + 1].split(",")
-            seeds = args[args.index("--seeds") + 1].split(",") if "--seeds" in args else ["1"]
+            seeds = [int(x) for x in args[args.index("--seeds") + 1].split(",")] if "--seeds" in args else [1]
             listed = {i + 1 for i, a in enumerate(args) if a in ("--strategies", "--seeds")}  # their values
             settings = [a for i, a in enumerate(args) if a not in ("--strategies", "--seeds") and i not in listed]
-            known = out.setdefault(folder, (settings, [], []))
-            if known[0] != settings:
-                raise AssertionError(f"{folder}: two settings in one folder ({known[0]} and {settings})")
-            known[1].extend(x for x in strategies if x not in known[1])
-            known[2].extend(x for x in seeds if x not in known[2])
+            known, planned = out.setdefault(folder, (settings, []))
+            if known != settings:
+                raise AssertionError(f"{folder}: two settings in one folder ({known} and {settings})")
+            planned.extend(run for seed in seeds for run in ((s, seed) for s in strategies) if run not in planned)
     return out
 
 
@@ -113,23 +112,25 @@ def collect(root: Path) -> None:
     from device_sdk.__main__ import build_parser, sim_config
     from device_sdk.sim.simulate import write_report
 
-    for folder, (settings, strategies, seeds) in folders().items():
+    for folder, (settings, planned) in folders().items():
         docs = DOCS / folder.removeprefix("scaled-")
         new = [r for r in sorted((root / folder / "runs").glob("*.json")) if not (docs / "runs" / r.name).exists()]
         for record in new:
             (docs / "runs").mkdir(parents=True, exist_ok=True)
             shutil.copy2(record, docs / "runs" / record.name)
             log.info("new record: %s", docs / "runs" / record.name)
-        args = settings + ["--strategies", ",".join(strategies), "--seeds", ",".join(sorted(seeds))]
+        strategies = list(dict.fromkeys(s for s, _ in planned))
+        seeds = sorted({seed for _, seed in planned})
+        args = settings + ["--strategies", ",".join(strategies), "--seeds", ",".join(map(str, seeds))]
         cfg = sim_config(build_parser().parse_args(command(root, folder, args)[3:]))
         found = {}
         for path in sorted((docs / "runs").glob("*.json")):
             record = json.loads(path.read_text())
             if path.stem == cfg.run_key(record["strategy"], record["seed"], record["users"]):  # these settings
                 found[record["strategy"], record["seed"]] = record
-        records = [found[s, seed] for seed in cfg.seeds for s in cfg.strategies if (s, seed) in found]
+        records = [found[run] for run in planned if run in found]
         if records:
-            write_report(cfg, records, docs)
+            write_report(cfg, records, docs, missing=[run for run in planned if run not in found])
             log.info("report of %d runs: %s", len(records), docs / "results.md")
 
 
