@@ -119,7 +119,7 @@ def plot_paired(results: list[dict], path: Path) -> Path | None:
         return None
     plt = _pyplot()
     names = [n for n in dict.fromkeys(n for r in panels for n, s in r["summary"].items() if s.get("vs_reference"))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 0.9 + 0.42 * len(names)), sharey=True,
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 1.3 + 0.42 * len(names)), sharey=True,
                              squeeze=False)
     colours = {"worse": "tab:red", "better": "tab:green", "inside noise": "0.45"}
     for ax, result in zip(axes[0], panels):
@@ -138,7 +138,7 @@ def plot_paired(results: list[dict], path: Path) -> Path | None:
         ax.grid(alpha=0.3, axis="x")
         ax.margins(x=0.35)
     axes[0][0].set_yticks(range(len(names)), names)
-    axes[0][0].invert_yaxis()
+    axes[0][0].set_ylim(len(names) - 0.4, -0.6)  # top to bottom in table order, half a row of room around
     fig.tight_layout()
     return _save(fig, path, plt)
 
