@@ -30,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,38 +43,48 @@ HETERO = {"multilingual": "2,2,4,4", "topic": "2,4,4,2"}  # the paper's Table 2 
 log = logging.getLogger("results_table")
 
 
-def lanes() -> dict[str, list[tuple[str, list[str]]]]:
-    """``{lane: [(folder, simulate arguments), ...]}`` in run order (most informative first)."""
-    out: dict[str, list[tuple[str, list[str]]]] = {}
+@dataclass(frozen=True)
+class Step:
+    """One simulate command of a lane: its ``--out`` folder, its settings (every argument but the strategies and
+    seeds; one set per folder), the strategies and the seeds."""
+
+    folder: str
+    settings: tuple[str, ...]
+    strategies: str
+    seeds: str = "1"
+
+    def arguments(self) -> list[str]:
+        return [*self.settings, "--strategies", self.strategies, "--seeds", self.seeds]
+
+
+def lanes() -> dict[str, list[Step]]:
+    """``{lane: [step, ...]}`` in run order (most informative first)."""
+    out: dict[str, list[Step]] = {}
     for split, experts in HETERO.items():
-        data = ["--data", str(DATA / split)]
+        data = ("--data", str(DATA / split))
+        hetero = (*data, "--experts", experts)
         steps = [
-            (f"scaled-{split}", data + ["--strategies", CORE, "--seeds", "1,2"]),
-            (f"scaled-{split}", data + ["--strategies", "comigs-tr"]),
-            (f"scaled-{split}-hetero", data + ["--strategies", "comigs-1gxs,hetlora-active,flexlora-active",
-                                               "--experts", experts]),
-            (f"scaled-{split}", data + ["--strategies", TABLE4]),
-            (f"scaled-{split}-lbnone", data + ["--strategies", "comigs-1g1s", "--lb-mode", "none"]),
-            (f"scaled-{split}-hetero-lbnone", data + ["--strategies", "comigs-1gxs", "--experts", experts,
-                                                      "--lb-mode", "none"]),
-            (f"scaled-{split}-hetero-lbswitch", data + ["--strategies", "comigs-1gxs", "--experts", experts,
-                                                        "--lb-mode", "switch"]),
+            Step(f"scaled-{split}", data, CORE, "1,2"),
+            Step(f"scaled-{split}", data, "comigs-tr"),
+            Step(f"scaled-{split}-hetero", hetero, "comigs-1gxs,hetlora-active,flexlora-active"),
+            Step(f"scaled-{split}", data, TABLE4),
+            Step(f"scaled-{split}-lbnone", (*data, "--lb-mode", "none"), "comigs-1g1s"),
+            Step(f"scaled-{split}-hetero-lbnone", (*hetero, "--lb-mode", "none"), "comigs-1gxs"),
+            Step(f"scaled-{split}-hetero-lbswitch", (*hetero, "--lb-mode", "switch"), "comigs-1gxs"),
         ]
         if split == "multilingual":
-            steps.append((f"scaled-{split}-lowdata", data + ["--strategies", "comigs-1gxs,comigs-1g1s,local",
-                                                             "--experts", "8,8,2,2",
-                                                             "--train-tokens", "de=4096,nl=4096"]))
+            steps.append(Step(f"scaled-{split}-lowdata",
+                              (*data, "--experts", "8,8,2,2", "--train-tokens", "de=4096,nl=4096"),
+                              "comigs-1gxs,comigs-1g1s,local"))
         out[split] = steps
-    out["topic-ood"] = [("scaled-topic-ood", ["--data", str(DATA / "topic"), "--ood", "--strategies", CORE,
-                                              "--seeds", "1,2"])]
+    out["topic-ood"] = [Step("scaled-topic-ood", ("--data", str(DATA / "topic"), "--ood"), CORE, "1,2")]
     return out
 
 
 def command(root: Path, folder: str, args: list[str], cached_only: bool = False) -> list[str]:
-    """The full simulate command of one lane step (the scaled preset in bf16, seed 1 unless the step says)."""
-    seeds = [] if "--seeds" in args else ["--seeds", "1"]
+    """The full simulate command of one lane step's arguments (the scaled preset in bf16)."""
     return ([sys.executable, "-m", "device_sdk", "simulate", "--preset", "scaled", "--precision", "bf16"] + args
-            + seeds + ["--out", str(root / folder)] + (["--cached-only"] if cached_only else []))
+            + ["--out", str(root / folder)] + (["--cached-only"] if cached_only else []))
 
 
 def seed_cache(root: Path) -> int:
@@ -88,20 +99,17 @@ def seed_cache(root: Path) -> int:
     return copied
 
 
-def folders() -> dict[str, tuple[list[str], list[tuple[str, int]]]]:
-    """``{folder: (settings, planned)}``: every folder's simulate arguments apart from the strategy list and the
-    seeds (one set per folder), and the ``(strategy, seed)`` runs its lanes plan there, in run order."""
-    out: dict[str, tuple[list[str], list[tuple[str, int]]]] = {}
+def folders() -> dict[str, tuple[tuple[str, ...], list[tuple[str, int]]]]:
+    """``{folder: (settings, planned)}``: every folder's settings (one set per folder) and the ``(strategy, seed)``
+    runs its lanes plan there, in run order."""
+    out: dict[str, tuple[tuple[str, ...], list[tuple[str, int]]]] = {}
     for steps in lanes().values():
-        for folder, args in steps:
-            strategies = args[args.index("--strategies") + 1].split(",")
-            seeds = [int(x) for x in args[args.index("--seeds") + 1].split(",")] if "--seeds" in args else [1]
-            listed = {i + 1 for i, a in enumerate(args) if a in ("--strategies", "--seeds")}  # their values
-            settings = [a for i, a in enumerate(args) if a not in ("--strategies", "--seeds") and i not in listed]
-            known, planned = out.setdefault(folder, (settings, []))
-            if known != settings:
-                raise AssertionError(f"{folder}: two settings in one folder ({known} and {settings})")
-            planned.extend(run for seed in seeds for run in ((s, seed) for s in strategies) if run not in planned)
+        for step in steps:
+            settings, planned = out.setdefault(step.folder, (step.settings, []))
+            if settings != step.settings:
+                raise AssertionError(f"{step.folder}: two settings in one folder ({settings} and {step.settings})")
+            runs = [(s, int(seed)) for seed in step.seeds.split(",") for s in step.strategies.split(",")]
+            planned.extend(run for run in runs if run not in planned)
     return out
 
 
@@ -119,10 +127,9 @@ def collect(root: Path) -> None:
             (docs / "runs").mkdir(parents=True, exist_ok=True)
             shutil.copy2(record, docs / "runs" / record.name)
             log.info("new record: %s", docs / "runs" / record.name)
-        strategies = list(dict.fromkeys(s for s, _ in planned))
-        seeds = sorted({seed for _, seed in planned})
-        args = settings + ["--strategies", ",".join(strategies), "--seeds", ",".join(map(str, seeds))]
-        cfg = sim_config(build_parser().parse_args(command(root, folder, args)[3:]))
+        union = Step(folder, settings, ",".join(dict.fromkeys(s for s, _ in planned)),
+                     ",".join(map(str, sorted({seed for _, seed in planned}))))
+        cfg = sim_config(build_parser().parse_args(command(root, folder, union.arguments())[3:]))
         found = {}
         for path in sorted((docs / "runs").glob("*.json")):
             record = json.loads(path.read_text())
@@ -151,15 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for lane, steps in lanes().items():
             print(f"# {lane}")
-            for folder, step in steps:
-                print(" ".join(command(args.root, folder, step)[1:]))
+            for step in steps:
+                print(" ".join(command(args.root, step.folder, step.arguments())[1:]))
         return 0
     if args.seed_cache:
         log.info("copied %d committed records into %s", seed_cache(args.root), args.root)
     if args.lane:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        for folder, step in lanes()[args.lane]:
-            cmd = command(args.root, folder, step)
+        for step in lanes()[args.lane]:
+            cmd = command(args.root, step.folder, step.arguments())
             log.info("%s", " ".join(cmd[1:]))
             if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
                 log.error("failed; the lane goes on with its next command")

@@ -118,13 +118,13 @@ def plot_paired(results: list[dict], path: Path) -> Path | None:
     if not panels:
         return None
     plt = _pyplot()
-    names = [n for n in dict.fromkeys(n for r in panels for n, s in r["summary"].items() if s.get("vs_reference"))]
+    names = list(dict.fromkeys(n for r in panels for n, s in r["summary"].items() if s.get("vs_reference")))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 1.3 + 0.42 * len(names)), sharey=True,
                              squeeze=False)
     colours = {"worse": "tab:red", "better": "tab:green", "inside noise": "0.45"}
     for ax, result in zip(axes[0], panels):
         for y, name in enumerate(names):
-            diff = result["summary"].get(name, {}).get("vs_reference") if name in result["summary"] else None
+            diff = result["summary"].get(name, {}).get("vs_reference")
             if diff is None:
                 continue
             mean, low, high = (100 * diff[k] for k in ("mean", "low", "high"))

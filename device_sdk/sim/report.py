@@ -140,8 +140,9 @@ def markdown(summary: dict, records: list[dict], title: str, settings: dict) -> 
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: Path, records: list[dict], title: str, settings: dict) -> tuple[Path, Path]:
-    """Write ``results.json`` (summary and every run) and ``results.md``; returns their paths."""
+def write_results(out: Path, records: list[dict], title: str, settings: dict) -> tuple[Path, Path, dict]:
+    """Write ``results.json`` (summary and every run) and ``results.md``; returns their paths and the payload
+    written to ``results.json`` (``{"title", "settings", "summary", "runs"}``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(records)
@@ -149,7 +150,7 @@ def write_results(out: Path, records: list[dict], title: str, settings: dict) ->
     json_path, md_path = out / "results.json", out / "results.md"
     atomic_write_bytes(json_path, json.dumps(payload, indent=1, default=str).encode())
     atomic_write_bytes(md_path, markdown(summary, records, title, settings).encode())
-    return json_path, md_path
+    return json_path, md_path, payload
 
 
 def combined_markdown(results: list[dict]) -> str:

@@ -19,7 +19,7 @@ from ..models import default_cache_dir, load_base_model
 from ..strategies import make_strategy
 from .config import SimConfig, cap_training
 from .figures import plot_expert_scores, plot_learning_curves, plot_paired
-from .report import summarize, write_results
+from .report import write_results
 from .resume import discard
 from .routing_html import routing_page
 from .runner import run_strategy
@@ -144,14 +144,14 @@ def write_report(cfg: SimConfig, records: list[dict], out: Path,
     settings.update(users=records[0]["users"], torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
                     machine=platform.machine(), device_name=device_name(cfg.device),
                     runs_missing=[f"{s} seed {seed}" for s, seed in missing])
-    json_path, md_path = write_results(out, records, title, settings)
+    json_path, md_path, payload = write_results(out, records, title, settings)
     files = {"results.json": json_path, "results.md": md_path,
              "curves.png": plot_learning_curves(records, out / "curves.png", title)}
     for strategy in cfg.strategies:
         picture = plot_expert_scores(records, strategy, out / f"experts-{strategy}.png")
         if picture is not None:
             files[picture.name] = picture
-    paired = plot_paired([{"title": title, "summary": summarize(records), "runs": records}], out / "paired.png")
+    paired = plot_paired([payload], out / "paired.png")
     if paired is not None:
         files["paired.png"] = paired
     page = routing_page(records, out / "routing.html", title, cfg.routing_layers)

@@ -9,9 +9,9 @@ from benchmarks import results_table
 from device_sdk.__main__ import build_parser, sim_config
 
 
-def _config(folder: str, args: list[str]):
-    parsed = build_parser().parse_args(results_table.command(Path("/cache"), folder, args)[3:])
-    assert parsed.out == Path("/cache") / folder
+def _config(step: results_table.Step):
+    parsed = build_parser().parse_args(results_table.command(Path("/cache"), step.folder, step.arguments())[3:])
+    assert parsed.out == Path("/cache") / step.folder
     return sim_config(parsed)
 
 
@@ -19,12 +19,12 @@ def test_every_lane_command_is_a_valid_scaled_bf16_simulation():
     lanes = results_table.lanes()
     assert set(lanes) == {"multilingual", "topic", "topic-ood"}
     for steps in lanes.values():
-        for folder, args in steps:
-            cfg = _config(folder, args)
+        for step in steps:
+            cfg = _config(step)
             assert cfg.precision == "bf16" and cfg.train_prefix == 16384  # the scaled preset
             assert cfg.seeds == ((1, 2) if cfg.strategies == tuple(results_table.CORE.split(",")) else (1,))
             cfg.experts_for(4)  # every experts list fits the four users
-    ood = _config(*lanes["topic-ood"][0])
+    ood = _config(lanes["topic-ood"][0])
     assert ood.ood and ood.seeds == (1, 2)
 
 
@@ -35,7 +35,7 @@ def test_one_folder_holds_one_set_of_settings_and_the_table5_runs_get_their_own_
     keys = set()
     for folder, (settings, runs) in folders.items():
         strategies = list(dict.fromkeys(s for s, _ in runs))
-        cfg = _config(folder, settings + ["--strategies", ",".join(strategies)])
+        cfg = _config(results_table.Step(folder, settings, ",".join(strategies)))
         keys |= {cfg.run_key(s, 1, ["a", "b", "c", "d"]) for s in strategies}
     n_runs = sum(len({s for s, _ in runs}) for _, runs in folders.values())
     assert len(keys) == n_runs  # no two folders' runs share a cache key (e.g. 1GXS with and without --lb-mode)
@@ -79,10 +79,10 @@ def test_collect_copies_new_records_and_reports_only_the_runs_of_each_folders_se
 
     data = tmp_path / "data" / "split"
     monkeypatch.setattr(results_table, "DOCS", tmp_path / "docs")
-    monkeypatch.setattr(results_table, "lanes", lambda: {"split": [
-        ("scaled-split", ["--data", str(data), "--strategies", "local,comigs-1g1s", "--seeds", "1,2"])]})
-    cfg = _config("scaled-split", ["--data", str(data), "--strategies", "local,comigs-1g1s", "--seeds", "1,2"])
-    other = _config("scaled-split", ["--data", str(data), "--strategies", "local", "--rounds", "3"])
+    step = results_table.Step("scaled-split", ("--data", str(data)), "local,comigs-1g1s", "1,2")
+    monkeypatch.setattr(results_table, "lanes", lambda: {"split": [step]})
+    cfg = _config(step)
+    other = _config(results_table.Step("scaled-split", ("--data", str(data), "--rounds", "3"), "local"))
     runs = tmp_path / "cache" / "scaled-split" / "runs"
     runs.mkdir(parents=True)
     for c, strategy, seed, ppl in ((cfg, "local", 1, 30.0), (cfg, "comigs-1g1s", 1, 20.0), (other, "local", 1, 99.0)):
