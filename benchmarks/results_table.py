@@ -4,7 +4,7 @@ A lane is a list of simulate commands that run one after the other in one proces
 side by side on two cores. Runs are cached per (strategy, seed, settings) in ``<root>/<folder>/runs``, so running a
 lane again skips every finished run, and a run cut off mid-way resumes from its last round (on the same machine).
 Finished records are committed under ``docs/results/scaled/<folder>/runs``; ``--seed-cache`` copies them back into
-the cache on a fresh machine, ``--collect`` copies new ones there and rebuilds each folder's report from the cache.
+the cache on a fresh machine, ``--collect`` copies new ones there and rebuilds each folder's report from them.
 
     python benchmarks/results_table.py --list                         # every command of every lane
     python benchmarks/results_table.py --seed-cache                   # fresh machine: docs records -> cache
