@@ -33,6 +33,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.paper_tables import write_tables  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "results" / "scaled"
 DATA = Path("..") / "shared" / "data"  # from ROOT, where every command runs (cache keys resolve it)
@@ -116,7 +119,7 @@ def folders() -> dict[str, tuple[tuple[str, ...], list[tuple[str, int]]]]:
 def collect(root: Path) -> None:
     """Copy new finished records of every folder into ``docs/results/scaled/<folder minus 'scaled-'>/runs`` and
     write each folder's report there from its committed records (every strategy and seed its lanes name that has
-    finished; no model is loaded)."""
+    finished; no model is loaded), then ``docs/results/scaled/tables.md`` (:func:`paper_tables.write_tables`)."""
     from device_sdk.__main__ import build_parser, sim_config
     from device_sdk.sim.simulate import write_report
 
@@ -139,6 +142,8 @@ def collect(root: Path) -> None:
         if records:
             write_report(cfg, records, docs, missing=[run for run in planned if run not in found])
             log.info("report of %d runs: %s", len(records), docs / "results.md")
+    tables = write_tables(DOCS, {folder.removeprefix("scaled-"): planned for folder, (_, planned) in folders().items()})
+    log.info("the paper's tables beside ours: %s", tables)
 
 
 def main(argv: list[str] | None = None) -> int:

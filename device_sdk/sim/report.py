@@ -42,18 +42,27 @@ def mean_interval(values: list[float]) -> tuple[float, float, float] | None:
 
 
 def paired_difference(records: list[dict], strategy: str, reference: str = REFERENCE) -> dict | None:
-    """Relative test-perplexity difference of ``strategy`` against ``reference``, paired by (user, seed).
+    """Relative test-perplexity difference of ``strategy`` against ``reference`` among ``records`` (one comparison's
+    runs), paired by (user, seed): :func:`paired_runs` of the two strategies' runs."""
+    return paired_runs([r for r in records if r["strategy"] == strategy],
+                       [r for r in records if r["strategy"] == reference])
 
-    Every user of every seed that both strategies ran gives one value ``ppl_strategy / ppl_reference - 1``; the
-    result is their mean with a 95% t-interval over those ``n`` pairs. The users of one seed share a federation, so
-    the pairs are not fully independent: the interval is a yardstick for noise, not an exact test.
+
+def paired_runs(runs: list[dict], reference_runs: list[dict]) -> dict | None:
+    """Relative test-perplexity difference of ``runs`` against ``reference_runs`` (run records, at most one per seed
+    on each side), paired by (user, seed).
+
+    Every user of every seed that both sides ran gives one value ``ppl / ppl_reference - 1``; the result is their
+    mean with a 95% t-interval over those ``n`` pairs. The users of one seed share a federation, so the pairs are
+    not fully independent: the interval is a yardstick for noise, not an exact test. The two sides may come from
+    different settings (e.g. a load-balancing ablation against the default).
 
     Returns:
         ``{"n", "mean", "low", "high", "verdict"}`` (fractions; verdict ``better`` / ``worse`` when the interval
         excludes zero, else ``inside noise``), or ``None`` with fewer than two pairs.
     """
-    own = {r["seed"]: r for r in records if r["strategy"] == strategy}
-    ref = {r["seed"]: r for r in records if r["strategy"] == reference}
+    own = {r["seed"]: r for r in runs}
+    ref = {r["seed"]: r for r in reference_runs}
     diffs = [own[seed]["final"][u] / ref[seed]["final"][u] - 1
              for seed in sorted(set(own) & set(ref)) for u in ref[seed]["users"] if u in own[seed]["final"]]
     interval = mean_interval(diffs)
@@ -99,11 +108,14 @@ def pretrained_mean(records: list[dict]) -> float | None:
     return statistics.fmean(first.values())
 
 
-def _ppl(mean: float, std: float | None) -> str:
+def format_ppl(mean: float, std: float | None) -> str:
+    """``"mean"``, or ``"mean (std)"`` where there is a spread over seeds."""
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ({std:.2f})"
 
 
-def _versus(diff: dict | None) -> str:
+def format_versus(diff: dict | None) -> str:
+    """A paired difference (:func:`paired_runs`) as ``"+x.x% [low, high] worse"``; ``(noise)`` where the interval
+    holds zero; empty for ``None``."""
     if diff is None:
         return ""
     text = f"{100 * diff['mean']:+.1f}% [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}]"
@@ -131,8 +143,8 @@ def markdown(summary: dict, records: list[dict], title: str, settings: dict) -> 
         if base is not None:
             lines.append(f"| *pretrained* | {base:.2f} | | | |")
         for name, s in summary.items():
-            lines.append(f"| {name} | {_ppl(s['mean'], s['std'])} | {len(s['seeds'])} | {_params(s['params'])} | "
-                         f"{_versus(s['vs_reference'])} |")
+            lines.append(f"| {name} | {format_ppl(s['mean'], s['std'])} | {len(s['seeds'])} | {_params(s['params'])} | "
+                         f"{format_versus(s['vs_reference'])} |")
         lines += ["", "Per user (mean over seeds):", "",
                   "| strategy | " + " | ".join(users) + " |", "|---|" + "---|" * len(users)]
         for name, s in summary.items():
@@ -170,8 +182,8 @@ def combined_markdown(results: list[dict]) -> str:
             if s is None:
                 cells.append("")
                 continue
-            versus = _versus(s.get("vs_reference"))
-            cells.append(f"{_ppl(s['mean'], s['std'])}, n={len(s['seeds'])}" + (f"; {versus}" if versus else ""))
+            versus = format_versus(s.get("vs_reference"))
+            cells.append(f"{format_ppl(s['mean'], s['std'])}, n={len(s['seeds'])}" + (f"; {versus}" if versus else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("| *paired against* | " + " | ".join(reference_of(r["runs"]) or "" for r in results) + " |")
     return "\n".join(lines) + "\n"

@@ -100,3 +100,4 @@ def test_collect_copies_new_records_and_reports_only_the_runs_of_each_folders_se
     assert report["summary"]["local"]["vs_reference"]["n"] == 2
     assert report["settings"]["runs_missing"] == ["comigs-1g1s seed 2"]  # planned, not finished
     assert (tmp_path / "docs" / "split" / "paired.png").is_file()
+    assert "## Table 4" in (tmp_path / "docs" / "tables.md").read_text()  # the side-by-side, rewritten
