@@ -5,6 +5,8 @@ side by side on two cores. Runs are cached per (strategy, seed, settings) in ``<
 lane again skips every finished run, and a run cut off mid-way resumes from its last round (on the same machine).
 Finished records are committed under ``docs/results/scaled/<folder>/runs``; ``--seed-cache`` copies them back into
 the cache on a fresh machine, ``--collect`` copies new ones there and rebuilds each folder's report from them.
+Every run imports ``device_sdk`` as of one commit, :data:`TABLE_CODE` (exported from git into the cache), so the
+table keeps one set of numerics while main moves on.
 
     python benchmarks/results_table.py --list                         # every command of every lane
     python benchmarks/results_table.py --seed-cache                   # fresh machine: docs records -> cache
@@ -24,12 +26,15 @@ Lanes (the paper's Tables 1, 2, 4 and 5 and section 4.3.2; users in name order):
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +47,10 @@ DATA = Path("..") / "shared" / "data"  # from ROOT, where every command runs (ca
 CORE = "local,fedavg,pfedmoe,comigs-2s,comigs-2g,comigs-1g1s"
 TABLE4 = "local-moe-tr,fedavg-moe-tr,local-moe,fedavg-moe,ffa-lora,pcl,centralized"
 HETERO = {"multilingual": "2,2,4,4", "topic": "2,4,4,2"}  # the paper's Table 2 layouts for these splits
+#: The commit whose ``device_sdk`` makes every run of the table (the code of the 36 core runs). Lanes import it from
+#: a copy exported from git (:func:`code_tree`), so main can change numerics (kernels, fusions, precision choices)
+#: without mixing two sets of numerics in one table.
+TABLE_CODE = "aa52b31b79c5395a49c00a5d34e0fd5c42ad3fcc"
 
 log = logging.getLogger("results_table")
 
@@ -88,6 +97,42 @@ def command(root: Path, folder: str, args: list[str], cached_only: bool = False)
     """The full simulate command of one lane step's arguments (the scaled preset in bf16)."""
     return ([sys.executable, "-m", "device_sdk", "simulate", "--preset", "scaled", "--precision", "bf16"] + args
             + ["--out", str(root / folder)] + (["--cached-only"] if cached_only else []))
+
+
+def code_tree(root: Path) -> Path:
+    """``<root>/code-<sha>``: the ``device_sdk`` package of :data:`TABLE_CODE`, exported from this repository's git
+    history the first time (into a temporary folder, then renamed, so a second lane never sees half a copy)."""
+    target = root / f"code-{TABLE_CODE[:12]}"
+    if (target / "device_sdk").is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", TABLE_CODE, "device_sdk"], cwd=ROOT,
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise SystemExit(f"cannot export the table's code {TABLE_CODE[:12]} from {ROOT}: "
+                         f"{archive.stderr.decode().strip()} (a full clone of the repository has it; fetch it)")
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".code-"))
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(staging, filter="data")
+    try:
+        staging.rename(target)
+    except OSError:  # another lane exported it first
+        shutil.rmtree(staging)
+    return target
+
+
+def run_step(root: Path, step: Step) -> int:
+    """Run one lane step with one thread, importing ``device_sdk`` from :func:`code_tree` (``python -P``: the
+    repository root, where the command runs so that its relative ``--data`` paths hold, is not on ``sys.path``)."""
+    cmd = command(root, step.folder, step.arguments())
+    log.info("%s (device_sdk of %s)", " ".join(cmd[1:]), TABLE_CODE[:12])
+    return subprocess.run([cmd[0], "-P", *cmd[1:]], cwd=ROOT, env=lane_env(root)).returncode
+
+
+def lane_env(root: Path) -> dict[str, str]:
+    """The environment of a lane's commands: one thread, offline hub, ``PYTHONPATH`` = :func:`code_tree`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            "PYTHONPATH": str(code_tree(root))}
 
 
 def seed_cache(root: Path) -> int:
@@ -169,11 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed_cache:
         log.info("copied %d committed records into %s", seed_cache(args.root), args.root)
     if args.lane:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         for step in lanes()[args.lane]:
-            cmd = command(args.root, step.folder, step.arguments())
-            log.info("%s", " ".join(cmd[1:]))
-            if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
+            if run_step(args.root, step) != 0:
                 log.error("failed; the lane goes on with its next command")
     if args.collect:
         collect(args.root)

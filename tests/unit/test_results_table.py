@@ -101,3 +101,19 @@ def test_collect_copies_new_records_and_reports_only_the_runs_of_each_folders_se
     assert report["settings"]["runs_missing"] == ["comigs-1g1s seed 2"]  # planned, not finished
     assert (tmp_path / "docs" / "split" / "paired.png").is_file()
     assert "## Table 4" in (tmp_path / "docs" / "tables.md").read_text()  # the side-by-side, rewritten
+
+
+def test_lanes_import_the_pinned_table_code_not_the_working_tree(tmp_path):
+    import subprocess
+    import sys
+
+    if subprocess.run(["git", "cat-file", "-e", results_table.TABLE_CODE], cwd=results_table.ROOT).returncode != 0:
+        pytest.skip("a shallow clone without the table's commit")
+    tree = results_table.code_tree(tmp_path)
+    assert tree.name == f"code-{results_table.TABLE_CODE[:12]}"
+    assert (tree / "device_sdk" / "sim" / "runner.py").is_file()
+    assert results_table.code_tree(tmp_path) == tree and [p.name for p in tmp_path.iterdir()] == [tree.name]
+    found = subprocess.run([sys.executable, "-P", "-c", "import device_sdk; print(device_sdk.__file__)"],
+                           cwd=results_table.ROOT, env=results_table.lane_env(tmp_path), capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert found == str(tree / "device_sdk" / "__init__.py")  # not the repository root's, not the editable install's
