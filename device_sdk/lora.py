@@ -205,10 +205,13 @@ class LoRAMoELinear(nn.Module):
         a_cat = torch.cat([e.lora_A for e in self.experts], dim=0)  # (E*r, D_in)
         return F.linear(x, a_cat).unflatten(-1, (self.n_experts, self.rank))
 
+    def lora_b_cat(self) -> torch.Tensor:
+        """Every expert's ``B_e`` side by side: (D_out, E*r), columns ``e*r .. (e+1)*r - 1`` expert ``e``'s."""
+        return torch.cat([e.lora_B for e in self.experts], dim=1)
+
     def low_rank_out(self, h: torch.Tensor) -> torch.Tensor:
         """``sum_e B_e h_e`` (unscaled): (..., E, r) -> (..., D_out)."""
-        b_cat = torch.cat([e.lora_B for e in self.experts], dim=1)  # (D_out, E*r)
-        return F.linear(h.flatten(-2), b_cat)
+        return F.linear(h.flatten(-2), self.lora_b_cat())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D_in) -> (B, T, D_out)."""

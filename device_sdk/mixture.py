@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .lora import SPARSE_BUCKET, LoRAMoELinear
@@ -94,8 +95,9 @@ class ExpertMLPs:
         base_pre = [p.base(flat_x.view(shape)).flatten(0, -2) for p in inputs]  # input projections, once: (N, F) each
         # sparse: each expert on its routed tokens (data-dependent shapes); dense: k masked slots (fixed shapes)
         mix_fn = self._sparse_mix if output.sparse else self._slot_mix
-        h_mix, low = mix_fn(flat_x, flat_w, flat_i, inputs, output, base_pre)
-        out = output.base(h_mix.reshape(*shape[:-1], -1)) + output.scale * low.reshape(*shape[:-1], -1)  # (B, T, D)
+        h_mix, low = mix_fn(flat_x, flat_w, flat_i, inputs, output, base_pre)  # (N, F), (N, E*r)
+        base_out = output.base(h_mix.view(*shape[:-1], -1)).flatten(0, -2)  # frozen output projection, once: (N, D)
+        out = _plus_low_rank(base_out, low, output.lora_b_cat()).view(*shape[:-1], -1)  # (B, T, D)
         if self.dropout is not None:
             out = self.dropout(out)
         return out
@@ -129,27 +131,38 @@ class ExpertMLPs:
 
     def _slot_mix(self, x, weights, indices, inputs, output, base_pre) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed shapes: slot j of every token runs the token's j-th expert, its low-rank terms selected by a
-        one-hot mask over the experts' concatenated ranks. Returns ``(sum_j w_j h_j, sum_j w_j lowrank_out_j)``."""
-        n_experts = output.n_experts
-        experts = torch.arange(n_experts, device=x.device)
+        one-hot mask over the experts' concatenated ranks.
+
+        The LoRA scale and the gate ride on the (N, E, r) low-rank activations, so each input projection's update
+        lands on its frozen term in one fused multiply-add and no (N, F) tensor is scaled on its own.
+
+        Returns:
+            ``(sum_j w_j h_j, sum_j w_j s onehot_j A^out h_j)``: the gated hidden mix (N, F) and the output
+            projection's gated, scaled low-rank activations (N, E*r).
+        """
+        experts = torch.arange(output.n_experts, device=x.device)
         low_in = [p.low_rank_in(x) for p in inputs]  # (N, E, r) each
+        b_in = [p.lora_b_cat() for p in inputs]  # (F, E*r) each
         h_mix, low_out = None, None
         for j in range(indices.shape[-1]):
-            mask = (indices[:, j : j + 1] == experts).to(x.dtype).unsqueeze(-1)  # (N, E, 1)
-            pre = [b + p.scale * p.low_rank_out(a * mask.to(a.dtype)) for b, p, a in zip(base_pre, inputs, low_in)]
+            onehot = (indices[:, j : j + 1] == experts).to(weights.dtype).unsqueeze(-1)  # (N, E, 1)
+            pre = [_plus_low_rank(b, (a * (onehot * p.scale)).flatten(-2), b_cat)
+                   for b, p, a, b_cat in zip(base_pre, inputs, low_in, b_in)]
             h = self._hidden(pre)  # (N, F): MLP_{i_j} before its output projection
-            w = weights[:, j : j + 1].to(h.dtype)  # (N, 1)
-            h_mix = h * w if h_mix is None else h_mix + h * w
-            a_out = output.low_rank_in(h)  # (N, E, r)
-            term = a_out * (mask * w.unsqueeze(-1)).to(a_out.dtype)
+            w = weights[:, j : j + 1]  # (N, 1)
+            h_mix = h * w.to(h.dtype) if h_mix is None else torch.addcmul(h_mix, h, w.to(h.dtype))
+            term = output.low_rank_in(h) * (onehot * (w.unsqueeze(-1) * output.scale))  # (N, E, r)
             low_out = term if low_out is None else low_out + term
-        return h_mix, output.low_rank_out(low_out)
+        return h_mix, low_out.flatten(-2)
 
     def _sparse_mix(self, x, weights, indices, inputs, output, base_pre) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each expert on the tokens routed to it (counts padded to multiples of SPARSE_BUCKET with zero weight)."""
+        """Each expert on the tokens routed to it (counts padded to multiples of SPARSE_BUCKET with zero weight).
+        Returns what :meth:`_slot_mix` returns."""
         h_mix = torch.zeros_like(base_pre[0])  # (N, F)
-        low_out = torch.zeros(x.shape[0], output.base_out_features, dtype=h_mix.dtype, device=x.device)  # (N, D)
+        columns = []  # per expert: (N, r) its gated, scaled low-rank activations of the output projection
         for e in range(output.n_experts):
+            column = x.new_zeros(x.shape[0], output.rank, dtype=weights.dtype)
+            columns.append(column)
             hit = indices == e  # (N, k)
             tokens = hit.any(dim=-1).nonzero().squeeze(-1)  # (N_e,)
             if tokens.numel() == 0:
@@ -160,12 +173,18 @@ class ExpertMLPs:
                 tokens = torch.cat([tokens, tokens.new_zeros(pad)])
                 w = torch.cat([w, w.new_zeros(pad, 1)])
             xe = x.index_select(0, tokens)
-            pre = [b.index_select(0, tokens) + p.scale * p.experts[e](xe) for b, p in zip(base_pre, inputs)]
+            pre = [_plus_low_rank(b.index_select(0, tokens), F.linear(xe, p.experts[e].lora_A) * p.scale,
+                                  p.experts[e].lora_B) for b, p in zip(base_pre, inputs)]
             h = self._hidden(pre)  # (N_e, F)
-            w = w.to(h.dtype)
-            h_mix = h_mix.index_add(0, tokens, (h * w).to(h_mix.dtype))
-            low_out = low_out.index_add(0, tokens, (output.experts[e](h) * w).to(low_out.dtype))
-        return h_mix, low_out
+            h_mix = h_mix.index_add(0, tokens, (h * w.to(h.dtype)).to(h_mix.dtype))
+            low = F.linear(h, output.experts[e].lora_A) * (w * output.scale)  # (N_e, r)
+            columns[e] = column.index_add(0, tokens, low.to(column.dtype))
+        return h_mix, torch.cat(columns, dim=-1)
 
+
+def _plus_low_rank(frozen: torch.Tensor, low: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """``frozen + low @ lora_b.T`` as one fused multiply-add (``addmm``): (N, F), (N, R), (F, R) -> (N, F), in
+    ``frozen``'s dtype (under autocast, the autocast dtype)."""
+    return torch.addmm(frozen, low.to(frozen.dtype), lora_b.to(frozen.dtype).t())
 
 __all__ = ["GPT2_MLP", "LLAMA_MLP", "ExpertMLPs", "MLPForm"]
