@@ -1,7 +1,9 @@
 """Training-step cost of our LoRA-MoE against PEFT LoRA on the same base, measured alternately in one process.
 
 Variants (all rank 8, alpha 16 with the rank-stabilised scale, the same attention + MLP targets, the same batch):
-  peft        PEFT LoRA: one adapter per projection
+  peft        PEFT LoRA: one adapter per projection, on the SDK's base model (its attention: fp32 when a CPU trains
+              under bf16 autocast, device_sdk.attention), so that ours vs peft is the adapters' cost alone
+  peft-stock  the same with transformers' own sdpa attention (bf16 under autocast): PEFT as a user runs it
   1G1S        ours: attention LoRA + 2-expert LoRA-MoE per MLP block, top-2 router (expert step)
   1G1S-router ours: one router step (validation batch); amortised at tau=30, s=10 it adds s/tau of this per step
   1G3S-sparse ours, 4 experts, each expert only on its routed tokens
@@ -43,10 +45,12 @@ from device_sdk.models import load_base_model  # noqa: E402
 from device_sdk.train import expert_step, init_train_state, router_step  # noqa: E402
 
 
-def peft_step_fn(model_name: str, cfg: TrainConfig):
+def peft_step_fn(model_name: str, cfg: TrainConfig, stock_attention: bool = False):
     from peft import LoraConfig, get_peft_model
 
     base = load_base_model(model_name).model
+    if stock_attention:
+        base.config._attn_implementation = "sdpa"
     targets = [t.split(".")[-1] for t in LLAMA.attention_targets] + list(LLAMA.mlp_targets)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, use_rslora=True, lora_dropout=0.0,
                                             target_modules=targets))
@@ -80,8 +84,8 @@ def ours_step_fn(model_name: str, cfg: TrainConfig, n_specialists: int, routing:
 
 def build(name: str, model: str, cfg: TrainConfig):
     """The step function of variant ``name``: ``peft`` or ``<variant>/<mixing>`` (e.g. ``1G3S-dense/mlp``)."""
-    if name == "peft":
-        return peft_step_fn(model, cfg)
+    if name in ("peft", "peft-stock"):
+        return peft_step_fn(model, cfg, stock_attention=name == "peft-stock")
     variant, mixing = name.split("/")
     n_specialists = 3 if variant.startswith("1G3S") else 1
     routing = "sparse" if variant.endswith("sparse") else "dense" if variant.endswith("dense") else "auto"
@@ -95,8 +99,9 @@ GOALS = {"1G1S": 1.05, "1G3S-sparse": 1.15, "1G3S-dense": 1.15}
 
 
 def variant_names(mixings: tuple[str, ...]) -> list[str]:
-    """``peft`` then every variant of ours in each form, the forms of one variant next to each other."""
-    return ["peft"] + [f"{v}/{m}" for v in OURS for m in mixings]
+    """``peft``, ``peft-stock``, then every variant of ours in each form, the forms of one variant next to each
+    other."""
+    return ["peft", "peft-stock"] + [f"{v}/{m}" for v in OURS for m in mixings]
 
 
 def child_peak(name: str, args) -> float:
@@ -173,6 +178,7 @@ def main() -> None:
             **{f"{v}_vs_peft_time": median[f"{v}/{mixing}"] / t_peft for v in OURS},
             **{f"{v}_vs_peft_mem": mems[f"{v}/{mixing}"] / m_peft for v in OURS},
             "1G1S_amortised_vs_peft_time": t_amortised / t_peft,
+            "1G1S_vs_stock_peft_time": median[f"1G1S/{mixing}"] / median["peft-stock"],
         }
     for v in OURS:  # one row per variant, the forms side by side
         row = {"variant": v, "mlp_goal": GOALS.get(v, "")}
@@ -184,6 +190,9 @@ def main() -> None:
                        "mem_vs_peft"]))
     print(f"\nratios to PEFT ({t_peft:.3g} s/step, {m_peft:.0f} MiB peak RSS)")
     print(table(side, ["variant", *(f"{q}_{m}" for q in ("time", "mem") for m in mixings), "mlp_goal"]))
+    t_stock = median["peft-stock"]
+    print(f"PEFT with transformers' own attention: {t_stock:.3g} s/step ({t_stock / t_peft:.2f}x peft); 1G1S vs it: "
+          + ", ".join(f"{m} {summary[m]['1G1S_vs_stock_peft_time']:.2f}x" for m in mixings))
     print(summary)
     path = write_json("train_step", {"args": vars(args), "rows": rows, "side_by_side": side, "goals_mlp": GOALS,
                                      "summary": summary, "raw_times": times, "peak_rss_mb": mems})

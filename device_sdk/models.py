@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .attention import use_sdk_attention
 from .errors import ModelNotFoundError
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
@@ -72,6 +73,7 @@ def load_base_model(name: str, cache_dir: Path | None = None, seed: int = 0) -> 
         model, tokenizer, source = _load_hf_folder(folder), _hf_tokenizer(folder, name), str(folder)
     else:
         model, tokenizer, source = _load_hf(name)
+    use_sdk_attention(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
