@@ -198,7 +198,7 @@ def write_tables(docs: Path, planned: Planned) -> Path:
         "for AG News): compare orderings and relative gaps, not levels. \"queued\": planned, not finished yet.", "",
         "## Table 4 (Table 1 extended with the routing ablations), paired against CoMiGS-1G1S", "",
         *table4(reports, planned), "",
-        "## Table 2: heterogeneous models, paired against CoMiGS-1GXS (seed 1)", "",
+        "## Table 2: heterogeneous models, paired against CoMiGS-1GXS", "",
         "Experts per user in name order (de, fr, it, nl; books_kjv, code_python, science_math_docstrings, "
         "techdocs_manpages_en). HetLoRA/FlexLoRA get the MLP LoRA rank that matches 1GXS's active parameters "
         "(top-2 routing: rank 16); attention LoRA stays rank 8 (as in the paper).", "",
