@@ -83,8 +83,8 @@ def _queued(planned: Planned, folder: str, strategy: str) -> bool:
     return any(name == strategy for name, _ in planned.get(folder, ()))
 
 
-def _paper(value: tuple[float, float] | None) -> str:
-    return "" if value is None else f"{value[0]:.2f} ({value[1]:.2f})"
+def _paper(value: tuple[float, float]) -> str:
+    return f"{value[0]:.2f} ({value[1]:.2f})"
 
 
 def cell(runs: list[dict], reference_runs: list[dict], queued: bool = False) -> str:

@@ -196,10 +196,6 @@ class LoRAMoELinear(nn.Module):
     def n_experts(self) -> int:
         return len(self.experts)
 
-    @property
-    def base_out_features(self) -> int:
-        return self.experts[0].lora_B.shape[0]
-
     def low_rank_in(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's ``A_e x``: (..., D_in) -> (..., E, r)."""
         a_cat = torch.cat([e.lora_A for e in self.experts], dim=0)  # (E*r, D_in)

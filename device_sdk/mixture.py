@@ -159,10 +159,9 @@ class ExpertMLPs:
         """Each expert on the tokens routed to it (counts padded to multiples of SPARSE_BUCKET with zero weight).
         Returns what :meth:`_slot_mix` returns."""
         h_mix = torch.zeros_like(base_pre[0])  # (N, F)
-        columns = []  # per expert: (N, r) its gated, scaled low-rank activations of the output projection
+        # per expert: (N, r) its gated, scaled low-rank activations of the output projection (zero where not routed)
+        columns = [x.new_zeros(x.shape[0], output.rank, dtype=weights.dtype) for _ in range(output.n_experts)]
         for e in range(output.n_experts):
-            column = x.new_zeros(x.shape[0], output.rank, dtype=weights.dtype)
-            columns.append(column)
             hit = indices == e  # (N, k)
             tokens = hit.any(dim=-1).nonzero().squeeze(-1)  # (N_e,)
             if tokens.numel() == 0:
@@ -178,7 +177,7 @@ class ExpertMLPs:
             h = self._hidden(pre)  # (N_e, F)
             h_mix = h_mix.index_add(0, tokens, (h * w.to(h.dtype)).to(h_mix.dtype))
             low = F.linear(h, output.experts[e].lora_A) * (w * output.scale)  # (N_e, r)
-            columns[e] = column.index_add(0, tokens, low.to(column.dtype))
+            columns[e] = columns[e].index_add(0, tokens, low.to(columns[e].dtype))
         return h_mix, torch.cat(columns, dim=-1)
 
 
