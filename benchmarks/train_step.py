@@ -8,6 +8,8 @@ Variants (all rank 8, alpha 16 with the rank-stabilised scale, the same attentio
   1G1S-router ours: one router step (validation batch); amortised at tau=30, s=10 it adds s/tau of this per step
   1G3S-sparse ours, 4 experts, each expert only on its routed tokens
   1G3S-dense  ours, 4 experts, fixed shapes on every token
+  <variant>-compiled  the same with TrainConfig(compile=True): the mlp form's dense mix through torch.compile (mlp
+              only; the one-time compilation falls in the warm-up rounds and in the memory child's 3 steps)
 
 Each of ours runs in both mixing forms (``AdapterConfig.mixing``), named ``<variant>/<form>``: ``mlp`` (each expert the
 whole MLP, outputs mixed; dense = k masked slots of (N, F) hidden states) and ``projection`` (gates on every
@@ -72,9 +74,10 @@ def peft_step_fn(model_name: str, cfg: TrainConfig, stock_attention: bool = Fals
 
 
 def ours_step_fn(model_name: str, cfg: TrainConfig, n_specialists: int, routing: str, mixing: str,
-                 router: bool = False):
+                 router: bool = False, compiled: bool = False):
     base = load_base_model(model_name).model
     model = inject_adapters(base, AdapterConfig(n_specialists=n_specialists, routing=routing, mixing=mixing))
+    cfg = TrainConfig(**{**cfg.to_dict(), "compile": compiled})
     state = init_train_state(model, TrainConfig(**{**cfg.to_dict(), "steps": 10_000}))
     model.train()
     fn = router_step if router else expert_step
@@ -83,25 +86,32 @@ def ours_step_fn(model_name: str, cfg: TrainConfig, n_specialists: int, routing:
 
 
 def build(name: str, model: str, cfg: TrainConfig):
-    """The step function of variant ``name``: ``peft`` or ``<variant>/<mixing>`` (e.g. ``1G3S-dense/mlp``)."""
+    """The step function of variant ``name``: ``peft`` or ``<variant>/<mixing>`` (e.g. ``1G3S-dense/mlp``,
+    ``1G1S-compiled/mlp``)."""
     if name in ("peft", "peft-stock"):
         return peft_step_fn(model, cfg, stock_attention=name == "peft-stock")
     variant, mixing = name.split("/")
+    compiled = variant.endswith("-compiled")
+    variant = variant.removesuffix("-compiled")
     n_specialists = 3 if variant.startswith("1G3S") else 1
     routing = "sparse" if variant.endswith("sparse") else "dense" if variant.endswith("dense") else "auto"
-    return ours_step_fn(model, cfg, n_specialists, routing, mixing, router=variant.endswith("router"))
+    return ours_step_fn(model, cfg, n_specialists, routing, mixing, router=variant.endswith("router"),
+                        compiled=compiled)
 
 
 OURS = ("1G1S", "1G1S-router", "1G3S-sparse", "1G3S-dense")
+#: Variants of ours that also run compiled (``TrainConfig.compile``; the mlp form's dense mix only).
+COMPILED = ("1G1S-compiled", "1G1S-router-compiled", "1G3S-dense-compiled")
 MIXINGS = ("mlp", "projection")
 #: Targets of the mlp form, as ratios to PEFT (time and peak memory alike).
-GOALS = {"1G1S": 1.05, "1G3S-sparse": 1.15, "1G3S-dense": 1.15}
+GOALS = {"1G1S": 1.05, "1G3S-sparse": 1.15, "1G3S-dense": 1.15, "1G1S-compiled": 1.05, "1G3S-dense-compiled": 1.15}
 
 
 def variant_names(mixings: tuple[str, ...]) -> list[str]:
     """``peft``, ``peft-stock``, then every variant of ours in each form, the forms of one variant next to each
-    other."""
-    return ["peft", "peft-stock"] + [f"{v}/{m}" for v in OURS for m in mixings]
+    other, then the compiled variants (with the mlp form)."""
+    compiled = [f"{v}/mlp" for v in COMPILED] if "mlp" in mixings else []
+    return ["peft", "peft-stock"] + [f"{v}/{m}" for v in OURS for m in mixings] + compiled
 
 
 def child_peak(name: str, args) -> float:
@@ -169,30 +179,40 @@ def main() -> None:
                      "peak_rss_mb": m, "time_vs_peft": t / t_peft, "mem_vs_peft": m / m_peft})
     summary, side = {}, []
     for mixing in mixings:
-        t_amortised = median[f"1G1S/{mixing}"] + 10 / 30 * median[f"1G1S-router/{mixing}"]
-        rows.append({"variant": f"1G1S/{mixing} + routers (tau=30, s=10), per expert step", "step_s": t_amortised,
-                     "tokens_per_s": tokens / t_amortised, "time_vs_peft": t_amortised / t_peft})
+        ours = [v for v in (*OURS, *COMPILED) if f"{v}/{mixing}" in median]
+        amortised = {}
+        for v in ("1G1S", "1G1S-compiled") if mixing == "mlp" else ("1G1S",):
+            if f"{v}/{mixing}" not in median:
+                continue
+            router = v.replace("1G1S", "1G1S-router")
+            amortised[v] = median[f"{v}/{mixing}"] + 10 / 30 * median[f"{router}/{mixing}"]
+            rows.append({"variant": f"{v}/{mixing} + routers (tau=30, s=10), per expert step",
+                         "step_s": amortised[v], "tokens_per_s": tokens / amortised[v],
+                         "time_vs_peft": amortised[v] / t_peft})
         sparse, dense = f"1G3S-sparse/{mixing}", f"1G3S-dense/{mixing}"
         summary[mixing] = {
             "sparse_vs_dense_time": median[sparse] / median[dense], "sparse_vs_dense_mem": mems[sparse] / mems[dense],
-            **{f"{v}_vs_peft_time": median[f"{v}/{mixing}"] / t_peft for v in OURS},
-            **{f"{v}_vs_peft_mem": mems[f"{v}/{mixing}"] / m_peft for v in OURS},
-            "1G1S_amortised_vs_peft_time": t_amortised / t_peft,
-            "1G1S_vs_stock_peft_time": median[f"1G1S/{mixing}"] / median["peft-stock"],
+            **{f"{v}_vs_peft_time": median[f"{v}/{mixing}"] / t_peft for v in ours},
+            **{f"{v}_vs_peft_mem": mems[f"{v}/{mixing}"] / m_peft for v in ours},
+            **{f"{v}_amortised_vs_peft_time": t / t_peft for v, t in amortised.items()},
+            **{f"{v}_vs_stock_peft_time": median[f"{v}/{mixing}"] / median["peft-stock"] for v in amortised},
         }
-    for v in OURS:  # one row per variant, the forms side by side
+    for v in (*OURS, *COMPILED):  # one row per variant, the forms side by side
+        if not any(f"{v}_vs_peft_time" in summary[m] for m in mixings):
+            continue
         row = {"variant": v, "mlp_goal": GOALS.get(v, "")}
         for mixing in mixings:
-            row[f"time_{mixing}"] = summary[mixing][f"{v}_vs_peft_time"]
-            row[f"mem_{mixing}"] = summary[mixing][f"{v}_vs_peft_mem"]
+            row[f"time_{mixing}"] = summary[mixing].get(f"{v}_vs_peft_time", "")
+            row[f"mem_{mixing}"] = summary[mixing].get(f"{v}_vs_peft_mem", "")
         side.append(row)
     print(table(rows, ["variant", "trainable_params", "step_s", "tokens_per_s", "peak_rss_mb", "time_vs_peft",
                        "mem_vs_peft"]))
     print(f"\nratios to PEFT ({t_peft:.3g} s/step, {m_peft:.0f} MiB peak RSS)")
     print(table(side, ["variant", *(f"{q}_{m}" for q in ("time", "mem") for m in mixings), "mlp_goal"]))
     t_stock = median["peft-stock"]
-    print(f"PEFT with transformers' own attention: {t_stock:.3g} s/step ({t_stock / t_peft:.2f}x peft); 1G1S vs it: "
-          + ", ".join(f"{m} {summary[m]['1G1S_vs_stock_peft_time']:.2f}x" for m in mixings))
+    print(f"PEFT with transformers' own attention: {t_stock:.3g} s/step ({t_stock / t_peft:.2f}x peft); vs it: "
+          + ", ".join(f"{k.removesuffix('_vs_stock_peft_time')}/{m} {v:.2f}x" for m in mixings
+                      for k, v in summary[m].items() if k.endswith("_vs_stock_peft_time")))
     print(summary)
     path = write_json("train_step", {"args": vars(args), "rows": rows, "side_by_side": side, "goals_mlp": GOALS,
                                      "summary": summary, "raw_times": times, "peak_rss_mb": mems})

@@ -33,6 +33,9 @@ DEVICE_HELP = ("where to train and evaluate: auto = cuda when torch.cuda.is_avai
 PRECISION_HELP = "auto: bf16 on a GPU that supports it or a CPU with native bf16, else fp32"
 MODEL_HELP = ("base model: smollm2-135m (offline), tiny-gpt2 or tiny-llama (random, for tests), a Hugging Face "
               "model folder, or a hub id such as gpt2 (needs network access or a filled cache)")
+COMPILE_HELP = ("mix the experts through torch.compile in training steps: faster steps after a one-time "
+                "compilation of about half a minute (needs a C++ compiler on a CPU), the same numbers to float "
+                "rounding")
 ROUTER_PERIOD_HELP = "tau: the routers are updated after every tau expert steps"
 ROUTER_STEPS_HELP = "s: router steps per router update, each on a fresh validation batch"
 BATCH_HELP = "sequences per step, training and validation batches alike (paper: 64)"
@@ -111,6 +114,7 @@ def _add_train_local(sub) -> None:
                    help="mlp: every expert a whole MLP (the paper's model); projection: gates per projection")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of adapter initialisation and batch sampling")
     p.add_argument("--eval-every", type=int, default=0, help="validation loss every N expert steps (0: at the end)")
     p.add_argument("--eval-tokens", type=nonnegative_int, default=0, help=EVAL_TOKENS_HELP)
@@ -128,7 +132,8 @@ def _train_local(args: argparse.Namespace) -> int:
     train = TrainConfig(steps=args.steps, batch_size=args.batch, context=args.ctx, lr_experts=args.lr,
                         lr_router=args.router_lr, lb_weight=args.lb_weight, lb_mode=args.lb_mode,
                         router_period=args.router_period, router_steps=args.router_steps,
-                        precision=args.precision, device=args.device, seed=args.seed, eval_every=args.eval_every)
+                        precision=args.precision, device=args.device, seed=args.seed, eval_every=args.eval_every,
+                        compile=args.compile)
     run = LocalRunConfig(data=args.data, model=args.model, out=args.out, adapter=adapter, train=train,
                          specialists_from_budget=args.specialists is None, budget_mb=args.budget_mb,
                          budget_step_s=args.budget_step_s,
@@ -185,6 +190,7 @@ def _add_join(sub) -> None:
     p.add_argument("--router-steps", type=int, default=10, help=ROUTER_STEPS_HELP + " (paper: 10)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (backend pytorch)")
     p.add_argument("--backend", choices=BACKENDS, default="pytorch",
                    help="how the device computes its gradients: pytorch (eager autograd) or executorch (an exported "
                         "ExecuTorch training program, fp32 on the CPU; the optimizers, checkpoints and uploads are "
@@ -209,7 +215,7 @@ def _join(args: argparse.Namespace) -> int:
     _check_folder(args.data, "--data", "a user folder with train/valid/test.txt[.gz]")
     train = TrainConfig(steps=args.local_steps, batch_size=args.batch, context=args.ctx,
                         router_period=args.router_period, router_steps=args.router_steps, precision=args.precision,
-                        device=args.device, backend=args.backend,
+                        device=args.device, backend=args.backend, compile=args.compile,
                         program=str(args.program) if args.program is not None else None)
     eval_tokens = 0 if args.eval_tokens is None else (args.eval_tokens or None)  # DeviceConfig: 0 skips, None all
     state = args.state or Path("device-state") / args.data.name
@@ -398,6 +404,7 @@ def _add_simulate(sub) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP + " (default: smollm2-135m)")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP + " (default: auto)")
     p.add_argument("--device", default=None, help=DEVICE_HELP + " (default: auto)")
+    p.add_argument("--compile", action="store_true", default=None, help=COMPILE_HELP + " (part of the cache key)")
     p.add_argument("--eval-tokens", type=nonnegative_int, default=None,
                    help=preset(EVAL_TOKENS_HELP + ", per user and evaluation", "eval_tokens"))
     p.add_argument("--peer-eval-tokens", type=int, default=None,
@@ -418,7 +425,8 @@ def sim_config(args: argparse.Namespace):
                        routing_layers=args.routing_layers, train_tokens=args.train_tokens,
                        train_prefix=args.train_prefix, valid_prefix=args.valid_prefix, mixing=args.mixing,
                        lb_mode=args.lb_mode, device=args.device, peer_eval_tokens=args.peer_eval_tokens,
-                       engine=args.engine, client_cpus=args.client_cpus, flower_cpus=args.flower_cpus)
+                       engine=args.engine, client_cpus=args.client_cpus, flower_cpus=args.flower_cpus,
+                       compile=args.compile)
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -28,5 +28,9 @@ class AdapterFileError(SDKError):
     """An adapter file does not match the model it is loaded into, or is not an adapter file at all."""
 
 
+class CompileError(SDKError):
+    """``torch.compile`` could not build the compiled form of a computation (``TrainConfig.compile``)."""
+
+
 class BudgetError(SDKError):
     """A hardware budget is too small for even one expert at the requested batch shape."""

@@ -196,10 +196,13 @@ class LoRAMoELinear(nn.Module):
     def n_experts(self) -> int:
         return len(self.experts)
 
+    def lora_a_cat(self) -> torch.Tensor:
+        """Every expert's ``A_e`` stacked: (E*r, D_in), rows ``e*r .. (e+1)*r - 1`` expert ``e``'s."""
+        return torch.cat([e.lora_A for e in self.experts], dim=0)
+
     def low_rank_in(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's ``A_e x``: (..., D_in) -> (..., E, r)."""
-        a_cat = torch.cat([e.lora_A for e in self.experts], dim=0)  # (E*r, D_in)
-        return F.linear(x, a_cat).unflatten(-1, (self.n_experts, self.rank))
+        return F.linear(x, self.lora_a_cat()).unflatten(-1, (self.n_experts, self.rank))
 
     def lora_b_cat(self) -> torch.Tensor:
         """Every expert's ``B_e`` side by side: (D_out, E*r), columns ``e*r .. (e+1)*r - 1`` expert ``e``'s."""

@@ -70,6 +70,9 @@ class SimConfig:
         device: where every user's model trains and evaluates: ``auto`` (the default: ``cuda`` when
             ``torch.cuda.is_available()``, else ``cpu``), ``cpu``, ``cuda`` or ``cuda:N``; resolved when the config
             is built (``precision="auto"`` then resolves for that device). Part of the cache key unless ``cpu``.
+        compile: every user's training steps mix their experts through ``torch.compile``
+            (:attr:`device_sdk.config.TrainConfig.compile`). Part of the cache key when set (the numbers differ from
+            eager ones by float rounding).
         engine: :data:`ENGINES`; ``flower`` runs the collaborative strategies on Flower's simulation engine (the same
             numbers as ``local``, see :mod:`device_sdk.flower`), the others in-process. Not part of the cache key.
         client_cpus: with ``engine="flower"``, CPU cores (torch threads) each virtual device gets.
@@ -109,6 +112,7 @@ class SimConfig:
     final_lr_fraction: float = REFERENCE_OPTIMIZER["final_lr_fraction"]
     grad_clip: float = REFERENCE_OPTIMIZER["grad_clip"]
     device: str = "auto"
+    compile: bool = False
     engine: str = "local"
     client_cpus: int = 1
     flower_cpus: int | None = None
@@ -131,6 +135,8 @@ class SimConfig:
             problems.append(f"router_steps must be >= 0, got {self.router_steps}")
         if self.eval_tokens is not None and self.eval_tokens < 1:
             problems.append(f"eval_tokens must be >= 1 or None, got {self.eval_tokens}")
+        if not isinstance(self.compile, bool):
+            problems.append(f"compile must be True or False, got {self.compile!r}")
         device_ok = True
         try:  # first: what "auto" precision means depends on the device
             object.__setattr__(self, "device", resolve_device(self.device))
@@ -203,7 +209,7 @@ class SimConfig:
                            lb_weight=self.lb_weight, router_period=self.router_period,
                            router_steps=self.router_steps, schedule_steps=self.rounds * self.local_steps,
                            precision=self.precision, device=self.device, seed=seed * 1000 + member,
-                           log_every=self.local_steps, eval_batches=1)
+                           log_every=self.local_steps, eval_batches=1, compile=self.compile)
         return replace(base, **overrides)
 
     def run_key(self, strategy: str, seed: int, users: list[str]) -> str:
@@ -216,6 +222,8 @@ class SimConfig:
             ignored.add("train_tokens")
         if self.device == "cpu":  # keys of CPU runs stay as they were before the setting existed
             ignored.add("device")
+        if not self.compile:  # keys of eager runs stay as they were before the setting existed
+            ignored.add("compile")
         relevant = {k: v for k, v in asdict(self).items() if k not in ignored}
         if "device" in relevant:  # GPU kernels change the numbers; which GPU index ran them does not
             relevant["device"] = self.device.partition(":")[0]

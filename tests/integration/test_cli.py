@@ -39,6 +39,19 @@ def test_train_local_writes_adapters_metrics_and_curves(tiny_user, tmp_path):
     assert meta["n_specialists"] == "2"
 
 
+def test_compile_trains_to_the_eager_numbers(tiny_user, tmp_path):
+    after = {}
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"run{len(flags)}"
+        done = run_cli("train-local", "--data", str(tiny_user), "--model", "tiny-llama", "--specialists", "1",
+                       "--steps", "4", "--batch", "2", "--ctx", "16", "--router-period", "2", "--router-steps", "1",
+                       "--precision", "fp32", "--out", str(out), *flags, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        after[bool(flags)] = json.loads((out / "metrics.json").read_text())["test"]["after"]["perplexity"]
+    assert "mix their experts through torch.compile" in done.stderr
+    assert after[True] == pytest.approx(after[False], rel=1e-4)
+
+
 def test_budget_chooses_the_specialist_count(tiny_user, tmp_path):
     out = tmp_path / "run"
     done = run_cli("train-local", "--data", str(tiny_user), "--model", "tiny-gpt2", "--budget-mb", "100000",

@@ -19,10 +19,12 @@ def test_every_setting_that_changes_numbers_changes_the_cache_key_and_report_set
     base = dict(data=Path("/srv/data/split"), experts=(4, 2), precision="bf16")
     key = SimConfig(**base).run_key("comigs-1gxs", 2, ["a", "b"])
     changed = [dict(mixing="projection"), dict(lb_mode="count"), dict(betas=(0.9, 0.999)), dict(weight_decay=0.0),
-               dict(schedule="one-cycle"), dict(train_prefix=4096), dict(valid_prefix=4096), dict(grad_clip=1.0)]
+               dict(schedule="one-cycle"), dict(train_prefix=4096), dict(valid_prefix=4096), dict(grad_clip=1.0),
+               dict(compile=True)]
     keys = {SimConfig(**base, **c).run_key("comigs-1gxs", 2, ["a", "b"]) for c in changed}
     assert len(keys) == len(changed) and key not in keys
-    same = [dict(via_server=True), dict(routing_layers=(1, 2)), dict(cache_dir=Path("/elsewhere"))]
+    same = [dict(via_server=True), dict(routing_layers=(1, 2)), dict(cache_dir=Path("/elsewhere")),
+            dict(compile=False)]
     assert {SimConfig(**base, **c).run_key("comigs-1gxs", 2, ["a", "b"]) for c in same} == {key}
 
 
