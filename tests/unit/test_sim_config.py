@@ -89,3 +89,13 @@ def test_the_device_enters_the_cache_key_only_off_the_cpu(monkeypatch):
     gpu = {SimConfig(**base, device=d).run_key("comigs-1gxs", 2, ["a", "b"]) for d in ("auto", "cuda", "cuda:1")}
     assert len(gpu) == 1 and cpu not in gpu  # GPU kernels change the numbers; the GPU's index does not
     assert SimConfig(**base, device="cpu").run_key("comigs-1gxs", 2, ["a", "b"]) == cpu
+
+
+def test_compile_reaches_every_members_training_settings_and_is_checked():
+    from device_sdk.strategies import make_strategy
+
+    for compile_ in (False, True):
+        cfg = SimConfig(data=Path("/srv/data/split"), compile=compile_)
+        assert cfg.train_config(make_strategy("comigs-1g1s"), member=1, seed=2).compile is compile_
+    with pytest.raises(ConfigError, match="compile must be True or False"):
+        SimConfig(data=Path("/srv/data/split"), compile="yes")
