@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CompileError
-from .lora import SPARSE_BUCKET, LoRAMoELinear
+from .lora import SPARSE_BUCKET, LoRAMoELinear, RoutedMLP
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class ExpertMLPs:
 
     def _hidden(self, pre: list[torch.Tensor]) -> torch.Tensor:
         """The nonlinearity on the input projections' outputs: (N, F) each -> (N, F)."""
-        return self.act(pre[0]) * pre[1] if self.form.gated else self.act(pre[0])
+        return hidden(self.act, self.form.gated, pre)
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Mix the selected experts' MLP outputs.
@@ -175,6 +175,11 @@ class ExpertMLPs:
         return h_mix, torch.cat(columns, dim=-1)
 
 
+def hidden(act: Callable[[torch.Tensor], torch.Tensor], gated: bool, pre: list[torch.Tensor]) -> torch.Tensor:
+    """An expert's hidden state from its input projections' outputs: ``act(pre_0) * pre_1`` for a gated MLP,
+    ``act(pre_0)`` for a plain one; (N, F) each -> (N, F)."""
+    return act(pre[0]) * pre[1] if gated else act(pre[0])
+
 
 def slot_mix(act: Callable[[torch.Tensor], torch.Tensor], gated: bool, x: torch.Tensor, weights: torch.Tensor,
              indices: torch.Tensor, base_pre: list[torch.Tensor], a_in: list[torch.Tensor], b_in: list[torch.Tensor],
@@ -206,7 +211,7 @@ def slot_mix(act: Callable[[torch.Tensor], torch.Tensor], gated: bool, x: torch.
         onehot = (indices[:, j : j + 1] == experts).to(weights.dtype).unsqueeze(-1)  # (N, E, 1)
         pre = [_plus_low_rank(b, (a * (onehot * s)).flatten(-2), b_cat)
                for b, a, b_cat, s in zip(base_pre, low_in, b_in, scales)]
-        h = act(pre[0]) * pre[1] if gated else act(pre[0])  # (N, F): MLP_{i_j} before its output projection
+        h = hidden(act, gated, pre)  # (N, F): MLP_{i_j} before its output projection
         w = weights[:, j : j + 1]  # (N, 1)
         h_mix = h * w.to(h.dtype) if h_mix is None else torch.addcmul(h_mix, h, w.to(h.dtype))
         low = F.linear(h, a_out).unflatten(-1, (n_experts, rank))  # (N, E, r)
@@ -233,14 +238,12 @@ def compile_mixtures(model: nn.Module, enabled: bool = True) -> int:
     Returns:
         How many blocks run compiled now.
     """
-    from .lora import RoutedMLP
-
     count = 0
     for module in model.modules():
         experts = module._experts if isinstance(module, RoutedMLP) else None
         if experts is not None and not experts.mlp.get_submodule(experts.form.output).sparse:
             experts.compiled = enabled
-            count += enabled
+            count += 1 if enabled else 0
     return count
 
 
