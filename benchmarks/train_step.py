@@ -181,8 +181,8 @@ def main() -> None:
     for mixing in mixings:
         ours = [v for v in (*OURS, *COMPILED) if f"{v}/{mixing}" in median]
         amortised = {}
-        for v in ("1G1S", "1G1S-compiled") if mixing == "mlp" else ("1G1S",):
-            if f"{v}/{mixing}" not in median:
+        for v in ("1G1S", "1G1S-compiled"):
+            if f"{v}/{mixing}" not in median:  # compiled variants run the mlp form only
                 continue
             router = v.replace("1G1S", "1G1S-router")
             amortised[v] = median[f"{v}/{mixing}"] + 10 / 30 * median[f"{router}/{mixing}"]

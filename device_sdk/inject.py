@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import InjectionError
-from .lora import LoRALinear, LoRAMoELinear, RoutedMLP, RoutingSlot, linear_dims
+from .lora import LoRALinear, LoRAMoELinear, RoutedMLP, RoutingSlot, linear_dims, routed_blocks
 from .mixture import GPT2_MLP, LLAMA_MLP, ExpertMLPs, MLPForm
 
 log = logging.getLogger(__name__)
@@ -161,11 +161,6 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
     if cfg is None:
         raise InjectionError("this model has no adapters; call inject_adapters first")
     return cfg
-
-
-def routed_blocks(model: nn.Module) -> list[RoutedMLP]:
-    """The model's routed MLP blocks, in layer order."""
-    return [m for m in model.modules() if isinstance(m, RoutedMLP)]
 
 
 @contextmanager

@@ -329,3 +329,8 @@ class RoutedMLP(nn.Module):
             return self.mlp(x, *args, **kwargs)
         finally:
             self._slot.routing = None
+
+
+def routed_blocks(model: nn.Module) -> list[RoutedMLP]:
+    """The model's routed MLP blocks, in layer order."""
+    return [m for m in model.modules() if isinstance(m, RoutedMLP)]

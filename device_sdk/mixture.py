@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CompileError
-from .lora import SPARSE_BUCKET, LoRAMoELinear, RoutedMLP
+from .lora import SPARSE_BUCKET, LoRAMoELinear, routed_blocks
 
 
 @dataclass(frozen=True)
@@ -239,9 +239,9 @@ def compile_mixtures(model: nn.Module, enabled: bool = True) -> int:
         How many blocks run compiled now.
     """
     count = 0
-    for module in model.modules():
-        experts = module._experts if isinstance(module, RoutedMLP) else None
-        if experts is not None and not experts.mlp.get_submodule(experts.form.output).sparse:
+    for block in routed_blocks(model):
+        experts = block._experts
+        if experts is not None and not experts._projection(experts.form.output).sparse:
             experts.compiled = enabled
             count += 1 if enabled else 0
     return count

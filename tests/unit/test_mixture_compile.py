@@ -7,6 +7,7 @@ from torch._dynamo.utils import counters
 
 from device_sdk.config import TrainConfig
 from device_sdk.errors import CompileError, ConfigError
+from device_sdk.inject import routed_blocks
 from device_sdk.mixture import compile_mixtures, compiled_slot_mix
 from device_sdk.parts import iter_role_parameters
 from device_sdk.train import expert_step, init_train_state
@@ -64,7 +65,7 @@ def test_train_config_compile_reaches_the_model_and_its_expert_steps(fresh_dynam
     models = [make_model("tiny-llama", seed=5, n_specialists=1) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     states = [init_train_state(models[0], eager_cfg), init_train_state(models[1], cfg)]
-    flags = [[b._experts.compiled for b in m.modules() if hasattr(b, "_experts") and b._experts] for m in models]
+    flags = [[b._experts.compiled for b in routed_blocks(m)] for m in models]
     assert flags[0] and not any(flags[0]) and all(flags[1])
     x = torch.randint(0, 257, (2, 12))
     for _ in range(2):
@@ -79,7 +80,7 @@ def test_only_dense_whole_mlp_mixtures_compile_and_compile_can_be_undone():
     model = make_model("tiny-llama", n_specialists=1)
     assert compile_mixtures(model) > 0
     assert compile_mixtures(model, enabled=False) == 0
-    assert not any(b._experts.compiled for b in model.modules() if getattr(b, "_experts", None) is not None)
+    assert not any(b._experts.compiled for b in routed_blocks(model))
 
 
 def test_compile_setting_is_checked():
