@@ -32,6 +32,7 @@ FIELD_OPTIONS = {
     "users": "--users", "min_devices": "--min-devices", "round_deadline_s": "--deadline-s",
     "max_experts": "--max-experts", "routing_layers": "--routing-layers", "cache_dir": "--cache-dir",
     "state_dir": "--state", "enroll_secret": "--enroll-secret", "backend": "--backend", "program": "--program",
+    "compile": "--compile",
 }
 #: Per command, the fields whose option differs from :data:`FIELD_OPTIONS`.
 COMMAND_OPTIONS = {"join": {"steps": "--local-steps"}}

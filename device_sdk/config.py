@@ -252,8 +252,8 @@ class TrainConfig:
         if not isinstance(self.compile, bool):
             problems.append(f"compile must be True or False, got {self.compile!r}")
         elif self.compile and self.backend == "executorch":
-            problems.append("compile applies to backend pytorch (an ExecuTorch program is compiled ahead of time); "
-                            "leave compile off with backend executorch")
+            problems.append("compile must be off with backend executorch (an ExecuTorch program is compiled ahead of "
+                            "time); compile works with backend pytorch")
         device_ok = True
         try:  # first: what "auto" precision means depends on the device
             object.__setattr__(self, "device", resolve_device(self.device))

@@ -142,6 +142,14 @@ def test_a_config_error_names_the_option(tiny_user, tmp_path):
     assert "router_period" not in line and "TrainConfig" not in line
 
 
+def test_compile_with_the_executorch_backend_names_both_options(tiny_user, tmp_path):
+    done = run("device_sdk", "join", "--server", "http://127.0.0.1:9", "--enroll-secret", "s", "--data",
+               str(tiny_user), "--state", str(tmp_path / "state"), "--compile", "--backend", "executorch",
+               cwd=tmp_path)
+    assert_one_line_error(done, "--compile must be off with backend executorch", "backend pytorch")
+    assert not (tmp_path / "state").exists()
+
+
 def test_an_out_of_another_run_is_refused(tiny_user, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
