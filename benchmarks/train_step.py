@@ -4,6 +4,8 @@ Variants (all rank 8, alpha 16 with the rank-stabilised scale, the same attentio
   peft        PEFT LoRA: one adapter per projection, on the SDK's base model (its attention: fp32 when a CPU trains
               under bf16 autocast, device_sdk.attention), so that ours vs peft is the adapters' cost alone
   peft-stock  the same with transformers' own sdpa attention (bf16 under autocast): PEFT as a user runs it
+  peft-compiled  peft with its whole forward through torch.compile (backward by AOTAutograd): the fair partner of
+              our compiled variants, since inductor fuses PEFT's elementwise work as much as ours
   1G1S        ours: attention LoRA + 2-expert LoRA-MoE per MLP block, top-2 router (expert step)
   1G1S-router ours: one router step (validation batch); amortised at tau=30, s=10 it adds s/tau of this per step
   1G3S-sparse ours, 4 experts, each expert only on its routed tokens
@@ -24,7 +26,10 @@ each variant's peak RSS is measured in a fresh process of its own (load, 3 steps
 after the timing rounds.
 
     .venv/bin/python benchmarks/train_step.py [--model smollm2-135m] [--rounds 6] [--batch 8] [--ctx 128]
-                                              [--mixing mlp,projection]
+                                              [--mixing mlp,projection] [--variants peft-compiled,1G1S-compiled/mlp]
+
+``--variants`` keeps only the named variants (``peft`` always runs: every ratio is to it); such a run writes
+``train_step-<--tag>.json`` (default tag ``subset``), so the full run's ``train_step.json`` stays.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from device_sdk.models import load_base_model  # noqa: E402
 from device_sdk.train import expert_step, init_train_state, router_step  # noqa: E402
 
 
-def peft_step_fn(model_name: str, cfg: TrainConfig, stock_attention: bool = False):
+def peft_step_fn(model_name: str, cfg: TrainConfig, stock_attention: bool = False, compiled: bool = False):
     from peft import LoraConfig, get_peft_model
 
     base = load_base_model(model_name).model
@@ -59,12 +64,13 @@ def peft_step_fn(model_name: str, cfg: TrainConfig, stock_attention: bool = Fals
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr_experts, weight_decay=0.0)
     model.train()
+    forward = torch.compile(model, dynamic=False) if compiled else model
 
     def step(x, y):
         for p in params:
             p.grad = None
         with autocast(cfg.precision):
-            logits = model(input_ids=x, use_cache=False).logits
+            logits = forward(input_ids=x, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -88,8 +94,8 @@ def ours_step_fn(model_name: str, cfg: TrainConfig, n_specialists: int, routing:
 def build(name: str, model: str, cfg: TrainConfig):
     """The step function of variant ``name``: ``peft`` or ``<variant>/<mixing>`` (e.g. ``1G3S-dense/mlp``,
     ``1G1S-compiled/mlp``)."""
-    if name in ("peft", "peft-stock"):
-        return peft_step_fn(model, cfg, stock_attention=name == "peft-stock")
+    if name in PEFT:
+        return peft_step_fn(model, cfg, stock_attention=name == "peft-stock", compiled=name == "peft-compiled")
     variant, mixing = name.split("/")
     compiled = variant.endswith("-compiled")
     variant = variant.removesuffix("-compiled")
@@ -99,6 +105,7 @@ def build(name: str, model: str, cfg: TrainConfig):
                         compiled=compiled)
 
 
+PEFT = ("peft", "peft-stock", "peft-compiled")
 OURS = ("1G1S", "1G1S-router", "1G3S-sparse", "1G3S-dense")
 #: Variants of ours that also run compiled (``TrainConfig.compile``; the mlp form's dense mix only).
 COMPILED = ("1G1S-compiled", "1G1S-router-compiled", "1G3S-dense-compiled")
@@ -108,10 +115,10 @@ GOALS = {"1G1S": 1.05, "1G3S-sparse": 1.15, "1G3S-dense": 1.15, "1G1S-compiled":
 
 
 def variant_names(mixings: tuple[str, ...]) -> list[str]:
-    """``peft``, ``peft-stock``, then every variant of ours in each form, the forms of one variant next to each
-    other, then the compiled variants (with the mlp form)."""
+    """The PEFT variants, then every variant of ours in each form, the forms of one variant next to each other,
+    then the compiled variants (with the mlp form)."""
     compiled = [f"{v}/mlp" for v in COMPILED] if "mlp" in mixings else []
-    return ["peft", "peft-stock"] + [f"{v}/{m}" for v in OURS for m in mixings] + compiled
+    return [*PEFT] + [f"{v}/{m}" for v in OURS for m in mixings] + compiled
 
 
 def child_peak(name: str, args) -> float:
@@ -136,28 +143,37 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=128)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--mixing", default=",".join(MIXINGS), help="mixing forms of ours, comma-separated")
+    parser.add_argument("--variants", default=None, help="only these variants (comma-separated; peft always runs)")
+    parser.add_argument("--tag", default="subset", help="with --variants: write train_step-<tag>.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     mixings = tuple(args.mixing.split(","))
     if not mixings or set(mixings) - set(MIXINGS):
         parser.error(f"--mixing takes forms from {MIXINGS}, got {args.mixing!r}")
     cfg = TrainConfig(batch_size=args.batch, context=args.ctx, precision=args.precision, device="cpu")  # CPU steps
+    vocab = load_base_model(args.model).model.config.vocab_size
     if args.child:
         import json
 
         step, _ = build(args.child, args.model, cfg)
-        x = torch.randint(0, 49152, (args.batch, args.ctx + 1), generator=torch.Generator().manual_seed(0))
+        x = torch.randint(0, vocab, (args.batch, args.ctx + 1), generator=torch.Generator().manual_seed(0))
         for _ in range(3):
             step(x[:, :-1], x[:, 1:])
         print(json.dumps({"peak_mb": peak_rss_mb()}))
         return
     names = variant_names(mixings)
+    if args.variants:
+        wanted = set(args.variants.split(","))
+        if wanted - set(names):
+            parser.error(f"--variants: unknown {sorted(wanted - set(names))}; with --mixing {args.mixing} they are "
+                         f"{names}")
+        names = [n for n in names if n == "peft" or n in wanted]
     variants = {name: build(name, args.model, cfg) for name in names}
     params = {name: trainable for name, (_, trainable) in variants.items()}
     g = torch.Generator().manual_seed(0)
     times = {k: [] for k in variants}
     for r in range(args.warmup + args.rounds):
-        x = torch.randint(0, 49152, (args.batch, args.ctx + 1), generator=g)
+        x = torch.randint(0, vocab, (args.batch, args.ctx + 1), generator=g)
         for name in names[r % len(names):] + names[:r % len(names)]:
             step = variants[name][0]
             start = time.perf_counter()
@@ -182,21 +198,26 @@ def main() -> None:
         ours = [v for v in (*OURS, *COMPILED) if f"{v}/{mixing}" in median]
         amortised = {}
         for v in ("1G1S", "1G1S-compiled"):
-            if f"{v}/{mixing}" not in median:  # compiled variants run the mlp form only
-                continue
             router = v.replace("1G1S", "1G1S-router")
+            if f"{v}/{mixing}" not in median or f"{router}/{mixing}" not in median:  # compiled: the mlp form only
+                continue
             amortised[v] = median[f"{v}/{mixing}"] + 10 / 30 * median[f"{router}/{mixing}"]
             rows.append({"variant": f"{v}/{mixing} + routers (tau=30, s=10), per expert step",
                          "step_s": amortised[v], "tokens_per_s": tokens / amortised[v],
                          "time_vs_peft": amortised[v] / t_peft})
         sparse, dense = f"1G3S-sparse/{mixing}", f"1G3S-dense/{mixing}"
         summary[mixing] = {
-            "sparse_vs_dense_time": median[sparse] / median[dense], "sparse_vs_dense_mem": mems[sparse] / mems[dense],
+            **({"sparse_vs_dense_time": median[sparse] / median[dense],
+                "sparse_vs_dense_mem": mems[sparse] / mems[dense]} if sparse in median and dense in median else {}),
             **{f"{v}_vs_peft_time": median[f"{v}/{mixing}"] / t_peft for v in ours},
             **{f"{v}_vs_peft_mem": mems[f"{v}/{mixing}"] / m_peft for v in ours},
             **{f"{v}_amortised_vs_peft_time": t / t_peft for v, t in amortised.items()},
-            **{f"{v}_vs_stock_peft_time": median[f"{v}/{mixing}"] / median["peft-stock"] for v in amortised},
         }
+        for partner in ("peft-stock", "peft-compiled"):  # PEFT as a user runs it; PEFT compiled as ours is
+            if partner in median:
+                summary[mixing].update(
+                    {f"{v}_vs_{partner}_time": median[f"{v}/{mixing}"] / median[partner] for v in ours}
+                    | {f"{v}_vs_{partner}_mem": mems[f"{v}/{mixing}"] / mems[partner] for v in ours})
     for v in (*OURS, *COMPILED):  # one row per variant, the forms side by side
         if not any(f"{v}_vs_peft_time" in summary[m] for m in mixings):
             continue
@@ -209,13 +230,16 @@ def main() -> None:
                        "mem_vs_peft"]))
     print(f"\nratios to PEFT ({t_peft:.3g} s/step, {m_peft:.0f} MiB peak RSS)")
     print(table(side, ["variant", *(f"{q}_{m}" for q in ("time", "mem") for m in mixings), "mlp_goal"]))
-    t_stock = median["peft-stock"]
-    print(f"PEFT with transformers' own attention: {t_stock:.3g} s/step ({t_stock / t_peft:.2f}x peft); vs it: "
-          + ", ".join(f"{k.removesuffix('_vs_stock_peft_time')}/{m} {v:.2f}x" for m in mixings
-                      for k, v in summary[m].items() if k.endswith("_vs_stock_peft_time")))
+    for partner in ("peft-stock", "peft-compiled"):
+        if partner in median:
+            print(f"{partner}: {median[partner]:.3g} s/step ({median[partner] / t_peft:.2f}x peft), "
+                  f"{mems[partner]:.0f} MiB; ours vs it (time/mem): " + ", ".join(
+                      f"{v}/{m} {summary[m][f'{v}_vs_{partner}_time']:.2f}/{summary[m][f'{v}_vs_{partner}_mem']:.2f}"
+                      for m in mixings for v in (*OURS, *COMPILED) if f"{v}_vs_{partner}_time" in summary[m]))
     print(summary)
-    path = write_json("train_step", {"args": vars(args), "rows": rows, "side_by_side": side, "goals_mlp": GOALS,
-                                     "summary": summary, "raw_times": times, "peak_rss_mb": mems})
+    name = f"train_step-{args.tag}" if args.variants else "train_step"
+    path = write_json(name, {"args": vars(args), "rows": rows, "side_by_side": side, "goals_mlp": GOALS,
+                             "summary": summary, "raw_times": times, "peak_rss_mb": mems})
     print(f"wrote {path}")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .backends import BACKENDS
 from .cli import (EVAL_TOKENS_HELP, HelpFormatter, add_verbose, example, nonnegative_int, option_for, option_message,
-                  setup_logging, timed)
+                  run_command, setup_logging, timed)
 from .config import LB_MODES, MIXINGS, ROUTING_MODES, AdapterConfig, TrainConfig
 from .errors import SDKError
 from .federated.catalog import DEFAULT_NETWORKED, NETWORKED
@@ -478,17 +478,8 @@ def error_message(err: SDKError, command: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        return COMMANDS[args.command](args)
-    except SDKError as err:
-        if args.verbose:
-            log.exception("%s failed", args.command)
-        print(f"error: {error_message(err, args.command)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
+    return run_command(lambda: COMMANDS[args.command](args), args.command, args.verbose,
+                       lambda err: error_message(err, args.command), log)
 
 if __name__ == "__main__":
     sys.exit(main())

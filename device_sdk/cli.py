@@ -13,7 +13,9 @@ import sys
 import textwrap
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+from .errors import SDKError
 
 #: Configuration field -> command-line option, for error messages (the one place that maps them, for every
 #: command; :data:`COMMAND_OPTIONS` holds the few that differ per command).
@@ -127,6 +129,22 @@ def setup_logging(verbose: bool, packages: tuple[str, ...] = ("device_sdk", "exp
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for name in packages:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def run_command(run: Callable[[], int], command: str, verbose: bool, message: Callable[[SDKError], str],
+                log: logging.Logger) -> int:
+    """Run one command line's work: an :class:`SDKError` prints one line ``error: <message(err)>`` on stderr
+    (with the traceback in the log under ``-v``) and returns 2; Ctrl-C prints ``interrupted`` and returns 130."""
+    try:
+        return run()
+    except SDKError as err:
+        if verbose:
+            log.exception("%s failed", command)
+        print(f"error: {message(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 @contextlib.contextmanager

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .backends import BACKENDS
-from .device_select import resolve_device
+from .device_select import resolve_placement
 from .errors import ConfigError
 from .federated.tensors import lora_scale  # defined once, with the federated rules that weigh by it
-from .precision import PRECISIONS, resolve_precision
 
 ROUTING_MODES = ("auto", "dense", "sparse")
 #: How a block mixes its experts: ``mlp`` (each expert a whole MLP, outputs mixed; the paper's model) or
@@ -254,16 +253,10 @@ class TrainConfig:
         elif self.compile and self.backend == "executorch":
             problems.append("compile must be off with backend executorch (an ExecuTorch program is compiled ahead of "
                             "time); compile works with backend pytorch")
-        device_ok = True
-        try:  # first: what "auto" precision means depends on the device
-            object.__setattr__(self, "device", resolve_device(self.device))
-        except ConfigError as err:
-            problems.append(str(err))
-            device_ok = False
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        elif device_ok:
-            object.__setattr__(self, "precision", resolve_precision(self.precision, self.device))
+        device, precision, placement = resolve_placement(self.device, self.precision)
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "precision", precision)
+        problems.extend(placement)
         if self.schedule_steps is not None and self.schedule_steps < self.steps:
             problems.append(f"schedule_steps ({self.schedule_steps}) must be >= steps ({self.steps})")
         if not 0 < self.warmup_fraction < 1:

@@ -68,6 +68,26 @@ def _log_auto(chosen: str) -> None:
     log.info("device auto -> %s (torch.cuda.is_available() is %s)", chosen, chosen == "cuda")
 
 
+def resolve_placement(device: str, precision: str) -> tuple[str, str, list[str]]:
+    """A configuration's ``(device, precision)`` resolved, and its problems (one line each; none when both hold).
+
+    The device resolves first: what ``auto`` precision means depends on it. Where the device is invalid the
+    precision is only checked, not resolved. The one rule of every configuration that has both settings.
+    """
+    from .precision import PRECISIONS, resolve_precision
+
+    problems = []
+    try:
+        device = resolve_device(device)
+    except ConfigError as err:
+        problems.append(str(err))
+    if precision not in PRECISIONS:
+        problems.append(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    elif not problems:
+        precision = resolve_precision(precision, device)
+    return device, precision, problems
+
+
 def device_name(device: str | torch.device) -> str:
     """A human-readable name of a resolved device for reports: the GPU's name on CUDA, the CPU's otherwise.
 
@@ -132,4 +152,5 @@ def check_model_device(model: nn.Module, device: str) -> None:
                           f"with model.to({device!r}) or configure device={str(actual)!r}")
 
 
-__all__ = ["DEVICES", "check_model_device", "device_name", "model_device", "resolve_device", "same_device"]
+__all__ = ["DEVICES", "check_model_device", "device_name", "model_device", "resolve_device", "resolve_placement",
+           "same_device"]

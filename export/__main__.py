@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from device_sdk.cli import HelpFormatter, add_verbose, example, option_message, setup_logging
+from device_sdk.cli import HelpFormatter, add_verbose, example, option_message, run_command, setup_logging
 from device_sdk.errors import SDKError
 from device_sdk.runfolder import RunFolder, claim_run_folder
 
@@ -186,17 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in ("verify", "update-adapters") else "export"
     args = PARSERS[command]().parse_args(argv[1:] if command != "export" else argv)
     setup_logging(args.verbose)
-    try:
-        return RUN[command](args)
-    except SDKError as err:
-        if args.verbose:
-            log.exception("%s failed", command)
-        print(f"error: {option_message(str(err), 'export')}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
+    return run_command(lambda: RUN[command](args), command, args.verbose,
+                       lambda err: option_message(str(err), "export"), log)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import LB_MODES, MIXINGS, REFERENCE_OPTIMIZER, SCHEDULES, TrainConfig
-from ..device_select import resolve_device
+from ..device_select import resolve_placement
 from ..errors import ConfigError
 from ..federated.catalog import ALL, CORE
-from ..precision import PRECISIONS, resolve_precision
 
 if TYPE_CHECKING:
     from ..data import UserData
@@ -137,16 +136,10 @@ class SimConfig:
             problems.append(f"eval_tokens must be >= 1 or None, got {self.eval_tokens}")
         if not isinstance(self.compile, bool):
             problems.append(f"compile must be True or False, got {self.compile!r}")
-        device_ok = True
-        try:  # first: what "auto" precision means depends on the device
-            object.__setattr__(self, "device", resolve_device(self.device))
-        except ConfigError as err:
-            problems.append(str(err))
-            device_ok = False
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        elif device_ok:  # the cache key holds what the runs really use, never "auto"
-            object.__setattr__(self, "precision", resolve_precision(self.precision, self.device))
+        device, precision, placement = resolve_placement(self.device, self.precision)  # the cache key holds what
+        object.__setattr__(self, "device", device)  # the runs really use, never "auto"
+        object.__setattr__(self, "precision", precision)
+        problems.extend(placement)
         if not self.seeds:
             problems.append("no seeds given")
         capped = [user for user, _ in self.train_tokens]

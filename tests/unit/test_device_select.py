@@ -10,7 +10,7 @@ import torch
 from device_sdk import device_select, precision
 from device_sdk.config import TrainConfig
 from device_sdk.data import UserData
-from device_sdk.device_select import check_model_device, model_device, resolve_device, same_device
+from device_sdk.device_select import check_model_device, model_device, resolve_device, resolve_placement, same_device
 from device_sdk.errors import ConfigError
 from device_sdk.evaluate import autocast, evaluate
 from device_sdk.losses import importance_weights, load_balancing_loss
@@ -85,6 +85,16 @@ def test_train_config_reports_a_bad_device_with_the_other_problems(no_gpu):
         TrainConfig(device="cuda", precision="fp16", steps=0)
     text = str(err.value)
     assert "PyTorch sees no CUDA GPU" in text and "precision must be one of" in text and "steps must be" in text
+
+
+def test_placement_resolves_the_device_first_and_reports_every_problem(no_gpu, monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)
+    assert resolve_placement("auto", "auto") == ("cpu", "fp32", [])
+    device, chosen, problems = resolve_placement("cuda", "auto")  # no device to resolve "auto" precision for
+    assert (device, chosen) == ("cuda", "auto") and len(problems) == 1 and "PyTorch sees no CUDA GPU" in problems[0]
+    device, chosen, problems = resolve_placement("cuda", "fp16")
+    assert len(problems) == 2 and "precision must be one of ('auto', 'fp32', 'bf16'), got 'fp16'" in problems[1]
+    assert resolve_placement("cpu", "fp16")[2] == ["precision must be one of ('auto', 'fp32', 'bf16'), got 'fp16'"]
 
 
 def test_sim_config_resolves_the_device_when_built(no_gpu, monkeypatch):
