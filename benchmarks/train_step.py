@@ -10,8 +10,9 @@ Variants (all rank 8, alpha 16 with the rank-stabilised scale, the same attentio
   1G1S-router ours: one router step (validation batch); amortised at tau=30, s=10 it adds s/tau of this per step
   1G3S-sparse ours, 4 experts, each expert only on its routed tokens
   1G3S-dense  ours, 4 experts, fixed shapes on every token
-  <variant>-compiled  the same with TrainConfig(compile=True): the mlp form's dense mix through torch.compile (mlp
-              only; the one-time compilation falls in the warm-up rounds and in the memory child's 3 steps)
+  <variant>-compiled  the same with TrainConfig(compile=True): every decoder block through torch.compile
+              (device_sdk.compiled; dense routing only; the one-time compilation falls in the warm-up rounds and in
+              the memory child's 3 steps)
 
 Each of ours runs in both mixing forms (``AdapterConfig.mixing``), named ``<variant>/<form>``: ``mlp`` (each expert the
 whole MLP, outputs mixed; dense = k masked slots of (N, F) hidden states) and ``projection`` (gates on every
@@ -107,7 +108,7 @@ def build(name: str, model: str, cfg: TrainConfig):
 
 PEFT = ("peft", "peft-stock", "peft-compiled")
 OURS = ("1G1S", "1G1S-router", "1G3S-sparse", "1G3S-dense")
-#: Variants of ours that also run compiled (``TrainConfig.compile``; the mlp form's dense mix only).
+#: Variants of ours that also run compiled (``TrainConfig.compile``; dense routing only).
 COMPILED = ("1G1S-compiled", "1G1S-router-compiled", "1G3S-dense-compiled")
 MIXINGS = ("mlp", "projection")
 #: Targets of the mlp form, as ratios to PEFT (time and peak memory alike).
@@ -116,9 +117,8 @@ GOALS = {"1G1S": 1.05, "1G3S-sparse": 1.15, "1G3S-dense": 1.15, "1G1S-compiled":
 
 def variant_names(mixings: tuple[str, ...]) -> list[str]:
     """The PEFT variants, then every variant of ours in each form, the forms of one variant next to each other,
-    then the compiled variants (with the mlp form)."""
-    compiled = [f"{v}/mlp" for v in COMPILED] if "mlp" in mixings else []
-    return [*PEFT] + [f"{v}/{m}" for v in OURS for m in mixings] + compiled
+    then the compiled variants in each form."""
+    return [*PEFT] + [f"{v}/{m}" for v in (*OURS, *COMPILED) for m in mixings]
 
 
 def child_peak(name: str, args) -> float:
@@ -199,7 +199,7 @@ def main() -> None:
         amortised = {}
         for v in ("1G1S", "1G1S-compiled"):
             router = v.replace("1G1S", "1G1S-router")
-            if f"{v}/{mixing}" not in median or f"{router}/{mixing}" not in median:  # compiled: the mlp form only
+            if f"{v}/{mixing}" not in median or f"{router}/{mixing}" not in median:  # not in this run's --variants
                 continue
             amortised[v] = median[f"{v}/{mixing}"] + 10 / 30 * median[f"{router}/{mixing}"]
             rows.append({"variant": f"{v}/{mixing} + routers (tau=30, s=10), per expert step",

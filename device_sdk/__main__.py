@@ -33,9 +33,8 @@ DEVICE_HELP = ("where to train and evaluate: auto = cuda when torch.cuda.is_avai
 PRECISION_HELP = "auto: bf16 on a GPU that supports it or a CPU with native bf16, else fp32"
 MODEL_HELP = ("base model: smollm2-135m (offline), tiny-gpt2 or tiny-llama (random, for tests), a Hugging Face "
               "model folder, or a hub id such as gpt2 (needs network access or a filled cache)")
-COMPILE_HELP = ("mix the experts through torch.compile in training steps: faster steps after a one-time "
-                "compilation of about half a minute (needs a C++ compiler on a CPU), the same numbers to float "
-                "rounding")
+COMPILE_HELP = ("run the decoder blocks through torch.compile in training steps: faster steps after a one-time "
+                "compilation of about a minute (needs a C++ compiler on a CPU), the same numbers to float rounding")
 ROUTER_PERIOD_HELP = "tau: the routers are updated after every tau expert steps"
 ROUTER_STEPS_HELP = "s: router steps per router update, each on a fresh validation batch"
 BATCH_HELP = "sequences per step, training and validation batches alike (paper: 64)"

@@ -176,10 +176,10 @@ class TrainConfig:
             precision becomes ``fp32``; see :mod:`device_sdk.backends.executorch`).
         program: with ``backend="executorch"``, the training program's folder (exported there on first use when
             it holds none that fits); ``None``: a temporary folder.
-        compile: run the whole-MLP experts' dense mix through ``torch.compile`` in training steps
-            (:func:`device_sdk.mixture.compile_mixtures`): the same numbers to float rounding, faster steps after a
-            one-time compilation of about half a minute per step kind (needs a C++ compiler on a CPU). Backend
-            ``pytorch`` only.
+        compile: run the decoder blocks through ``torch.compile`` in training steps
+            (:func:`device_sdk.compiled.compile_blocks`): the same numbers to float rounding, faster steps after a
+            one-time compilation of about a minute per step kind (needs a C++ compiler on a CPU). Blocks with sparse
+            routing stay eager. Backend ``pytorch`` only.
     """
 
     steps: int = 100

@@ -202,7 +202,12 @@ def use_export_form(model: nn.Module) -> nn.Module:
     The model then computes the same function (to float tolerance) from ops an exported graph can delegate as a
     whole: every expert on every token weighted by its dense gate (zero outside the top k), each expert with its own
     LoRA weights (so each adapter tensor keeps its own key in a program's data file), no data-dependent shapes.
+    Blocks compiled for training (:func:`device_sdk.compiled.compile_blocks`) run eager again: an exporter traces
+    the module code itself.
     """
+    from .compiled import compile_blocks
+
+    compile_blocks(model, enabled=False)
     for block in routed_blocks(model):
         block.use_export_form()
     return model

@@ -16,7 +16,6 @@ Shapes: ``N`` tokens, ``D`` model width, ``F`` MLP width, ``E`` experts, ``k`` e
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CompileError
-from .lora import SPARSE_BUCKET, LoRAMoELinear, routed_blocks
+from .lora import SPARSE_BUCKET, LoRAMoELinear
 
 
 @dataclass(frozen=True)
@@ -66,8 +64,6 @@ class ExpertMLPs:
         self.mlp = mlp  # owned by the RoutedMLP (this object is no module)
         self.act: Callable[[torch.Tensor], torch.Tensor] = getattr(mlp, form.activation)
         self.dropout: nn.Module | None = getattr(mlp, form.dropout) if form.dropout else None
-        #: run the dense mix through ``torch.compile`` in training steps (set by :func:`compile_mixtures`)
-        self.compiled = False
 
     def _projection(self, name: str) -> LoRAMoELinear:
         return self.mlp.get_submodule(name)
@@ -134,20 +130,10 @@ class ExpertMLPs:
         return self.dropout(out) if self.dropout is not None else out
 
     def _slot_mix(self, x, weights, indices, inputs, output, base_pre) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed shapes: :func:`slot_mix` on this block's LoRA weights; compiled while :attr:`compiled` is set and
-        gradients are recorded (training steps: one shape; evaluation keeps the eager form)."""
-        args = (self.act, self.form.gated, x, weights, indices, base_pre, [p.lora_a_cat() for p in inputs],
-                [p.lora_b_cat() for p in inputs], [p.scale for p in inputs], output.lora_a_cat(), output.scale,
-                output.n_experts, output.rank)
-        if not (self.compiled and torch.is_grad_enabled()):
-            return slot_mix(*args)
-        try:
-            return compiled_slot_mix()(*args)
-        except torch._dynamo.exc.BackendCompilerFailed as err:
-            raise CompileError(f"torch.compile could not compile the expert mix ({type(err.inner_exception).__name__}"
-                               f": {str(err.inner_exception).strip().splitlines()[0][:300]}); on a CPU it needs a "
-                               "working C++ compiler (gcc or clang; see torch._inductor.config.cpp.cxx). Install "
-                               "one, or train without compile (leave --compile off)") from err
+        """Fixed shapes: :func:`slot_mix` on this block's LoRA weights."""
+        return slot_mix(self.act, self.form.gated, x, weights, indices, base_pre, [p.lora_a_cat() for p in inputs],
+                        [p.lora_b_cat() for p in inputs], [p.scale for p in inputs], output.lora_a_cat(),
+                        output.scale, output.n_experts, output.rank)
 
     def _sparse_mix(self, x, weights, indices, inputs, output, base_pre) -> tuple[torch.Tensor, torch.Tensor]:
         """Each expert on the tokens routed to it (counts padded to multiples of SPARSE_BUCKET with zero weight).
@@ -186,8 +172,7 @@ def slot_mix(act: Callable[[torch.Tensor], torch.Tensor], gated: bool, x: torch.
              scales: list[float], a_out: torch.Tensor, out_scale: float, n_experts: int,
              rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense mix with fixed shapes: slot j of every token runs the token's j-th expert, its low-rank terms
-    selected by a one-hot mask over the experts' concatenated ranks. A function of tensors only (no modules), so
-    that one compiled graph serves every block of a model.
+    selected by a one-hot mask over the experts' concatenated ranks.
 
     The LoRA scale and the gate ride on the (N, E, r) low-rank activations, so each input projection's update
     lands on its frozen term in one fused multiply-add and no (N, F) tensor is scaled on its own.
@@ -220,36 +205,9 @@ def slot_mix(act: Callable[[torch.Tensor], torch.Tensor], gated: bool, x: torch.
     return h_mix, low_out.flatten(-2)
 
 
-@functools.cache
-def compiled_slot_mix() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`slot_mix` through ``torch.compile`` (built once per process; graphs are specialised on shapes, so a
-    training run compiles once for its expert steps and once for its router steps, about half a minute each on
-    a CPU, then reuses them in every block). Inductor fuses the elementwise work that eager PyTorch runs as
-    separate passes over (N, F): the second expert's activation, the gated mix and their backward."""
-    return torch.compile(slot_mix, dynamic=False)
-
-
-def compile_mixtures(model: nn.Module, enabled: bool = True) -> int:
-    """Run the whole-MLP blocks' dense mix of ``model`` compiled (``torch.compile``) in training steps, or eager
-    again with ``enabled=False``. The numbers are those of the eager form to float rounding (inductor keeps fused
-    intermediates in fp32 where eager rounds each to bf16). Blocks in the projection form or with sparse routing
-    stay eager.
-
-    Returns:
-        How many blocks run compiled now.
-    """
-    count = 0
-    for block in routed_blocks(model):
-        experts = block._experts
-        if experts is not None and not experts._projection(experts.form.output).sparse:
-            experts.compiled = enabled
-            count += 1 if enabled else 0
-    return count
-
-
 def _plus_low_rank(frozen: torch.Tensor, low: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
     """``frozen + low @ lora_b.T`` as one fused multiply-add (``addmm``): (N, F), (N, R), (F, R) -> (N, F), in
     ``frozen``'s dtype (under autocast, the autocast dtype)."""
     return torch.addmm(frozen, low.to(frozen.dtype), lora_b.to(frozen.dtype).t())
 
-__all__ = ["GPT2_MLP", "LLAMA_MLP", "ExpertMLPs", "MLPForm", "compile_mixtures", "slot_mix"]
+__all__ = ["GPT2_MLP", "LLAMA_MLP", "ExpertMLPs", "MLPForm", "slot_mix"]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .compiled import compile_blocks
 from .config import TrainConfig
 from .data import UserData, sample_batch
 from .device_select import check_model_device
@@ -26,7 +27,6 @@ from .errors import ConfigError
 from .evaluate import autocast, evaluate
 from .inject import adapter_config, routed_blocks
 from .losses import lm_loss, load_balancing_loss
-from .mixture import compile_mixtures
 from .parts import EXPERT_ROLES, Role, check_every_trainable_has_a_role, role_parameters
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,12 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def init_train_state(model: nn.Module, cfg: TrainConfig) -> TrainState:
     """Fresh optimizers, schedule (spanning ``cfg.schedule_steps or cfg.steps``) and sampler for ``model``; with
-    ``cfg.compile``, also switches ``model``'s whole-MLP mixtures to their compiled form
-    (:func:`device_sdk.mixture.compile_mixtures`)."""
+    ``cfg.compile``, also runs ``model``'s decoder blocks compiled in training steps
+    (:func:`device_sdk.compiled.compile_blocks`)."""
     if cfg.compile:
-        blocks = compile_mixtures(model)
-        log.info("compile: %d block(s) mix their experts through torch.compile in training steps%s", blocks,
-                 "" if blocks else " (none: no whole-MLP mixture with dense routing; training runs eager)")
+        blocks = compile_blocks(model)
+        log.info("compile: %d decoder block(s) run through torch.compile in training steps%s", blocks,
+                 "" if blocks else " (none: every block routes sparsely; training runs eager)")
     experts, routers = expert_parameters(model, cfg), router_parameters(model)
     expert_opt = torch.optim.AdamW(experts, lr=cfg.lr_experts, betas=cfg.betas, weight_decay=cfg.weight_decay)
     router_opt = None

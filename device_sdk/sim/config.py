@@ -69,7 +69,7 @@ class SimConfig:
         device: where every user's model trains and evaluates: ``auto`` (the default: ``cuda`` when
             ``torch.cuda.is_available()``, else ``cpu``), ``cpu``, ``cuda`` or ``cuda:N``; resolved when the config
             is built (``precision="auto"`` then resolves for that device). Part of the cache key unless ``cpu``.
-        compile: every user's training steps mix their experts through ``torch.compile``
+        compile: every user's training steps run their decoder blocks through ``torch.compile``
             (:attr:`device_sdk.config.TrainConfig.compile`). Part of the cache key when set (the numbers differ from
             eager ones by float rounding).
         engine: :data:`ENGINES`; ``flower`` runs the collaborative strategies on Flower's simulation engine (the same
