@@ -7,6 +7,11 @@ inputs): a training run compiles once for its expert steps and once for its rout
 a CPU. Inductor fuses what eager PyTorch runs as separate passes: the norms, the rotary embedding, the autocast
 casts, the low-rank additions, the experts' activations and gated mix, and their backward.
 
+Each kind of block gets its own graphs: the first block (its input carries no gradient) and the others, per step
+kind, per expert count. A simulation of users with many expert counts in one process needs more than dynamo's
+default of 8 graphs per function, past which it would run the blocks eager without a word: compiled blocks allow
+:data:`RECOMPILE_LIMIT`.
+
 Blocks with sparse routing stay eager: their shapes depend on the data.
 """
 
@@ -23,6 +28,9 @@ from .errors import CompileError
 from .lora import LoRAMoELinear, RoutedMLP
 
 log = logging.getLogger(__name__)
+
+#: Graphs a compiled block's forward may have (2 per step kind and expert count: enough for 16 expert counts).
+RECOMPILE_LIMIT = 64
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -44,8 +52,10 @@ def _dispatch(block: nn.Module, compiled: Callable, *args, **kwargs):
     """A compiled block's forward: the compiled graph while gradients are recorded, the eager forward otherwise."""
     if not torch.is_grad_enabled():
         return type(block).forward(block, *args, **kwargs)
+    limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
     try:
-        return compiled(block, *args, **kwargs)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return compiled(block, *args, **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as err:
         raise CompileError(f"torch.compile could not compile a decoder block ({type(err.inner_exception).__name__}: "
                            f"{str(err.inner_exception).strip().splitlines()[0][:300]}); on a CPU it needs a working "
