@@ -334,8 +334,8 @@ def _user_ints(text: str) -> tuple[tuple[str, int], ...]:
 
 
 def _add_simulate(sub) -> None:
-    from .sim import PRESETS, SimConfig
     from .federated.catalog import ALL
+    from .sim import PRESETS, SimConfig
 
     def preset(text: str, field: str | None = None) -> str:
         default = "" if field is None else f", else {getattr(SimConfig, field)}"
