@@ -21,7 +21,8 @@ side by side as ratios to PEFT, with the targets for ``mlp`` (expert step <= 1.0
 <= 1.15x).
 
 Each round runs one step of every variant in turn (the starting variant rotates each round, so no variant always
-runs right after the same neighbour); times are medians over rounds. Peak memory cannot be told
+runs right after the same neighbour); times are medians over rounds, and ``time_vs_peft_per_round`` is the median
+of each round's own ratio to PEFT (steadier on a machine whose load changes between rounds). Peak memory cannot be told
 apart inside one process (the allocator keeps freed pages, so a later step reuses an earlier one's memory), so
 each variant's peak RSS is measured in a fresh process of its own (load, 3 steps, kernel high-water mark), right
 after the timing rounds.
@@ -192,7 +193,9 @@ def main() -> None:
     for name in names:
         t, m = median[name], mems[name]
         rows.append({"variant": name, "trainable_params": params[name], "step_s": t, "tokens_per_s": tokens / t,
-                     "peak_rss_mb": m, "time_vs_peft": t / t_peft, "mem_vs_peft": m / m_peft})
+                     "peak_rss_mb": m, "time_vs_peft": t / t_peft, "mem_vs_peft": m / m_peft,
+                     # paired per round (the same round's conditions on both sides), then the median
+                     "time_vs_peft_per_round": statistics.median(a / b for a, b in zip(times[name], times["peft"]))})
     summary, side = {}, []
     for mixing in mixings:
         ours = [v for v in (*OURS, *COMPILED) if f"{v}/{mixing}" in median]
@@ -227,7 +230,7 @@ def main() -> None:
             row[f"mem_{mixing}"] = summary[mixing].get(f"{v}_vs_peft_mem", "")
         side.append(row)
     print(table(rows, ["variant", "trainable_params", "step_s", "tokens_per_s", "peak_rss_mb", "time_vs_peft",
-                       "mem_vs_peft"]))
+                       "time_vs_peft_per_round", "mem_vs_peft"]))
     print(f"\nratios to PEFT ({t_peft:.3g} s/step, {m_peft:.0f} MiB peak RSS)")
     print(table(side, ["variant", *(f"{q}_{m}" for q in ("time", "mem") for m in mixings), "mlp_goal"]))
     for partner in ("peft-stock", "peft-compiled"):
