@@ -78,7 +78,7 @@ def peft_step_fn(model_name: str, cfg: TrainConfig, stock_attention: bool = Fals
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
 
-    return step, sum(p.numel() for p in params)
+    return step, sum(p.numel() for p in params), model.config.vocab_size
 
 
 def ours_step_fn(model_name: str, cfg: TrainConfig, n_specialists: int, routing: str, mixing: str,
@@ -90,12 +90,12 @@ def ours_step_fn(model_name: str, cfg: TrainConfig, n_specialists: int, routing:
     model.train()
     fn = router_step if router else expert_step
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "router" in n)
-    return (lambda x, y: fn(model, state, x, y, cfg)), trainable
+    return (lambda x, y: fn(model, state, x, y, cfg)), trainable, model.config.vocab_size
 
 
 def build(name: str, model: str, cfg: TrainConfig):
-    """The step function of variant ``name``: ``peft`` or ``<variant>/<mixing>`` (e.g. ``1G3S-dense/mlp``,
-    ``1G1S-compiled/mlp``)."""
+    """``(step, trainable parameters, vocabulary size)`` of variant ``name``: ``peft`` or ``<variant>/<mixing>``
+    (e.g. ``1G3S-dense/mlp``, ``1G1S-compiled/mlp``)."""
     if name in PEFT:
         return peft_step_fn(model, cfg, stock_attention=name == "peft-stock", compiled=name == "peft-compiled")
     variant, mixing = name.split("/")
@@ -152,11 +152,10 @@ def main() -> None:
     if not mixings or set(mixings) - set(MIXINGS):
         parser.error(f"--mixing takes forms from {MIXINGS}, got {args.mixing!r}")
     cfg = TrainConfig(batch_size=args.batch, context=args.ctx, precision=args.precision, device="cpu")  # CPU steps
-    vocab = load_base_model(args.model).model.config.vocab_size
     if args.child:
         import json
 
-        step, _ = build(args.child, args.model, cfg)
+        step, _, vocab = build(args.child, args.model, cfg)
         x = torch.randint(0, vocab, (args.batch, args.ctx + 1), generator=torch.Generator().manual_seed(0))
         for _ in range(3):
             step(x[:, :-1], x[:, 1:])
@@ -170,7 +169,8 @@ def main() -> None:
                          f"{names}")
         names = [n for n in names if n == "peft" or n in wanted]
     variants = {name: build(name, args.model, cfg) for name in names}
-    params = {name: trainable for name, (_, trainable) in variants.items()}
+    params = {name: trainable for name, (_, trainable, _) in variants.items()}
+    vocab = variants["peft"][2]
     g = torch.Generator().manual_seed(0)
     times = {k: [] for k in variants}
     for r in range(args.warmup + args.rounds):

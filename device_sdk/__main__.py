@@ -480,5 +480,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: COMMANDS[args.command](args), args.command, args.verbose,
                        lambda err: error_message(err, args.command), log)
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,15 +2,14 @@
 
 Every decoder block of a model (the module that holds a routed MLP: a Llama decoder layer, a GPT-2 block) runs
 its forward and backward as one compiled graph while gradients are recorded; evaluation (``no_grad``) stays eager.
-The blocks of a model share their code, so one graph serves them all (dynamo passes each block's parameters as
-inputs): a training run compiles once for its expert steps and once for its router steps, about a minute each on
-a CPU. Inductor fuses what eager PyTorch runs as separate passes: the norms, the rotary embedding, the autocast
-casts, the low-rank additions, the experts' activations and gated mix, and their backward.
+The blocks of a model share their code, so they share graphs (dynamo passes each block's parameters as inputs):
+one for the first block, whose input carries no gradient, and one for all the others, per step kind (expert,
+router) and expert count; each compiles once, about a minute on a CPU. Inductor fuses what eager PyTorch runs as
+separate passes: the norms, the rotary embedding, the autocast casts, the low-rank additions, the experts'
+activations and gated mix, and their backward.
 
-Each kind of block gets its own graphs: the first block (its input carries no gradient) and the others, per step
-kind, per expert count. A simulation of users with many expert counts in one process needs more than dynamo's
-default of 8 graphs per function, past which it would run the blocks eager without a word: compiled blocks allow
-:data:`RECOMPILE_LIMIT`.
+A simulation of users with many expert counts in one process needs more than dynamo's default of 8 graphs per
+function, past which it would run the blocks eager without a word: compiled blocks allow :data:`RECOMPILE_LIMIT`.
 
 Blocks with sparse routing stay eager: their shapes depend on the data.
 """
@@ -18,7 +17,6 @@ Blocks with sparse routing stay eager: their shapes depend on the data.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 
 import torch
@@ -26,8 +24,6 @@ from torch import nn
 
 from .errors import CompileError
 from .lora import LoRAMoELinear, RoutedMLP
-
-log = logging.getLogger(__name__)
 
 #: Graphs a compiled block's forward may have (2 per step kind and expert count: enough for 16 expert counts).
 RECOMPILE_LIMIT = 64

@@ -189,5 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: RUN[command](args), command, args.verbose,
                        lambda err: option_message(str(err), "export"), log)
 
+
 if __name__ == "__main__":
     sys.exit(main())
