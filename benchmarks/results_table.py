@@ -17,9 +17,10 @@ table keeps one set of numerics while main moves on.
 Lanes (the paper's Tables 1, 2, 4 and 5 and section 4.3.2; users in name order):
   multilingual  core strategies, seeds 1 and 2 (Table 1); then, seed 1: CoMiGS-tr; CoMiGS-1GXS with 2,2,4,4 experts
                 against HetLoRA/FlexLoRA matched on active parameters (Table 2); the other Table 4 rows, PCL and
-                centralized; 1G1S without load balancing and 1GXS with uniform and without load balancing (Table 5);
-                low-data German and Dutch with 8,8,2,2 experts (section 4.3.2); last, Table 2's runs with seed 2
-  topic         the same with 2,4,4,2 experts (the paper's SlimPajama layout), without the low-data runs
+                centralized; 1G1S without load balancing (Table 5); low-data German and Dutch with 8,8,2,2 experts
+                (section 4.3.2); last, Table 2's runs with seed 2
+  topic         the same with 2,4,4,2 experts (the paper's SlimPajama layout), without the low-data runs, and with
+                1GXS with uniform and without load balancing (Table 5) for topic, then for multilingual
   topic-ood     core strategies, seeds 1 and 2, out of distribution (Table 1's third column)
 """
 
@@ -70,8 +71,11 @@ class Step:
 
 
 def lanes() -> dict[str, list[Step]]:
-    """``{lane: [step, ...]}`` in run order (most informative first)."""
+    """``{lane: [step, ...]}`` in run order (most informative first). Each split's steps make its lane, but for
+    balance: multilingual runs its three low-data runs (section 4.3.2) right after its 1G1S without load balancing,
+    and the topic lane takes over multilingual's two 1GXS load-balancing runs (Table 5) after its own."""
     out: dict[str, list[Step]] = {}
+    moved: list[Step] = []
     for split, experts in HETERO.items():
         data = ("--data", str(DATA / split))
         hetero = (*data, "--experts", experts)
@@ -81,13 +85,16 @@ def lanes() -> dict[str, list[Step]]:
             Step(f"scaled-{split}-hetero", hetero, "comigs-1gxs,hetlora-active,flexlora-active"),
             Step(f"scaled-{split}", data, TABLE4),
             Step(f"scaled-{split}-lbnone", (*data, "--lb-mode", "none"), "comigs-1g1s"),
-            Step(f"scaled-{split}-hetero-lbnone", (*hetero, "--lb-mode", "none"), "comigs-1gxs"),
-            Step(f"scaled-{split}-hetero-lbswitch", (*hetero, "--lb-mode", "switch"), "comigs-1gxs"),
         ]
+        balancing = [Step(f"scaled-{split}-hetero-lbnone", (*hetero, "--lb-mode", "none"), "comigs-1gxs"),
+                     Step(f"scaled-{split}-hetero-lbswitch", (*hetero, "--lb-mode", "switch"), "comigs-1gxs")]
         if split == "multilingual":
             steps.append(Step(f"scaled-{split}-lowdata",
                               (*data, "--experts", "8,8,2,2", "--train-tokens", "de=4096,nl=4096"),
                               "comigs-1gxs,comigs-1g1s,local"))
+            moved = balancing
+        else:
+            steps += balancing + moved
         # Table 2 with one seed leaves 4 user pairs: a second seed narrows what its intervals can tell apart
         steps.append(Step(f"scaled-{split}-hetero", hetero, "comigs-1gxs,hetlora-active,flexlora-active", "2"))
         out[split] = steps

@@ -42,6 +42,21 @@ def test_one_folder_holds_one_set_of_settings_and_the_table5_runs_get_their_own_
     assert len(keys) == n_runs  # no two folders' runs share a cache key (e.g. 1GXS with and without --lb-mode)
 
 
+def test_no_run_is_in_two_lanes_and_every_table5_and_low_data_run_is_in_one():
+    where: dict[tuple[str, str, str], str] = {}
+    for lane, steps in results_table.lanes().items():
+        for step in steps:
+            for seed in step.seeds.split(","):
+                for strategy in step.strategies.split(","):
+                    run = (step.folder, strategy, seed)
+                    assert run not in where, f"{run} is in lanes {where[run]} and {lane}: two processes would race"
+                    where[run] = lane
+    for split in results_table.HETERO:
+        for folder in ("lbnone", "hetero-lbnone", "hetero-lbswitch"):
+            assert any(f == f"scaled-{split}-{folder}" for f, _, _ in where)
+    assert {s for f, s, _ in where if f == "scaled-multilingual-lowdata"} == {"comigs-1gxs", "comigs-1g1s", "local"}
+
+
 def test_seeding_the_cache_copies_committed_records_and_never_overwrites(tmp_path, monkeypatch):
     docs = tmp_path / "docs"
     (docs / "topic" / "runs").mkdir(parents=True)
