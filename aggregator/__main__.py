@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=None,
                        help=f"port (AGGREGATOR_PORT; default: {default('port')}; 0: any free port, see --port-file)")
     serve.add_argument("--max-upload-mb", type=float, default=None,
-                       help="largest accepted request body in MB "
+                       help="largest accepted safetensors body in MB: uploads and the initial tensors (JSON bodies "
+                            "take at most 64 KiB) "
                             f"(AGGREGATOR_MAX_UPLOAD_MB; default: {default('max_upload_mb'):g})")
     serve.add_argument("--port-file", type=Path, default=None,
                        help="once listening, write the bound port to this file (with --port 0: no race for a port)")

@@ -11,15 +11,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .body_limit import BodyLimit, route_limits
 from .docs import install_docs
-from .errors import AggregatorError, DataDirLocked
+from .errors import AggregatorError, DataDirLocked, error_body
+from .lock import DataDirLock
 from .routes import admin, devices, page, status
 from .service import Federation
 from .settings import Settings, check_secret
-from .lock import DataDirLock
 from .store import Store, new_token
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(AggregatorError)
     async def domain_error(request: Request, err: AggregatorError) -> JSONResponse:
-        return JSONResponse(status_code=err.status, content={"error": err.code, "detail": err.message,
-                                                             "extra": err.details})
+        return JSONResponse(status_code=err.status, content=error_body(err))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -118,4 +118,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(devices.router)
     app.include_router(page.router)
     install_docs(app)
+    app.add_middleware(BodyLimit, limit_for=route_limits(app, int(settings.max_upload_mb * 2**20)))
     return app

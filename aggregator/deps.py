@@ -9,13 +9,14 @@ documents its 401/403/413 without repeating them.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .errors import Forbidden, PayloadTooLarge, Unauthorized
+from .errors import Forbidden, Unauthorized
 from .service import Federation
 from .store import Device
 
@@ -35,6 +36,13 @@ device_bearer = HTTPBearer(scheme_name="deviceToken", auto_error=False,
 admin_bearer = HTTPBearer(scheme_name="adminToken", auto_error=False,
                           description="the admin token (AGGREGATOR_ADMIN_TOKEN, or the one the server generated in "
                                       "<data-dir>/admin_token)")
+
+
+def dependants(dependant: Dependant) -> Iterator[Dependant]:
+    """A route's dependant and all of its dependencies, at any depth."""
+    yield dependant
+    for sub in dependant.dependencies:
+        yield from dependants(sub)
 
 
 def get_federation(request: Request) -> Federation:
@@ -72,18 +80,10 @@ AdminDep = Annotated[None, Depends(require_admin)]
 
 
 async def read_body(request: Request) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds the configured limit."""
-    limit = int(request.app.state.settings.max_upload_mb * 2**20)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {int(declared)} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The request body of a route that takes a safetensors file. Its size limit (``max_upload_mb``, 413 past it)
+    is checked before the route runs, by :class:`aggregator.body_limit.BodyLimit`, which finds these routes by this
+    dependency."""
+    return await request.body()
 
 
 BodyDep = Annotated[bytes, Depends(read_body)]

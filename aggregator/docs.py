@@ -3,9 +3,9 @@
 The contract: every route declares each error status it answers with, all with :class:`~aggregator.schemas.ErrorBody`
 (the body the exception handlers in ``app.py`` write). A route declares the statuses of its own domain errors with
 ``responses=error_responses(...)``; :func:`contract_openapi` adds those its dependencies imply
-(:data:`aggregator.deps.DEPENDENCY_ERRORS`: 401, 403, 413) and its JSON body implies (400, 422), and turns FastAPI's
-422 ``HTTPValidationError``, which our handler never writes, into ``ErrorBody``. A route added later is covered
-without repeating any of it; ``tests/integration/test_openapi.py`` holds every route to these rules.
+(:data:`aggregator.deps.DEPENDENCY_ERRORS`: 401, 403, 413) and its JSON body implies (400, 413, 422), and turns
+FastAPI's 422 ``HTTPValidationError``, which our handler never writes, into ``ErrorBody``. A route added later is
+covered without repeating any of it; ``tests/integration/test_openapi.py`` holds every route to these rules.
 
 The docs pages load Swagger UI and ReDoc from this server (the ``fastapi-offline`` package ships their scripts),
 never from a CDN, so they work on a network without internet access.
@@ -20,25 +20,18 @@ from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.dependencies.models import Dependant
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
 from fastapi.staticfiles import StaticFiles
 
-from .deps import DEPENDENCY_ERRORS
+from .deps import DEPENDENCY_ERRORS, dependants
 from .schemas import ERROR_STATUSES, ErrorBody
 
 #: Where the Swagger UI and ReDoc files are served from (``fastapi_offline/static`` in the installed package).
 ASSETS_URL = "/docs-assets"
 _ERROR_REF = "#/components/schemas/ErrorBody"
 _FASTAPI_422 = ("HTTPValidationError", "ValidationError")
-
-
-def _dependants(dependant: Dependant) -> Iterator[Dependant]:
-    yield dependant
-    for sub in dependant.dependencies:
-        yield from _dependants(sub)
 
 
 def api_routes(app: FastAPI) -> Iterator[RouteContext]:
@@ -50,10 +43,11 @@ def api_routes(app: FastAPI) -> Iterator[RouteContext]:
 
 def implied_errors(route: RouteContext) -> set[int]:
     """The error statuses a route answers with because of the dependencies it uses (at any depth) and its JSON body
-    (FastAPI answers 400 to a body it cannot decode, 422 to one that does not validate)."""
-    statuses = {status for d in _dependants(route.dependant) for status in DEPENDENCY_ERRORS.get(d.call, ())}
+    (FastAPI answers 400 to a body it cannot decode, 422 to one that does not validate; :mod:`aggregator.body_limit`
+    413 to one that is too large)."""
+    statuses = {status for d in dependants(route.dependant) for status in DEPENDENCY_ERRORS.get(d.call, ())}
     if route.body_field is not None:
-        statuses |= {400, 422}
+        statuses |= {400, 413, 422}
     return statuses
 
 

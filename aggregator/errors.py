@@ -13,6 +13,11 @@ class AggregatorError(Exception):
         self.details = details
 
 
+def error_body(err: AggregatorError) -> dict:
+    """The JSON body of every error answer (``schemas.ErrorBody``)."""
+    return {"error": err.code, "detail": err.message, "extra": err.details}
+
+
 class Unauthorized(AggregatorError):
     status, code = 401, "unauthorized"
 

@@ -20,7 +20,8 @@ class Settings(BaseSettings):
         host, port: where uvicorn listens (port 0: any free port).
         admin_token: bearer token of the admin endpoints, at least 22 characters (16 random bytes); generated and
             written to ``data_dir/admin_token`` (mode 0600) when unset.
-        max_upload_mb: largest accepted request body.
+        max_upload_mb: largest accepted safetensors body (uploads, the initial tensors); JSON bodies take at most
+            64 KiB (:mod:`aggregator.body_limit`).
         tick_s: how often deadlines are checked.
     """
 

@@ -51,6 +51,39 @@ def store_snapshot(data_dir) -> dict:
             for p in sorted((data_dir / "blobs").rglob("*.safetensors"))}
 
 
+def test_every_body_is_bounded_before_a_route_or_an_auth_check_reads_it(server):
+    from aggregator.body_limit import JSON_BODY_LIMIT
+
+    url, data_dir = server.url, server.data_dir
+    secret = setup_federation(url)
+    d1 = enroll(url, secret, "d1")
+    before = store_snapshot(data_dir)
+    padding = "x" * (JSON_BODY_LIMIT + 1)
+    huge_json = json.dumps({"enroll_secret": secret, "name": padding, "capabilities": {"n_specialists": 1, "rank": 8}})
+
+    def streamed(data: bytes, piece: int = 4096):  # chunked transfer: no Content-Length to refuse early
+        for start in range(0, len(data), piece):
+            yield data[start:start + piece]
+
+    refused = [
+        httpx.post(url + "/enroll", content=huge_json, headers={"Content-Type": "application/json"}),
+        httpx.post(url + "/enroll", content=streamed(huge_json.encode()), headers={"Content-Type": "application/json"}),
+        httpx.post(url + "/admin/federation", content=huge_json, headers={"Content-Type": "application/json"}),
+        httpx.post(url + "/rounds/1/update", headers=d1, content=streamed(b"\x00" * 20_000)),  # over max_upload_mb
+    ]
+    for r in refused:
+        assert r.status_code == 413, r.text
+        assert r.json()["error"] == "payload_too_large" and "exceeds the limit" in r.json()["detail"]
+    # a JSON body under its limit and an upload under max_upload_mb (10 KiB here, more than 64 KiB JSON is not) pass
+    small = json.dumps({"enroll_secret": secret, "name": "d2", "capabilities": {"n_specialists": 1, "rank": 8}})
+    assert httpx.post(url + "/enroll", content=streamed(small.encode(), 7),
+                      headers={"Content-Type": "application/json"}).status_code == 201
+    upload = httpx.post(url + "/rounds/1/update", headers=d1, content=streamed(payload(tensors(1.0)), 100))
+    assert upload.status_code == 200, upload.text
+    assert len(store_snapshot(data_dir)) == len(before) + 1
+    assert httpx.get(url + "/status").json()["devices"] == 2
+
+
 def test_admin_and_enrollment_errors(server):
     url = server.url
     assert httpx.post(url + "/admin/federation", json={"config": {"base_model": "x"}}).status_code == 401

@@ -25,9 +25,9 @@ ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
 #: The error statuses of the routes as designed (a route added later is held to the rules of
 #: test_every_route_declares_its_errors, and to the fuzz of test_fuzz.py).
 DESIGNED = {
-    ("post", "/admin/federation"): {400, 401, 403, 409, 422},
+    ("post", "/admin/federation"): {400, 401, 403, 409, 413, 422},
     ("put", "/admin/federation/initial"): {401, 403, 409, 413, 422},
-    ("post", "/enroll"): {400, 401, 409, 422},
+    ("post", "/enroll"): {400, 401, 409, 413, 422},
     ("get", "/rounds/current"): {401, 409},
     ("get", "/globals/{version}"): {401, 404, 422},
     ("post", "/rounds/{number}/update"): {401, 404, 409, 413, 422},
@@ -81,7 +81,7 @@ def test_every_route_declares_its_errors():
             json_body = "application/json" in op.get("requestBody", {}).get("content", {})
             if op.get("parameters") or json_body:
                 assert 422 in declared, where
-            if 413 in declared:  # a raw upload: described as a binary body
+            if 413 in declared and not json_body:  # a raw upload: described as a binary body
                 assert op["requestBody"]["content"] == {
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, where
             for parameter in op.get("parameters", []):
@@ -191,3 +191,18 @@ def test_docs_pages_load_nothing_from_outside_the_server(live, page):
     assert httpx.get(urljoin(url + page, spec)).json()["info"]["title"] == "CoMiGS aggregator"
     csp = r.headers["content-security-policy"]  # the browser refuses anything from elsewhere too
     assert "default-src 'none'" in csp and "http" not in csp
+
+
+def test_only_the_routes_that_take_a_safetensors_file_get_the_upload_limit():
+    from aggregator.body_limit import JSON_BODY_LIMIT, route_limits
+
+    limit_for = route_limits(_app(), 123_456_789)
+
+    def limit(method: str, path: str, root_path: str = "") -> int:
+        return limit_for({"type": "http", "method": method, "path": root_path + path, "root_path": root_path})
+
+    assert limit("PUT", "/admin/federation/initial") == limit("POST", "/rounds/7/update") == 123_456_789
+    assert limit("POST", "/rounds/7/update", root_path="/agg") == 123_456_789  # behind a proxy's prefix
+    for method, path in [("POST", "/enroll"), ("POST", "/admin/federation"), ("GET", "/rounds/7/update"),
+                         ("POST", "/rounds/7/update/extra"), ("GET", "/globals/1")]:
+        assert limit(method, path) == JSON_BODY_LIMIT, (method, path)
