@@ -275,17 +275,26 @@ class Device:
             receive_global(self.strategy, 0, self.model, tensors, self.peer_loss, own=self.own_upload())
 
     def sync(self, version: int) -> None:
-        """Load global version ``version`` unless it is already loaded."""
+        """Load global version ``version`` unless it is loaded and untrained since."""
         if self.global_version != version:
             self.load_global(self.client.download_global(version), version)
             self.global_version = version
 
     def _wait_for_new_round(self) -> dict:
-        delay = self.cfg.poll_s
+        """The current round once it is open, newer than this device's last and not yet reported to. A round that
+        is closing (its global is being computed) or failed (waiting for the admin to retry or close it) takes no
+        uploads: training for it would be wasted and count as a round done."""
+        delay, waiting = self.cfg.poll_s, None
         while True:
             current = self.client.current_round()
             if current["round"] > self.last_round and not current["you_reported"]:
-                return current
+                if current["status"] == "open":
+                    return current
+                if (current["round"], current["status"]) != waiting:
+                    waiting = current["round"], current["status"]
+                    why = (f"failed to aggregate ({current.get('failure')}); waiting for the admin to retry or close it"
+                           if current["status"] == "failed" else f"is {current['status']}; waiting for the next round")
+                    log.info("round %d %s", current["round"], why)
             time.sleep(delay)
             delay = min(2.0, delay * 1.5)
 
@@ -304,6 +313,9 @@ class Device:
         log.info("round %d: training on global version %d", number, current["base_version"])
         start = time.perf_counter()
         done = run_device_round(self.strategy, 0, self.model, self.state, self.data, self.train_cfg, progress=progress)
+        # the shared tensors are this device's own now, no global version: the next sync loads one, also the same
+        # version again (after the admin closes a failed round, the next round starts from the last published one)
+        self.global_version = None
         self.state, result, train_loss = done.state, done.result, done.train_loss
         v_loss = result.valid[-1]["loss"] if result.valid else valid_loss(self.model, self.data.valid, self.train_cfg)
         metrics = {"train_loss": train_loss, "valid_loss": v_loss}
