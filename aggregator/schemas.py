@@ -72,6 +72,16 @@ class EnrollRequest(BaseModel):
     enroll_secret: str = Field(max_length=_MAX_SECRET_CHARS)
     name: str = Field(min_length=1, max_length=200)
     capabilities: Capabilities
+    token: str | None = Field(default=None, max_length=_MAX_SECRET_CHARS,
+                              description="the bearer token this device chose (at least 22 characters: 16 random "
+                                          "bytes in URL-safe base64; SDK devices send 32). The same request again "
+                                          "answers with the same device, so a retry never enrolls a second one. "
+                                          "Absent: the server picks a token, and a repeat enrolls another device.")
+
+    @field_validator("token")
+    @classmethod
+    def _strong_token(cls, value: str | None) -> str | None:
+        return None if value is None else check_secret(value, "token")
 
 
 class Enrolled(BaseModel):

@@ -6,9 +6,10 @@ so closing a round is one division and one write; it is rebuilt from the stored 
 rules (HetLoRA, FlexLoRA, PCL's relay) read one round's uploads into memory when the round closes.
 
 An upload is checked for everything its round's rule will need (names, shapes per device rank, finite values within
-the federation's ``max_abs_value``, a positive token count where the rule weighs by tokens, sane metadata numbers)
-before it is stored. What still fails when a round closes (a non-finite global, a disk error) leaves the round
-``failed`` with its reason, visible in ``/status``; the server keeps serving and the admin retries or closes it.
+the federation's ``max_abs_value``, a positive token count where the rule weighs by tokens: ``token_weighted``,
+FlexLoRA; sane metadata numbers) before it is stored. What still fails when a round closes (a non-finite global, a
+disk error) leaves the round ``failed`` with its reason, visible in ``/status``; the server keeps serving and the
+admin retries or closes it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors import safe_open
 
 from device_sdk.errors import ConfigError
 from device_sdk.federated import RULES, StrategySpec, Upload, networked_spec
+from device_sdk.federated.rules import check_tokens
 
 from . import aggregate
 from .blobs import canonical_metadata, parse_safetensors, read_metadata, sha256, to_bytes
@@ -43,6 +45,9 @@ class Federation:
         # mean then holds exactly the uploads its rows name when it closes.
         self._accept_lock = threading.Lock()
         self._mean: aggregate.RoundMean | None = None  # the open round's running mean (None: rebuilt on demand)
+        # Held while the federation is created and its initial tensors are set: a check and the write it guards
+        # are one step (one server per data directory, so a lock in this process orders every request).
+        self._setup_lock = threading.Lock()
 
     # admin ------------------------------------------------------------------------------------------------------
     def config(self) -> FederationConfig | None:
@@ -73,12 +78,24 @@ class Federation:
     def create(self, config: FederationConfig, enroll_secret: str | None) -> str:
         """Create the federation; returns the enrollment secret (generated when ``enroll_secret`` is None).
 
+        The same request again (the same configuration and enrollment secret: a client retrying after a lost
+        answer) answers as the first did.
+
         Raises:
-            Conflict: a federation exists. InvalidUpdate: a strategy a server cannot run, an aggregation rule the
-            strategy does not use, or an enrollment secret shorter than 22 characters.
+            Conflict: a federation exists (another one, or one whose secret the server generated). InvalidUpdate: a
+            strategy a server cannot run, an aggregation rule the strategy does not use, or an enrollment secret
+            shorter than 22 characters.
         """
-        if self.store.federation() is not None:
-            raise Conflict("a federation already exists in this data directory; use another --data-dir")
+        with self._setup_lock:
+            existing = self.config()
+            if existing is not None:
+                if (enroll_secret is not None and existing == config
+                        and self.store.check_enroll_secret(enroll_secret)):
+                    return enroll_secret
+                raise Conflict("a federation already exists in this data directory; use another --data-dir")
+            return self._create(config, enroll_secret)
+
+    def _create(self, config: FederationConfig, enroll_secret: str | None) -> str:
         if enroll_secret is not None:
             try:
                 check_secret(enroll_secret, "enroll_secret")
@@ -96,23 +113,37 @@ class Federation:
         return secret
 
     def set_initial(self, payload: bytes) -> dict:
-        """Global version 0 from the admin: it fixes the shared tensors' names, shapes and dtypes."""
+        """Global version 0 from the admin: it fixes the shared tensors' names, shapes and dtypes. The same
+        payload again (a client retrying after a lost answer) answers as the first did; other tensors get 409."""
         config = self.config()
         if config is None:
             raise NotReady("create the federation first (POST /admin/federation)")
-        if self.store.latest_global_version() is not None:
-            raise Conflict("the initial global tensors are already set")
-        tensors, _ = parse_safetensors(payload)
-        if not tensors:
-            raise InvalidUpdate("the initial global tensors are empty")
-        spec = aggregate.spec_of(tensors)
-        aggregate.validate(tensors, spec, config.max_abs_value)  # finite values within the federation's bound
-        self.store.set_initial_global(payload, {k: v.to_json() for k, v in spec.items()}, config.round_deadline_s)
+        with self._setup_lock:
+            if self.store.latest_global_version() is not None:
+                stored = self.store.global_blob(0)
+                if stored is not None and stored[1] == sha256(payload):
+                    return {"tensors": len(self.spec()), "round": 1}
+                raise Conflict("the initial global tensors are already set (to other tensors)")
+            tensors, _ = parse_safetensors(payload)
+            if not tensors:
+                raise InvalidUpdate("the initial global tensors are empty")
+            spec = aggregate.spec_of(tensors)
+            aggregate.validate(tensors, spec, config.max_abs_value)  # finite values within the federation's bound
+            self.store.set_initial_global(payload, {k: v.to_json() for k, v in spec.items()}, config.round_deadline_s)
         log.info("federation ready: %d shared tensors, round 1 open", len(spec))
         return {"tensors": len(spec), "round": 1}
 
     # devices ----------------------------------------------------------------------------------------------------
-    def enroll(self, secret: str, name: str, capabilities: Capabilities) -> tuple[int, str]:
+    def enroll(self, secret: str, name: str, capabilities: Capabilities, token: str | None = None) -> tuple[int, str]:
+        """Enroll a device; returns its id and bearer token (``token`` when the device chose one, else a new one).
+
+        A device that chose its token can repeat the request (a retry after a lost answer, a restart mid-way):
+        with the same name and capabilities it gets the same device, never a second one.
+
+        Raises:
+            NotReady: no federation yet. Unauthorized: a wrong enrollment secret. InvalidUpdate: capabilities the
+            federation does not run. Conflict: ``token`` is enrolled already with another name or capabilities.
+        """
         config = self.config()
         if config is None:
             raise NotReady("no federation has been created yet")
@@ -126,7 +157,12 @@ class Federation:
                                     f"the federation's {field}")
         if capabilities.n_generalists < 1 and "generalist" in config.shared_roles:
             raise InvalidUpdate("a device needs at least one generalist to take part in the federation")
-        return self.store.add_device(name, capabilities.model_dump())
+        device, token, added = self.store.add_device(name, capabilities.model_dump(), token)
+        if not added and (device.name, device.capabilities) != (name, capabilities.model_dump()):
+            raise Conflict(f"this device token is enrolled already, as device {device.id} ({device.name!r}) with "
+                           "other settings; a device that joins with other settings enrolls with a new token (a new "
+                           "state folder)")
+        return device.id, token
 
     def _check_rank(self, rank: int, config: FederationConfig) -> None:
         if not self.strategy().rank_per_device:
@@ -193,6 +229,9 @@ class Federation:
         config, strategy = self.config(), self.strategy()
         aggregate.validate(tensors, self.upload_spec(int(device.capabilities["rank"])), config.max_abs_value)
         weight = aggregate.weight_for(config.aggregation, tokens) if strategy.plain_mean else None
+        if strategy.weighs_by_tokens:
+            with aggregate.as_invalid_update():
+                check_tokens(tokens, strategy.name)
         path = self.store.write_update_blob(number, device.id, digest, payload)  # in parallel, outside the lock
         with self._accept_lock:
             running = self._running_mean(number, config) if weight is not None else None  # never raises

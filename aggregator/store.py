@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from device_sdk.federated.secrets import new_secret
+
 from .blobs import atomic_write, sha256
 
 log = logging.getLogger(__name__)
@@ -88,11 +90,8 @@ def token_hash(token: str) -> str:
 
 
 def new_token(nbytes: int = 32) -> str:
-    """A random URL-safe secret that never starts with ``-`` (command lines would read it as an option)."""
-    while True:
-        token = secrets.token_urlsafe(nbytes)
-        if not token.startswith("-"):
-            return token
+    """A random URL-safe secret (:func:`device_sdk.federated.secrets.new_secret`)."""
+    return new_secret(nbytes)
 
 
 @dataclass(frozen=True)
@@ -237,12 +236,22 @@ class Store:
                        "VALUES (1, 'open', 0, ?, ?)", (now, now + deadline_s))
 
     # devices ----------------------------------------------------------------------------------------------------
-    def add_device(self, name: str, capabilities: dict) -> tuple[int, str]:
-        token = new_token(32)
+    def add_device(self, name: str, capabilities: dict, token: str | None = None) -> tuple[Device, str, bool]:
+        """Enroll a device with ``token`` (``None``: a new random one).
+
+        Returns:
+            ``(device, token, added)``; ``added`` is False when a device already holds ``token`` (that device is
+            returned, whatever its name and capabilities: the caller compares them).
+        """
+        token = token or new_token(32)
         with self._tx() as db:
+            row = db.execute("SELECT id, name, capabilities FROM devices WHERE token_hash = ?",
+                             (token_hash(token),)).fetchone()
+            if row is not None:
+                return Device(row[0], row[1], json.loads(row[2])), token, False
             cur = db.execute("INSERT INTO devices (name, token_hash, capabilities, enrolled_at) VALUES (?, ?, ?, ?)",
                              (name, token_hash(token), json.dumps(capabilities), time.time()))
-            return int(cur.lastrowid), token
+            return Device(int(cur.lastrowid), name, capabilities), token, True
 
     def device_for_token(self, token: str) -> Device | None:
         row = self._one("SELECT id, name, capabilities FROM devices WHERE token_hash = ?", (token_hash(token),))
@@ -357,6 +366,16 @@ class Store:
         rows = self._all("SELECT round, device_id, sha256, path, tokens, metrics FROM updates WHERE round = ? "
                          "ORDER BY device_id", (number,))
         return [Update(r[0], r[1], r[2], self.data_dir / r[3], r[4], json.loads(r[5])) for r in rows]
+
+    def participation(self) -> dict[int, tuple[list[int], int]]:
+        """``{round: (device ids in order, tokens reported)}`` for every round with uploads, in one query."""
+        out: dict[int, tuple[list[int], int]] = {}
+        for number, device_id, tokens in self._all("SELECT round, device_id, tokens FROM updates "
+                                                   "ORDER BY round, device_id"):
+            devices, total = out.get(number, ([], 0))
+            devices.append(device_id)
+            out[number] = devices, total + tokens
+        return out
 
     def write_update_blob(self, number: int, device_id: int, digest: str, payload: bytes) -> Path:
         """Write an upload's blob durably, before its row exists (no lock held: uploads write in parallel). Pass the

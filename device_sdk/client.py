@@ -1,7 +1,8 @@
 """HTTP client of the aggregator (httpx).
 
 Failures that retrying can fix (connection refused or reset, timeouts, 5xx answers) are retried with exponential
-backoff; failures that it cannot fix (a URL without a scheme, any 4xx answer) raise at once, in one line.
+backoff; failures that it cannot fix (a URL without a scheme, any 4xx answer) raise at once, in one line. Every call
+is safe to repeat (see the admin and device calls), so a retry after a lost answer changes nothing on the server.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from .errors import ConfigError, SDKError
 from .federated import wire
+from .federated.secrets import new_secret
 
 log = logging.getLogger(__name__)
 
@@ -171,17 +173,27 @@ class AggregatorClient:
                 raise
 
     # admin --------------------------------------------------------------------------------------------------------
+    # Every request below is safe to retry: the server answers a repeat as it answered the first (an upload by its
+    # content, the initial tensors by their digest, a federation by its configuration and secret, an enrollment by
+    # the token the device chose), so an answer lost to a timeout never creates a second device or a 409.
+
     def create_federation(self, config: dict, enroll_secret: str | None = None) -> dict:
-        return self._request("POST", "/admin/federation",
-                             json={"config": config, "enroll_secret": enroll_secret}).json()
+        """Create the federation with ``enroll_secret`` (``None``: a new random one, picked here so that a retry
+        repeats the request); the answer holds it."""
+        secret = enroll_secret or new_secret(16)
+        return self._request("POST", "/admin/federation", json={"config": config, "enroll_secret": secret}).json()
 
     def set_initial(self, tensors: dict[str, torch.Tensor]) -> dict:
         return self._request("PUT", "/admin/federation/initial", content=wire.encode(tensors)).json()
 
     # devices ------------------------------------------------------------------------------------------------------
-    def enroll(self, enroll_secret: str, name: str, capabilities: dict) -> dict:
+    def enroll(self, enroll_secret: str, name: str, capabilities: dict, token: str | None = None) -> dict:
+        """Enroll with the bearer token ``token`` (``None``: a new random one, picked here so that a retry repeats
+        the request); the answer holds ``device_id`` and ``token``. Keep the token before calling where a crash
+        mid-call must not enroll a second device (:func:`device_sdk.enrollment.credentials`)."""
         return self._request("POST", "/enroll", json={"enroll_secret": enroll_secret, "name": name,
-                                                      "capabilities": capabilities}).json()
+                                                      "capabilities": capabilities,
+                                                      "token": token or new_secret(32)}).json()
 
     def current_round(self) -> dict:
         return self._request("GET", "/rounds/current").json()

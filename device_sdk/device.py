@@ -3,7 +3,6 @@ and runs Algorithm 1's rounds against the aggregator; specialists and routers ne
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import time
@@ -18,10 +17,10 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .client import AggregatorClient, RetryPolicy, ServerRejected
 from .config import TrainConfig
 from .data import UserData, load_user_data
+from .enrollment import CREDENTIALS, NotEnrolled, credentials
 from .errors import ConfigError
 from .evaluate import evaluate, loss_with
 from .federated import Upload
-from .fileio import atomic_write_bytes
 from .inject import inject_adapters
 from .models import check_model_name, default_cache_dir, load_base_model, model_skeleton
 from .parts import Role
@@ -33,7 +32,6 @@ from .train import init_train_state, valid_loss
 
 log = logging.getLogger(__name__)
 
-CREDENTIALS = "credentials.json"
 #: Settings the federation fixes: DeviceConfig field -> FederationConfig field.
 FEDERATION_FIELDS = {"model": "base_model", "strategy": "strategy", "rank": "rank", "alpha": "alpha"}
 
@@ -45,10 +43,6 @@ class FederationMismatch(ConfigError):
         super().__init__(f"{field} {mine!r} contradicts the federation's {field} {theirs!r} (at {server}); leave "
                          f"{field} unset to take the federation's")
         self.field, self.mine, self.theirs, self.server = field, mine, theirs, server
-
-
-class NotEnrolled(ConfigError):
-    """The device has no credentials yet and no enrollment secret to get them."""
 
 
 
@@ -228,22 +222,11 @@ class Device:
                                       precision=self.cfg.train.precision).n_specialists
 
     def _credentials(self) -> dict:
-        path = self.state_dir / CREDENTIALS
-        if path.is_file():
-            return json.loads(path.read_text())
-        if not self.cfg.enroll_secret:
-            raise NotEnrolled(f"this device is not enrolled yet ({path} is missing); pass enroll_secret (the admin's "
-                              "enrollment secret)")
-        with AggregatorClient(self.cfg.server, retry=self.cfg.retry) as client:
-            answer = client.enroll(self.cfg.enroll_secret, self.cfg.name or socket.gethostname(),
-                                   {"n_specialists": self.adapter.n_specialists,
-                                    "n_generalists": self.adapter.n_generalists, "rank": self.adapter.rank,
-                                    "base_model": self.base_name, "strategy": self.cfg.strategy,
-                                    "alpha": self.adapter.alpha})
-        credentials = {"device_id": answer["device_id"], "token": answer["token"], "server": self.cfg.server}
-        atomic_write_bytes(path, json.dumps(credentials).encode(), mode=0o600)
-        log.info("enrolled as device %d", credentials["device_id"])
-        return credentials
+        return credentials(self.cfg.server, self.state_dir, self.cfg.enroll_secret,
+                           self.cfg.name or socket.gethostname(),
+                           {"n_specialists": self.adapter.n_specialists, "n_generalists": self.adapter.n_generalists,
+                            "rank": self.adapter.rank, "base_model": self.base_name, "strategy": self.cfg.strategy,
+                            "alpha": self.adapter.alpha}, self.cfg.retry)
 
     @property
     def device_id(self) -> int:

@@ -47,6 +47,7 @@ from device_sdk.backends.executorch import (  # noqa: E402
 from device_sdk.client import AggregatorClient  # noqa: E402
 from device_sdk.config import TrainConfig  # noqa: E402
 from device_sdk.data import load_user_data  # noqa: E402
+from device_sdk.enrollment import NotEnrolled, credentials  # noqa: E402
 from device_sdk.round import load_initial, receive_global  # noqa: E402
 from device_sdk.strategies import DEFAULT_NETWORKED, networked_strategy  # noqa: E402
 from device_sdk.tokenizer import ByteTokenizer, HFTokenizer  # noqa: E402
@@ -94,18 +95,14 @@ class EdgeApp:
 
     def _connect(self, server: str, state_dir: Path, secret: str | None, name: str) -> AggregatorClient:
         state_dir.mkdir(parents=True, exist_ok=True)
-        creds = state_dir / "credentials.json"
-        if not creds.is_file():
-            if not secret:
-                raise SystemExit(f"{creds} is missing: pass --enroll-secret to enroll this app")
-            adapter = self.program.meta.adapter
-            with AggregatorClient(server) as client:
-                answer = client.enroll(secret, name, {k: adapter[k] for k in ("n_specialists", "n_generalists",
-                                                                              "rank", "alpha")}
-                                       | {"base_model": self.program.meta.base_model,
-                                          "strategy": self.strategy.name})
-            creds.write_text(json.dumps({"device_id": answer["device_id"], "token": answer["token"]}))
-        return AggregatorClient(server, json.loads(creds.read_text())["token"])
+        adapter = self.program.meta.adapter
+        capabilities = ({k: adapter[k] for k in ("n_specialists", "n_generalists", "rank", "alpha")}
+                        | {"base_model": self.program.meta.base_model, "strategy": self.strategy.name})
+        try:
+            found = credentials(server, state_dir, secret, name, capabilities)
+        except NotEnrolled as err:
+            raise SystemExit(f"{err}: pass --enroll-secret to enroll this app") from err
+        return AggregatorClient(server, found["token"])
 
     def sync(self, version: int) -> None:
         """Load global version ``version`` into the training program (version 0: the federation's start)."""
@@ -131,13 +128,14 @@ class EdgeApp:
         delay = 0.2
         while True:
             current = self.client.current_round()
-            if current["round"] > self.last_round and not current["you_reported"]:
-                break
+            if current["round"] > self.last_round and not current["you_reported"] and current["status"] == "open":
+                break  # (a failed or closing round takes no uploads)
             time.sleep(delay)
             delay = min(2.0, delay * 1.5)
         self.sync(current["base_version"])
         result, self.state = train_local(self.adapters, self.data, self.cfg, self.state,
                                          validate=lambda _: program_valid_loss(self.program, self.data.valid))
+        self.version = None  # trained since: the next sync loads a global, the same version included
         train_loss = sum(r["lm"] for r in result.train) / max(1, len(result.train))
         self.client.upload(current["round"], self.strategy.shared_tensors(self.adapters), result.tokens,
                            {"train_loss": train_loss, "valid_loss": result.valid[-1]["loss"]})

@@ -14,7 +14,8 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 
 @router.post("/federation", response_model=FederationCreated, status_code=201, responses=error_responses(409))
 def create_federation(body: CreateFederation, federation: FederationDep, _: AdminDep) -> FederationCreated:
-    """Create the federation (once per data directory). Returns the enrollment secret for devices."""
+    """Create the federation (once per data directory). Returns the enrollment secret for devices. The same request
+    again (same configuration, same enrollment secret) answers the same: a client may retry it."""
     secret = federation.create(body.config, body.enroll_secret)
     return FederationCreated(config=body.config, enroll_secret=secret)
 
@@ -22,7 +23,8 @@ def create_federation(body: CreateFederation, federation: FederationDep, _: Admi
 @router.put("/federation/initial", status_code=201, responses=error_responses(409, 422),
             openapi_extra=SAFETENSORS_BODY)
 async def set_initial(federation: FederationDep, _: AdminDep, body: BodyDep) -> dict:
-    """Upload global version 0 (safetensors body): it fixes the shared tensors and opens round 1."""
+    """Upload global version 0 (safetensors body): it fixes the shared tensors and opens round 1. The same tensors
+    again answer the same (a client may retry); other tensors get 409."""
     return await run_in_threadpool(federation.set_initial, body)
 
 

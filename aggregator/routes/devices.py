@@ -13,8 +13,9 @@ router = APIRouter(tags=["devices"])
 
 @router.post("/enroll", response_model=Enrolled, status_code=201, responses=error_responses(401, 409, 422))
 def enroll(body: EnrollRequest, federation: FederationDep) -> Enrolled:
-    """Enroll a device with the admin's enrollment secret; the answer holds the device's bearer token."""
-    device_id, token = federation.enroll(body.enroll_secret, body.name, body.capabilities)
+    """Enroll a device with the admin's enrollment secret; the answer holds the device's bearer token (the one the
+    device chose, if it sent one: then the same request again answers with the same device)."""
+    device_id, token = federation.enroll(body.enroll_secret, body.name, body.capabilities, body.token)
     return Enrolled(device_id=device_id, token=token, config=federation.config())
 
 

@@ -21,13 +21,13 @@ def status(federation: FederationDep) -> Status:
     ready = store.latest_global_version() is not None
     current = store.current_round() if ready else None
     history = []
+    participation = store.participation()  # one query, not one per round: anyone may poll this page
     for r in store.rounds():
-        updates = store.updates(r.round)
+        participants, tokens = participation.get(r.round, ([], 0))
         summary = r.summary or {}
         metrics = summary.get("mean_metrics") or {}
         history.append(RoundSummary(round=r.round, status=r.status, base_version=r.base_version,
-                                    participants=[u.device_id for u in updates],
-                                    tokens=sum(u.tokens for u in updates), mean_metrics=metrics,
+                                    participants=participants, tokens=tokens, mean_metrics=metrics,
                                     opened_at=r.opened_at, closed_at=r.closed_at,
                                     rule=(r.summary or {}).get("rule"), failure=r.failure))
     state = None

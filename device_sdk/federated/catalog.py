@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .roles import NO_ROLES, SHARED_ROLES, Role
-from .rules import RULES
+from .rules import RULES, TOKEN_RULES
 from .tensors import rank_shape
 
 #: Which of a strategy's shared tensors travel after each round: all, or only the B factors (FFA-LoRA keeps its
@@ -57,6 +57,12 @@ class StrategySpec:
     def plain_mean(self) -> bool:
         """Whether the rule is the plain mean (a server may then stream it, or weigh it by tokens)."""
         return self.rule == "mean"
+
+    @property
+    def weighs_by_tokens(self) -> bool:
+        """Whether the rule weighs each upload by its training tokens whatever the aggregation setting (FlexLoRA);
+        a server then refuses uploads without a positive count."""
+        return self.rule in TOKEN_RULES
 
     def travels(self, name: str) -> bool:
         """Whether the shared tensor ``name`` is uploaded after each round."""

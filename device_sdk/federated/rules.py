@@ -26,6 +26,21 @@ Rule = Callable[[list[Upload]], dict[str, torch.Tensor]]
 
 #: Rules a server can compute as a running sum, one upload at a time (:func:`weight_for` gives each weight).
 MEAN_RULES = ("mean", "token_weighted")
+#: Rules that weigh each upload by its training tokens (besides ``token_weighted``, a mean rule).
+TOKEN_RULES = ("flexlora",)
+
+
+def check_tokens(tokens: int, rule: str) -> int:
+    """``tokens`` if positive; a rule that weighs uploads by their training tokens needs that.
+
+    Raises:
+        InvalidUpload: for a token count that is not positive.
+    """
+    if tokens <= 0:
+        raise InvalidUpload(f"{rule} weighs uploads by their training tokens and needs a positive token count, got "
+                            f"{tokens}; send the number of training tokens of the round as safetensors metadata "
+                            "'tokens'")
+    return tokens
 
 
 def weight_for(rule: str, tokens: int) -> float:
@@ -38,10 +53,7 @@ def weight_for(rule: str, tokens: int) -> float:
     if rule == "mean":
         return 1.0
     if rule == "token_weighted":
-        if tokens <= 0:
-            raise InvalidUpload(f"token-weighted aggregation needs a positive token count, got {tokens}; send the "
-                                "number of training tokens of the round as safetensors metadata 'tokens'")
-        return float(tokens)
+        return float(check_tokens(tokens, "token-weighted aggregation"))
     raise InvalidUpload(f"unknown aggregation rule {rule!r}; choose from {MEAN_RULES}")
 
 

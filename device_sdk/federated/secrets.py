@@ -3,6 +3,8 @@ is sent, by the command line."""
 
 from __future__ import annotations
 
+import secrets
+
 #: The shortest admin token or enrollment secret accepted: 16 random bytes written in URL-safe base64.
 MIN_SECRET_CHARS = 22
 #: How to generate a secret that passes, quoted in every refusal.
@@ -26,3 +28,12 @@ def check_secret(value: str, what: str) -> str:
         raise ValueError(f"{what} has {len(value)} characters; a secret needs at least {MIN_SECRET_CHARS} (16 random "
                          f"bytes in URL-safe base64) so that it cannot be guessed. Generate one with: {SECRET_HOWTO}")
     return value
+
+
+def new_secret(nbytes: int = 32) -> str:
+    """A random URL-safe secret of ``nbytes`` random bytes that never starts with ``-`` (command lines would read
+    it as an option): tokens, enrollment secrets, and what a client picks so that a retried request repeats it."""
+    while True:
+        value = secrets.token_urlsafe(nbytes)
+        if not value.startswith("-"):
+            return value

@@ -178,6 +178,32 @@ def test_uploads_must_carry_what_the_rule_needs_and_values_within_the_bound(tmp_
     fed.upload(devices[0], 1, _payload(_tensors(1), tokens=5))
 
 
+def test_flexlora_weighs_by_tokens_so_it_refuses_uploads_without_a_positive_count(tmp_path):
+    fed = Federation(Store(tmp_path))
+    fed.create(FederationConfig(base_model="m", strategy="flexlora-full"), SECRET)  # aggregation stays "mean"
+    fed.set_initial(st_save({k: torch.zeros_like(v) for k, v in _tensors(0).items()}))
+    device = fed.authenticate(fed.enroll(SECRET, "d", Capabilities(n_specialists=0, rank=8))[1])
+    for body in (_payload(_tensors(1), tokens=0), st_save(_tensors(1))):
+        with pytest.raises(InvalidUpdate, match="flexlora-full weighs uploads by their training tokens.*got 0"):
+            fed.upload(device, 1, body)
+    assert fed.store.count_updates(1) == 0 and _blob_files(tmp_path) == []
+    assert fed.upload(device, 1, _payload(_tensors(1), tokens=5)) == (False, 1)
+
+
+def test_participation_of_every_round_in_one_query_equals_each_rounds_uploads(tmp_path):
+    fed, devices = _federation(tmp_path, n=3, min_devices=1)
+    for number, uploaders in ((1, (devices[2], devices[0], devices[1])), (2, (devices[1],)), (3, ())):
+        for i, device in enumerate(uploaders):
+            fed.upload(device, number, _payload(_tensors(i), tokens=10 * (i + 1) + number))
+        if uploaders:
+            fed.store.mark_aggregating(number)
+            fed.aggregate(number)
+    expected = {r.round: ([u.device_id for u in fed.store.updates(r.round)],
+                          sum(u.tokens for u in fed.store.updates(r.round))) for r in fed.store.rounds()}
+    assert fed.store.participation() == {k: v for k, v in expected.items() if v[0]}
+    assert fed.store.participation()[1] == ([1, 2, 3], 11 + 21 + 31)
+
+
 def test_round_numbers_beyond_sqlite_integers_are_not_found(tmp_path):
     fed, devices = _federation(tmp_path, n=1)
     for number in (2**63, 2**70, -(2**64)):
