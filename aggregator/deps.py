@@ -26,6 +26,7 @@ from .store import Device
 MAX_NUMBER = 2**31 - 1
 
 RoundNumber = Annotated[int, Path(ge=1, le=MAX_NUMBER, description="a round number (rounds count from 1)")]
+DeviceId = Annotated[int, Path(ge=1, le=MAX_NUMBER, description="a device id (as /enroll and /status/devices give it)")]
 GlobalVersion = Annotated[int, Path(ge=0, le=MAX_NUMBER, description="a global version (0: the admin's initial "
                                                                      "tensors; n: the result of round n)")]
 

@@ -90,6 +90,12 @@ class Enrolled(BaseModel):
     config: FederationConfig
 
 
+class DeviceRetired(BaseModel):
+    device_id: int
+    name: str
+    retired_at: float = Field(description="when the admin retired the device (Unix time)")
+
+
 class RoundState(BaseModel):
     round: int
     status: str
@@ -149,7 +155,7 @@ ERROR_STATUSES: dict[int, str] = {
     400: "the request body could not be read (e.g. JSON that is not UTF-8)",
     401: "missing or unknown bearer token (or a wrong enrollment secret)",
     403: "a device token on an admin endpoint",
-    404: "no such round or global version",
+    404: "no such round, global version or device",
     409: "conflicts with the federation's state: not set up yet, already set up, the round is closed, or this "
          "device already uploaded other tensors for the round",
     413: "the request body exceeds the server's upload limit",

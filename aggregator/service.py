@@ -158,6 +158,9 @@ class Federation:
         if capabilities.n_generalists < 1 and "generalist" in config.shared_roles:
             raise InvalidUpdate("a device needs at least one generalist to take part in the federation")
         device, token, added = self.store.add_device(name, capabilities.model_dump(), token)
+        if not added and device.retired_at is not None:
+            raise Conflict(f"this device token belonged to device {device.id} ({device.name!r}), which the admin "
+                           "retired; enroll with a new token (a new state folder)")
         if not added and (device.name, device.capabilities) != (name, capabilities.model_dump()):
             raise Conflict(f"this device token is enrolled already, as device {device.id} ({device.name!r}) with "
                            "other settings; a device that joins with other settings enrolls with a new token (a new "
@@ -179,6 +182,21 @@ class Federation:
                                     "tensors); the admin must create the federation with more experts "
                                     "(init-federation --max-experts)")
 
+    def retire(self, device_id: int) -> Device:
+        """Retire a device: its token stops working and rounds stop waiting for it (a device whose state was lost
+        and that enrolled again, a phone that left). Its uploads stay part of their rounds. Retiring a retired
+        device changes nothing.
+
+        Raises:
+            NotFound: no such device.
+        """
+        device = self.store.retire_device(device_id)
+        if device is None:
+            raise NotFound(f"device {device_id} does not exist (see /status/devices)")
+        log.warning("device %d (%s) retired by the admin", device.id, device.name)
+        self.maybe_close()  # the current round may have every remaining device's upload now
+        return device
+
     def authenticate(self, token: str | None) -> Device:
         if not token:
             raise Unauthorized("missing bearer token; enroll first (POST /enroll) and send "
@@ -196,7 +214,7 @@ class Federation:
         return current
 
     def expected_devices(self) -> int:
-        """The enrolled devices: a round closes early once all of them reported."""
+        """The active (enrolled, not retired) devices: a round closes early once all of them reported."""
         return self.store.count_devices()
 
     def upload(self, device: Device, number: int, payload: bytes) -> tuple[bool, int]:

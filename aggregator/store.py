@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS devices (
     name TEXT NOT NULL,
     token_hash TEXT NOT NULL UNIQUE,
     capabilities TEXT NOT NULL,
-    enrolled_at REAL NOT NULL
+    enrolled_at REAL NOT NULL,
+    retired_at REAL  -- set when the admin retires the device: its token stops working, rounds stop waiting for it
 );
 CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL,
@@ -99,6 +100,7 @@ class Device:
     id: int
     name: str
     capabilities: dict
+    retired_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._migrate_rounds()
+        self._migrate_devices()
 
     def _migrate_rounds(self) -> None:
         """Give a database created before failed rounds existed the current ``rounds`` table.
@@ -176,6 +179,14 @@ class Store:
             db.execute(f"INSERT INTO rounds_migrating ({old_columns}) SELECT {old_columns} FROM rounds")
             db.execute("DROP TABLE rounds")
             db.execute("ALTER TABLE rounds_migrating RENAME TO rounds")
+
+    def _migrate_devices(self) -> None:
+        """Give a database created before devices could be retired the ``retired_at`` column (NULL: active)."""
+        columns = [row[1] for row in self._all("PRAGMA table_info(devices)")]
+        if "retired_at" not in columns:
+            log.warning("migrating the devices table of %s to allow retired devices", self.data_dir)
+            with self._tx() as db:
+                db.execute("ALTER TABLE devices ADD COLUMN retired_at REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -245,30 +256,46 @@ class Store:
         """
         token = token or new_token(32)
         with self._tx() as db:
-            row = db.execute("SELECT id, name, capabilities FROM devices WHERE token_hash = ?",
+            row = db.execute("SELECT id, name, capabilities, retired_at FROM devices WHERE token_hash = ?",
                              (token_hash(token),)).fetchone()
             if row is not None:
-                return Device(row[0], row[1], json.loads(row[2])), token, False
+                return Device(row[0], row[1], json.loads(row[2]), row[3]), token, False
             cur = db.execute("INSERT INTO devices (name, token_hash, capabilities, enrolled_at) VALUES (?, ?, ?, ?)",
                              (name, token_hash(token), json.dumps(capabilities), time.time()))
             return Device(int(cur.lastrowid), name, capabilities), token, True
 
     def device_for_token(self, token: str) -> Device | None:
-        row = self._one("SELECT id, name, capabilities FROM devices WHERE token_hash = ?", (token_hash(token),))
+        """The active device holding ``token`` (a retired device's token names none)."""
+        row = self._one("SELECT id, name, capabilities FROM devices WHERE token_hash = ? AND retired_at IS NULL",
+                        (token_hash(token),))
         return None if row is None else Device(row[0], row[1], json.loads(row[2]))
 
     def count_devices(self) -> int:
-        return self._one("SELECT COUNT(*) FROM devices")[0]
+        """The active devices (a round closes early once all of them reported)."""
+        return self._one("SELECT COUNT(*) FROM devices WHERE retired_at IS NULL")[0]
 
     def devices(self) -> list[Device]:
-        return [Device(r[0], r[1], json.loads(r[2])) for r in self._all("SELECT id, name, capabilities FROM devices")]
+        """Every device ever enrolled, retired ones included (their uploads stay part of their rounds)."""
+        return [Device(r[0], r[1], json.loads(r[2]), r[3])
+                for r in self._all("SELECT id, name, capabilities, retired_at FROM devices")]
+
+    def retire_device(self, device_id: int) -> Device | None:
+        """Retire device ``device_id`` (once: retiring it again changes nothing); ``None`` if there is none."""
+        if not _int64(device_id):
+            return None
+        with self._tx() as db:
+            db.execute("UPDATE devices SET retired_at = ? WHERE id = ? AND retired_at IS NULL", (time.time(), device_id))
+            row = db.execute("SELECT id, name, capabilities, retired_at FROM devices WHERE id = ?",
+                             (device_id,)).fetchone()
+        return None if row is None else Device(row[0], row[1], json.loads(row[2]), row[3])
 
     def device_activity(self) -> list[DeviceActivity]:
         """Every device (by id) with its enrollment time and its latest upload: round and time received."""
         # SQLite takes the bare column u.received_at from the row holding MAX(u.round).
-        rows = self._all("SELECT d.id, d.name, d.capabilities, d.enrolled_at, MAX(u.round), u.received_at "
-                         "FROM devices d LEFT JOIN updates u ON u.device_id = d.id GROUP BY d.id ORDER BY d.id")
-        return [DeviceActivity(Device(r[0], r[1], json.loads(r[2])), r[3], r[4], r[5]) for r in rows]
+        rows = self._all("SELECT d.id, d.name, d.capabilities, d.retired_at, d.enrolled_at, MAX(u.round), "
+                         "u.received_at FROM devices d LEFT JOIN updates u ON u.device_id = d.id GROUP BY d.id "
+                         "ORDER BY d.id")
+        return [DeviceActivity(Device(r[0], r[1], json.loads(r[2]), r[3]), r[4], r[5], r[6]) for r in rows]
 
     # rounds -----------------------------------------------------------------------------------------------------
     @staticmethod

@@ -1,10 +1,11 @@
-"""Admin routes: create the federation and upload its initial global tensors."""
+"""Admin routes: create the federation, upload its initial global tensors, retry or close a failed round, retire a
+device."""
 
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import AdminDep, BodyDep, FederationDep, RoundNumber
-from ..schemas import CreateFederation, FederationCreated, RoundState, error_responses
+from ..deps import AdminDep, BodyDep, DeviceId, FederationDep, RoundNumber
+from ..schemas import CreateFederation, DeviceRetired, FederationCreated, RoundState, error_responses
 from ..service import Federation
 from ..store import Round
 from . import SAFETENSORS_BODY
@@ -54,3 +55,13 @@ async def close_failed_round(number: RoundNumber, federation: FederationDep, _: 
     global again. Answers the new current round. 404: no such round; 409: the round is not the current failed round.
     """
     return _state(federation, await run_in_threadpool(federation.close_failed, number))
+
+
+@router.delete("/devices/{device_id}", response_model=DeviceRetired, responses=error_responses(404))
+async def retire_device(device_id: DeviceId, federation: FederationDep, _: AdminDep) -> DeviceRetired:
+    """Retire a device: its token stops working (401) and rounds stop waiting for it. For a device that lost its
+    state and enrolled again, or one that left for good. Its uploads stay part of their rounds; retiring it again
+    answers the same. 404: no such device.
+    """
+    device = await run_in_threadpool(federation.retire, device_id)
+    return DeviceRetired(device_id=device.id, name=device.name, retired_at=device.retired_at)

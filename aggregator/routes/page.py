@@ -34,6 +34,7 @@ class DeviceSummary(BaseModel):
     enrolled_at: float
     last_round: int | None = Field(description="the latest round this device uploaded to (None: never)")
     last_upload_at: float | None = Field(description="when that upload arrived (Unix time)")
+    retired_at: float | None = Field(default=None, description="when the admin retired it (None: active)")
 
 
 def _sha256_source(body: str) -> str:
@@ -70,5 +71,6 @@ def status_devices(federation: FederationDep) -> list[DeviceSummary]:
                           n_specialists=int(a.device.capabilities.get("n_specialists", 0)),
                           n_generalists=int(a.device.capabilities.get("n_generalists", 1)),
                           rank=int(a.device.capabilities["rank"]), enrolled_at=a.enrolled_at,
-                          last_round=a.last_round, last_upload_at=a.last_upload_at)
+                          last_round=a.last_round, last_upload_at=a.last_upload_at,
+                          retired_at=a.device.retired_at)
             for a in federation.store.device_activity()]

@@ -35,4 +35,4 @@ def status(federation: FederationDep) -> Status:
         state = RoundState(round=current.round, status=current.status, base_version=current.base_version,
                            deadline=current.deadline, reported=store.count_updates(current.round),
                            expected=federation.expected_devices(), failure=current.failure)
-    return Status(ready=ready, config=config, devices=len(store.devices()), current_round=state, history=history)
+    return Status(ready=ready, config=config, devices=store.count_devices(), current_round=state, history=history)

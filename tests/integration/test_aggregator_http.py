@@ -84,6 +84,29 @@ def test_every_body_is_bounded_before_a_route_or_an_auth_check_reads_it(server):
     assert httpx.get(url + "/status").json()["devices"] == 2
 
 
+def test_the_admin_retires_a_device_that_every_round_would_wait_for(server):
+    url = server.url
+    secret = setup_federation(url, min_devices=1)
+    d1, d2, ghost = (enroll(url, secret, name) for name in ("d1", "d2", "lost-state"))
+    for headers in (d1, d2):
+        assert httpx.post(f"{url}/rounds/1/update", headers=headers, content=payload(tensors(1.0))).status_code == 200
+    assert httpx.get(url + "/status").json()["current_round"]["round"] == 1  # waits for the ghost: deadline 600 s
+    assert httpx.delete(url + "/admin/devices/3").status_code == 401
+    assert httpx.delete(url + "/admin/devices/3", headers=d1).status_code == 403
+    retired = httpx.delete(url + "/admin/devices/3", headers=admin_headers())
+    assert retired.status_code == 200 and retired.json()["name"] == "lost-state", retired.text
+    again = httpx.delete(url + "/admin/devices/3", headers=admin_headers())
+    assert again.status_code == 200 and again.json() == retired.json()
+    missing = httpx.delete(url + "/admin/devices/99", headers=admin_headers())
+    assert missing.status_code == 404 and "does not exist" in missing.json()["detail"]
+    status = httpx.get(url + "/status").json()
+    assert status["current_round"]["round"] == 2 and status["devices"] == 2  # round 1 closed at once
+    assert status["current_round"]["expected"] == 2
+    assert httpx.get(url + "/rounds/current", headers=ghost).status_code == 401
+    listed = httpx.get(url + "/status/devices").json()
+    assert [d["retired_at"] is not None for d in listed] == [False, False, True]
+
+
 def test_admin_and_enrollment_errors(server):
     url = server.url
     assert httpx.post(url + "/admin/federation", json={"config": {"base_model": "x"}}).status_code == 401

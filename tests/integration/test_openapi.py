@@ -31,6 +31,7 @@ DESIGNED = {
     ("get", "/rounds/current"): {401, 409},
     ("get", "/globals/{version}"): {401, 404, 422},
     ("post", "/rounds/{number}/update"): {401, 404, 409, 413, 422},
+    ("delete", "/admin/devices/{device_id}"): {401, 403, 404, 422},
     ("get", "/health"): set(),
     ("get", "/status"): set(),
     ("get", "/status/devices"): set(),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from .server import Server
+from .server import Server, admin_headers
 from .test_aggregator_http import enroll, payload, setup_federation, tensors
 
 # The page's first two line colours (PALETTE in aggregator/static/operator.html); the metric keys sort in this order.
@@ -75,14 +75,18 @@ def test_operator_page_in_a_real_browser(server, tmp_path):
 
     secret = setup_federation(url, min_devices=2)
     devices = [enroll(url, secret, "edge-phone-nl"), enroll(url, secret, EVIL)]
+    enroll(url, secret, "old-phone")  # retired before round 1: no round waits for it, the page says so
+    assert httpx.delete(url + "/admin/devices/3", headers=admin_headers()).status_code == 200
     run_round(url, 1, devices, [(3.6, 3.3), (3.4, 3.1)])
     run_round(url, 2, devices, [(2.8, 2.6), (2.6, 2.4)])
     listed = httpx.get(url + "/status/devices").json()
-    assert [d["last_round"] for d in listed] == [2, 2] and all("token" not in k for d in listed for k in d)
+    assert [d["last_round"] for d in listed] == [2, 2, None] and all("token" not in k for d in listed for k in d)
 
     dom = browse(url + "/", tmp_path / "profile", "--dump-dom")
     assert '<dd data-field="Base model">tiny-llama</dd>' in dom
     assert "edge-phone-nl" in dom and '<tr data-round="1">' in dom and '<tr data-round="2">' in dom
+    assert 'class="retired"' in dom and "old-phone (retired)" in dom
+    assert dom.count('<td class="num">2 / 2</td>') == 2  # both rounds waited for the two active devices only
     assert 'data-series="2" data-points="4"' in dom  # two metrics over two closed rounds
     # The hostile name is shown as text: escaped in the DOM, nothing parsed from it, nothing run.
     assert html.escape(EVIL, quote=False) in dom

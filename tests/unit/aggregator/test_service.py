@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 from aggregator.aggregate import content_digest
-from aggregator.errors import Conflict, DataDirLocked, InvalidUpdate, NotFound, RoundClosed
+from aggregator.errors import Conflict, DataDirLocked, InvalidUpdate, NotFound, RoundClosed, Unauthorized
 from aggregator.schemas import Capabilities, CreateFederation, FederationConfig
 from aggregator.service import Federation
 from aggregator.settings import Settings
@@ -285,6 +285,45 @@ def test_a_database_with_the_old_rounds_table_is_migrated(tmp_path):
     assert store.round(2).status == "failed" and store.round(2).failure == "disk full"
     store.close()
     assert Store(tmp_path).round(2).failure == "disk full"  # reopening does not migrate again
+
+
+def test_a_database_whose_devices_cannot_be_retired_is_migrated_and_keeps_its_devices(tmp_path):
+    from aggregator.store import token_hash
+
+    db = sqlite3.connect(tmp_path / "aggregator.db")
+    db.executescript("""
+        CREATE TABLE devices (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
+            token_hash TEXT NOT NULL UNIQUE, capabilities TEXT NOT NULL, enrolled_at REAL NOT NULL);
+    """)
+    db.execute("INSERT INTO devices (name, token_hash, capabilities, enrolled_at) VALUES ('old', ?, '{}', 1.0)",
+               (token_hash("old-token"),))
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    assert store.device_for_token("old-token").name == "old" and store.count_devices() == 1
+    assert store.retire_device(1).retired_at is not None
+    assert store.device_for_token("old-token") is None and store.count_devices() == 0
+    store.close()
+    assert Store(tmp_path).devices()[0].retired_at is not None  # reopening does not migrate again
+
+
+def test_a_retired_device_is_no_longer_waited_for_and_its_token_stops_working(tmp_path):
+    fed, devices = _federation(tmp_path, n=3)
+    fed.upload(devices[0], 1, _payload(_tensors(1)))
+    fed.upload(devices[1], 1, _payload(_tensors(2)))
+    assert fed.maybe_close() is None  # waits for the third device until the deadline
+    retired = fed.retire(devices[2].id)
+    assert retired.retired_at is not None and fed.retire(devices[2].id).retired_at == retired.retired_at
+    assert fed.store.round(1).status == "closed" and fed.expected_devices() == 2  # retiring closed the round
+    with pytest.raises(NotFound, match="device 99 does not exist"):
+        fed.retire(99)
+    token = "retired-device-token-0123456789"
+    fed.enroll(SECRET, "phone", Capabilities(n_specialists=0, rank=8), token)
+    fed.retire(fed.authenticate(token).id)
+    with pytest.raises(Unauthorized):
+        fed.authenticate(token)
+    with pytest.raises(Conflict, match="which the admin retired"):
+        fed.enroll(SECRET, "phone", Capabilities(n_specialists=0, rank=8), token)
 
 
 def test_short_secrets_are_refused_with_the_rule_and_how_to_make_one(tmp_path):
