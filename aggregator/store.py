@@ -284,7 +284,8 @@ class Store:
         if not _int64(device_id):
             return None
         with self._tx() as db:
-            db.execute("UPDATE devices SET retired_at = ? WHERE id = ? AND retired_at IS NULL", (time.time(), device_id))
+            db.execute("UPDATE devices SET retired_at = ? WHERE id = ? AND retired_at IS NULL",
+                       (time.time(), device_id))
             row = db.execute("SELECT id, name, capabilities, retired_at FROM devices WHERE id = ?",
                              (device_id,)).fetchone()
         return None if row is None else Device(row[0], row[1], json.loads(row[2]), row[3])
