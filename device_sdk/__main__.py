@@ -137,7 +137,7 @@ def _train_local(args: argparse.Namespace) -> int:
                          specialists_from_budget=args.specialists is None, budget_mb=args.budget_mb,
                          budget_step_s=args.budget_step_s,
                          eval_tokens=args.eval_tokens or None, cache_dir=args.cache_dir)
-    claim_run_folder(args.out, TRAIN_LOCAL_OUT, _settings(args), args.overwrite)
+    claim_run_folder(args.out, TRAIN_LOCAL_OUT, _settings(args), args.overwrite, inputs=(args.data,))
     metrics = run_local(run, progress=True)
     before, after = metrics["test"]["before"]["perplexity"], metrics["test"]["after"]["perplexity"]
     print(f"\n{metrics['user']}: test perplexity {before:.2f} -> {after:.2f} "
@@ -223,7 +223,8 @@ def _join(args: argparse.Namespace) -> int:
                        rank=args.rank, alpha=args.alpha, n_specialists=args.specialists, budget_mb=args.budget_mb,
                        eval_tokens=eval_tokens, seed=args.seed, cache_dir=args.cache_dir, strategy=args.strategy,
                        peer_eval_tokens=args.peer_eval_tokens, retry=RetryPolicy.retries(args.retries))
-    claim_run_folder(state, JOIN_STATE, {"data": str(args.data.resolve()), "server": args.server}, args.overwrite)
+    claim_run_folder(state, JOIN_STATE, {"data": str(args.data.resolve()), "server": args.server}, args.overwrite,
+                     inputs=(args.data,))
     device = Device(cfg)
     log.info("device %d: %d specialist(s), %d round(s) done of %d", device.device_id, device.adapter.n_specialists,
              device.completed_rounds, cfg.rounds)
@@ -434,7 +435,7 @@ def _simulate(args: argparse.Namespace) -> int:
     _check_model(args.model)
     _check_folder(args.data, "--data", "a split folder with one folder per user")
     cfg = sim_config(args)
-    claim_run_folder(args.out, SIMULATE_OUT, {"data": str(args.data.resolve())}, args.overwrite)
+    claim_run_folder(args.out, SIMULATE_OUT, {"data": str(args.data.resolve())}, args.overwrite, inputs=(args.data,))
     result = simulate(cfg, args.out, progress=True, cached_only=args.cached_only)
     print()
     print(result["files"]["results.md"].read_text())

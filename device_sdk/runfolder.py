@@ -7,8 +7,9 @@ Rules (:func:`claim_run_folder`):
 - a folder whose manifest names the same command is reused when that command resumes (``join``: the same data;
   ``simulate``: any settings, runs are cached by key), and refused otherwise;
 - any other non-empty folder is refused, naming what is there; ``overwrite=True`` deletes it first, but only when
-  an SDK command wrote it (a manifest, or the recognisable files of a run from before manifests existed): a folder
-  of someone else's files is never deleted.
+  an SDK command wrote it (its manifest says so) and it holds none of the run's inputs: a folder of someone else's
+  files, or one that merely holds a file or folder named like an SDK output (``runs/``, ``adapters/``), is never
+  deleted. Runs from before manifests existed are recognised by their files, for resuming and for messages.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def _describe(folder: Path) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def claim_run_folder(folder: Path, kind: RunFolder, settings: dict, overwrite: bool = False) -> bool:
+def claim_run_folder(folder: Path, kind: RunFolder, settings: dict, overwrite: bool = False,
+                     inputs: tuple[Path | None, ...] = ()) -> bool:
     """Make ``folder`` this run's output folder and write its manifest.
 
     Args:
@@ -85,6 +87,8 @@ def claim_run_folder(folder: Path, kind: RunFolder, settings: dict, overwrite: b
         kind: the command and its resume rule.
         settings: the run's settings (JSON-serialisable; paths are written as strings), recorded in the manifest.
         overwrite: delete a folder another run of an SDK command wrote, and start afresh.
+        inputs: the run's input paths (data, checkpoint; ``None`` entries are skipped): ``overwrite`` never deletes
+            a folder that holds one of them.
 
     Returns:
         ``True`` if the folder continues an earlier run of the same command (resume), ``False`` for a fresh one.
@@ -105,6 +109,7 @@ def claim_run_folder(folder: Path, kind: RunFolder, settings: dict, overwrite: b
                                  f"({_describe(folder)}); choose an empty or new folder (--overwrite does not "
                                  "delete folders the SDK did not write)")
         if overwrite:
+            _check_deletable(folder, kind, manifest, owner, inputs)
             log.info("--overwrite: deleting %s (a %s run)", folder, owner)
             shutil.rmtree(folder)
         elif owner != kind.command:
@@ -128,6 +133,21 @@ def claim_run_folder(folder: Path, kind: RunFolder, settings: dict, overwrite: b
     folder.mkdir(parents=True, exist_ok=True)
     _write(folder, kind, settings, None)
     return False
+
+
+def _check_deletable(folder: Path, kind: RunFolder, manifest: dict | None, owner: str,
+                     inputs: tuple[Path | None, ...]) -> None:
+    """Refuse to delete ``folder`` unless its manifest says an SDK command wrote it and it holds no input."""
+    if manifest is None:
+        raise RunFolderError(f"{kind.option} {folder} looks like a {owner} run from before run manifests "
+                             f"({_describe(folder)}), but without {MANIFEST} the SDK cannot tell that it wrote "
+                             "everything there, so --overwrite does not delete it; delete it yourself, or choose "
+                             f"another {kind.option}")
+    root = folder.resolve()
+    for path in inputs:
+        if path is not None and Path(path).resolve().is_relative_to(root):
+            raise RunFolderError(f"{kind.option} {folder} holds this run's input {path}; --overwrite would delete "
+                                 f"it. Choose a {kind.option} outside the inputs")
 
 
 def _write(folder: Path, kind: RunFolder, settings: dict, created: float | None) -> None:

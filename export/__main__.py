@@ -125,13 +125,15 @@ def _export(args: argparse.Namespace) -> int:
         if args.quantize != "none":
             raise SDKError(f"--quantize {args.quantize} applies to the pte and onnx formats; PEFT adapters are fp32")
         claim_run_folder(args.out, EXPORT_OUT, {"checkpoint": str(args.checkpoint.resolve()), "formats": args.format,
-                                                "data": args.data}, args.overwrite)
+                                                "data": args.data}, args.overwrite,
+                         inputs=(args.checkpoint, args.data))
         _print_results(export_peft(args.checkpoint, args.out, args.data)["verification"])
         print(json.dumps({"out": str(args.out), "ok": True}))
         return 0
     claim_run_folder(args.out, EXPORT_OUT, {"checkpoint": str(args.checkpoint.resolve()), "formats": args.format,
                                             "quantize": args.quantize, "max_seq": args.max_seq,
-                                            "kv_cache": args.kv_cache, "data": args.data}, args.overwrite)
+                                            "kv_cache": args.kv_cache, "data": args.data}, args.overwrite,
+                     inputs=(args.checkpoint, args.data))
     results = export_checkpoint(args.checkpoint, args.out, options, args.data)["verification"]
     _print_results(results)
     print(json.dumps({"out": str(args.out), "ok": True}))
@@ -149,7 +151,7 @@ def _export_train(args: argparse.Namespace) -> int:
         raise SDKError(f"--batch-size must be >= 1 and --context >= 2, got {args.batch_size} and {args.context}")
     claim_run_folder(args.out, EXPORT_OUT, {"checkpoint": str(args.checkpoint.resolve()), "formats": args.format,
                                             "batch_size": args.batch_size, "context": args.context},
-                     args.overwrite)
+                     args.overwrite, inputs=(args.checkpoint,))
     meta = export_train_checkpoint(args.checkpoint, args.out, args.batch_size, args.context)
     print(json.dumps({"out": str(args.out), "ok": True, "seconds": meta.seconds,
                       "parameters": len(meta.parameters)}))

@@ -97,6 +97,19 @@ def test_a_run_folder_refuses_another_run_and_overwrite_replaces_only_sdk_folder
     with pytest.raises(RunFolderError, match="no comigs-sdk command wrote"):
         claim_run_folder(foreign, local, {}, overwrite=True)
     assert (foreign / "thesis.tex").exists()
+    # A project folder that merely holds a folder named like an SDK output (TensorBoard's runs/) is not deleted.
+    project = tmp_path / "project"
+    (project / "runs").mkdir(parents=True)
+    (project / "src").mkdir()
+    (project / "src" / "main.py").write_text("x")
+    with pytest.raises(RunFolderError, match="before run manifests.*does not delete it"):
+        claim_run_folder(project, local, {}, overwrite=True)
+    assert (project / "src" / "main.py").exists()
+    # An SDK run folder that holds this run's input (export --checkpoint out/adapters --out out) is not deleted.
+    with pytest.raises(RunFolderError, match="holds this run's input .*adapters"):
+        claim_run_folder(out, local, {"steps": 3}, overwrite=True, inputs=(None, out / "adapters"))
+    assert (out / MANIFEST).exists()
+    claim_run_folder(out, local, {"steps": 3}, overwrite=True, inputs=(tmp_path / "data",))
 
 
 def test_resumable_commands_continue_their_own_runs_only(tmp_path):
