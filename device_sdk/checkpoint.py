@@ -3,10 +3,12 @@
 Layout of a checkpoint folder::
 
     LATEST                 name of the newest complete checkpoint (replaced atomically)
-    ckpt-000003/           adapters/*.safetensors, optim.safetensors, state.json
+    ckpt-000003-00000040/  adapters/*.safetensors, optim.safetensors, state.json (round 3, step 40; saved again at
+                           the same round and step: ckpt-000003-00000040-r2)
 
-A new checkpoint is written into a fresh folder, fsynced, and only then named in ``LATEST``; older folders are
-removed afterwards. A crash at any moment leaves ``LATEST`` naming a complete checkpoint.
+A new checkpoint is written into a fresh folder (never one that exists), fsynced, and only then named in
+``LATEST``; older folders are removed afterwards. A crash at any moment leaves ``LATEST`` naming a complete
+checkpoint.
 """
 
 from __future__ import annotations
@@ -48,7 +50,11 @@ def save_checkpoint(folder: Path, model: nn.Module, state: TrainState, base_mode
     """Write a new checkpoint and make it the latest. ``info`` (JSON) must hold at least ``round``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"ckpt-{int(info['round']):06d}-{state.step:08d}"
+    name = stem = f"ckpt-{int(info['round']):06d}-{state.step:08d}"
+    revision = 1
+    while (folder / name).exists():  # the same round and step saved again (a final sync, a restart): a new folder,
+        revision += 1                # never the one LATEST names, which a crash mid-replace would leave half-deleted
+        name = f"{stem}-r{revision}"
     target = folder / name
     tmp = folder / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -61,7 +67,6 @@ def save_checkpoint(folder: Path, model: nn.Module, state: TrainState, base_mode
     with open(tmp / "state.json", "rb") as f:
         os.fsync(f.fileno())
     fsync_dir(tmp)
-    shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     latest_tmp = folder / f".{LATEST}.tmp"
     latest_tmp.write_text(name)
