@@ -191,7 +191,9 @@ def load_users(root: Path, tokenizer: Tokenizer, users: list[str] | None = None,
     """
     root = Path(root)
     if users is None:
-        users = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        # hidden folders are not users (a data build's temporary ".de-xxxx", ".git", ".ipynb_checkpoints")
+        listed = sorted(root.iterdir()) if root.is_dir() else []
+        users = [p.name for p in listed if p.is_dir() and not p.name.startswith(".")]
         if not users:
             raise DataError(f"{root} holds no user folders (expected {root}/<user>/train.txt[.gz] ...)")
     data = [load_user_data(root / u, tokenizer, cache_dir) for u in users]

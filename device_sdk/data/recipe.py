@@ -108,21 +108,34 @@ def build_language(lang: str, out: Path, workdir: Path, progress: bool = False) 
             split = split_of(key)
             splits[split].append(kept)
             doc_ids[split].append(key)
+    return write_language(out, lang, splits, doc_ids)
+
+
+def write_language(out: Path, lang: str, splits: dict[str, list[list[str]]], doc_ids: dict[str, list[str]]) -> dict:
+    """Write one language's splits (documents of paragraphs) into ``out/<lang>`` at once: into a hidden temporary
+    folder first, renamed when complete. Returns per-split statistics.
+
+    Raises:
+        DataError: a split is empty (nothing of the language is written).
+    """
     target = out / lang
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{lang}-"))
-    stats = {}
-    for split, docs in splits.items():
-        if not docs:
-            raise DataError(f"{lang}: the {split} split came out empty; the packages {packages_for(lang)} "
-                            "did not yield enough prose")
-        text = "\n\n".join("\n".join(doc) for doc in docs) + "\n"
-        with gzip.open(tmp / f"{split}.txt.gz", "wt", encoding="utf-8") as f:
-            f.write(text)
-        stats[split] = {"documents": len(docs), "paragraphs": sum(map(len, docs)), "words": len(text.split())}
-    (tmp / "doc_ids.json").write_text(json.dumps(doc_ids, indent=0))
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{lang}-"))  # a dot-folder: never listed as a user
+    try:
+        stats = {}
+        for split, docs in splits.items():
+            if not docs:
+                raise DataError(f"{lang}: the {split} split came out empty; the packages {packages_for(lang)} "
+                                "did not yield enough prose")
+            text = "\n\n".join("\n".join(doc) for doc in docs) + "\n"
+            with gzip.open(tmp / f"{split}.txt.gz", "wt", encoding="utf-8") as f:
+                f.write(text)
+            stats[split] = {"documents": len(docs), "paragraphs": sum(map(len, docs)), "words": len(text.split())}
+        (tmp / "doc_ids.json").write_text(json.dumps(doc_ids, indent=0))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted build leaves nothing behind
     return stats
 
 

@@ -49,3 +49,19 @@ def test_machine_without_apt_gets_pointed_to_data_dir(monkeypatch, tmp_path):
         recipe.build_multilingual(tmp_path / "out", ("nl",))
     with pytest.raises(DataError, match="no recipe for language"):
         recipe.build_multilingual(tmp_path / "out", ("xx",))
+
+
+def test_a_language_is_written_whole_or_not_at_all_and_hidden_folders_are_never_users(tmp_path):
+    from device_sdk.data import load_users
+    from device_sdk.data.recipe import write_language
+    from device_sdk.errors import DataError
+    from device_sdk.tokenizer import ByteTokenizer
+
+    docs = {"train": [["Ein Absatz."]], "valid": [["Noch einer."]], "test": []}
+    with pytest.raises(DataError, match="the test split came out empty"):
+        write_language(tmp_path, "de", docs, {k: [] for k in docs})
+    assert list(tmp_path.iterdir()) == []  # no half-written language, no temporary folder left behind
+    stats = write_language(tmp_path, "de", {**docs, "test": [["Drei."]]}, {k: [] for k in docs})
+    assert stats["test"]["paragraphs"] == 1 and [p.name for p in tmp_path.iterdir()] == ["de"]
+    (tmp_path / ".it-k2j4").mkdir()  # what a build killed mid-write leaves (and .git, .ipynb_checkpoints)
+    assert [u.name for u in load_users(tmp_path, ByteTokenizer())] == ["de"]
