@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SDKError
+from .fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +154,7 @@ def _check_deletable(folder: Path, kind: RunFolder, manifest: dict | None, owner
 def _write(folder: Path, kind: RunFolder, settings: dict, created: float | None) -> None:
     now = time.time()
     manifest = {"command": kind.command, "settings": settings, "created": created or now, "updated": now}
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(folder / MANIFEST)
+    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 __all__ = ["LEGACY_MARKERS", "MANIFEST", "RunFolder", "RunFolderError", "claim_run_folder", "read_manifest"]

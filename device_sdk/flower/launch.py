@@ -188,8 +188,7 @@ class LoopbackDeployment:
             if any(p.poll() is not None for p in self.procs):
                 raise SDKError(f"a Flower process exited during the run: {self.log_tail('superlink')}")
             time.sleep(0.5)
-        time.sleep(0.2)  # written in one call; let the writer close it
-        return json.loads(out.read_text())
+        return json.loads(out.read_text())  # complete: the ServerApp renames it into place
 
     def close(self) -> None:
         """SIGTERM to every process group we started (the SuperExec children with them), SIGKILL after 20 s."""

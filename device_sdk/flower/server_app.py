@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from ..errors import ConfigError, SDKError
 from ..federated import RULES, InvalidUpload, TensorSpec, Upload, largest, networked_spec, spec_of, validate
+from ..fileio import atomic_write_bytes
 from .wire import ARRAYS, CONFIG, INIT_QUERY, METRICS, NUM_EXAMPLES, FlowerRun, from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ def main(grid: Grid, context) -> None:
     if run.out:
         path = Path(run.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record))
+        atomic_write_bytes(path, json.dumps(record).encode())  # the launcher reads it as soon as it exists
         log.info("wrote the run's record to %s", path)
     else:
         raise ConfigError("the run config has no 'out' path: the run's record was not written")
