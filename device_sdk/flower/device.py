@@ -8,8 +8,9 @@ model it holds if the folder's latest checkpoint is still the one it wrote.
 
 Every step is the simulation's: the model (:func:`~device_sdk.sim.runner.user_model`, adapters initialised from the
 run's seed), the training settings (:meth:`~device_sdk.sim.config.SimConfig.train_config`), one device round
-(:func:`device_sdk.round.run_device_round`) and the receive step (:func:`device_sdk.round.receive_global`), the evaluations (test perplexity, router scores, the
-routing report). So a run on Flower gives the numbers of ``--engine local``.
+(:func:`device_sdk.round.run_device_round`) and the receive step (:func:`device_sdk.round.receive_global`), the
+evaluations (test perplexity, router scores, the routing report). So a run on Flower gives the numbers of
+``--engine local``.
 """
 
 from __future__ import annotations
