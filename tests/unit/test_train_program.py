@@ -42,7 +42,7 @@ CFG = TrainConfig(steps=10, batch_size=B, context=T, lr_experts=1e-2, lr_router=
 DATA = UserData("u", *(np.random.default_rng(i).integers(0, 257, 3000) for i in range(3)))
 
 
-def _model(family: str, mixing: str, seed: int = 0, n_specialists: int = 1):
+def _model(family: str, mixing: str, seed: int = 0, n_specialists: int = 1, alpha: float = 16.0):
     """The tiny base cut to one layer (the joint graph's export time grows with the layers), with adapters whose
     LoRA B matrices are random (every expert contributes)."""
     base = load_base_model(family, seed=0).model
@@ -53,7 +53,8 @@ def _model(family: str, mixing: str, seed: int = 0, n_specialists: int = 1):
         base.model.layers = base.model.layers[:1]
         base.config.num_hidden_layers = 1
     torch.manual_seed(seed + 1)
-    model = inject_adapters(base, AdapterConfig(mixing=mixing, n_specialists=n_specialists, routing="dense"))
+    model = inject_adapters(base, AdapterConfig(mixing=mixing, n_specialists=n_specialists, routing="dense",
+                                                alpha=alpha))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
@@ -187,6 +188,13 @@ def test_a_program_that_does_not_fit_is_rejected(case, tmp_path):
         attach_program(other, _executorch(folder))
     with pytest.raises(TrainProgramError, match="8 x 16"):
         attach_program(_model(family, mixing), replace(_executorch(folder), batch_size=8))
+    # the same tensors, another computation: the other mixing form, another LoRA scale
+    other_mixing = "projection" if mixing == "mlp" else "mlp"
+    with pytest.raises(TrainProgramError, match=f"another adapter: mixing '{mixing}' \\(program\\) vs "
+                                                f"'{other_mixing}' \\(model\\)"):
+        attach_program(_model(family, other_mixing), _executorch(folder))
+    with pytest.raises(TrainProgramError, match="another adapter: alpha 16.0 \\(program\\) vs 8.0 \\(model\\)"):
+        attach_program(_model(family, mixing, alpha=8.0), _executorch(folder))
     with pytest.raises(TrainProgramError, match="unexpected"):
         TrainProgram(folder).write_parameters(_params(other))
     with pytest.raises(TrainProgramError, match="shape"):
