@@ -65,7 +65,16 @@ def read_documents(path: Path) -> list[str]:
         DataError: if the file is not UTF-8 text or holds no text.
     """
     try:
-        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+        stored = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+    return documents_of(stored, path)
+
+
+def documents_of(stored: bytes, path: Path) -> list[str]:
+    """:func:`read_documents` of a file's bytes as read (``path`` names it: a ``.gz`` suffix means gzip)."""
+    try:
+        raw = gzip.decompress(stored) if path.suffix == ".gz" else stored
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError, EOFError) as err:
         raise DataError(f"cannot read {path} as UTF-8 text{' (gzip)' if path.suffix == '.gz' else ''}: {err}") from err
@@ -83,8 +92,7 @@ def read_documents(path: Path) -> list[str]:
     return docs
 
 
-def _tokenize_file(path: Path, tokenizer: Tokenizer) -> np.ndarray:
-    docs = read_documents(path)
+def _tokenize(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     chunk = 256
@@ -103,16 +111,22 @@ def _atomic_save(array: np.ndarray, path: Path) -> None:
 
 
 def tokenize_cached(path: Path, tokenizer: Tokenizer, cache_dir: Path | None) -> np.ndarray:
-    """Token ids of a text file, cached under ``cache_dir/tokens`` by file content and tokenizer name."""
+    """Token ids of a text file, cached under ``cache_dir/tokens`` by the file's content and the tokenizer's
+    :attr:`~device_sdk.tokenizer.Tokenizer.fingerprint` (the bytes hashed are the bytes tokenised: a file
+    rewritten meanwhile is cached under its own content)."""
     if cache_dir is None:
-        return _tokenize_file(path, tokenizer)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:24]
-    key = hashlib.sha256(f"{_CACHE_FORMAT}|{tokenizer.name}|{digest}".encode()).hexdigest()[:32]
+        return _tokenize(read_documents(path), tokenizer)
+    try:
+        stored = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+    digest = hashlib.sha256(stored).hexdigest()[:24]
+    key = hashlib.sha256(f"{_CACHE_FORMAT}|{tokenizer.fingerprint}|{digest}".encode()).hexdigest()[:32]
     cached = Path(cache_dir) / "tokens" / f"{key}.npy"
     if cached.is_file():
         return np.load(cached, allow_pickle=False)
     log.info("tokenising %s (cached as %s)", path, cached.name)
-    tokens = _tokenize_file(path, tokenizer)
+    tokens = _tokenize(documents_of(stored, path), tokenizer)
     _atomic_save(tokens, cached)
     return tokens
 

@@ -24,6 +24,34 @@ def test_documents_are_separated_by_eos_and_cached(tiny_user, tmp_path):
     assert tok.decode(changed.test.tolist()) == "changed text"
 
 
+def _word_tokenizer(words: list[str]):
+    """A real Hugging Face tokenizer (fast, word level) over ``words``, named like a local model folder."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from device_sdk.tokenizer import HFTokenizer
+
+    raw = RawTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="</s>"), "./base")
+
+
+def test_the_token_cache_tells_two_tokenizers_of_one_name_apart(tmp_path):
+    folder = tmp_path / "u"
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        (folder / f"{split}.txt").write_text("hallo welt\n\nwelt hallo\n")
+    first = _word_tokenizer(["<unk>", "</s>", "hallo", "welt"])
+    second = _word_tokenizer(["<unk>", "</s>", "welt", "hallo"])  # another model in a folder of the same name
+    assert first.name == second.name and first.fingerprint != second.fingerprint
+    assert first.fingerprint == _word_tokenizer(["<unk>", "</s>", "hallo", "welt"]).fingerprint
+    cache = tmp_path / "cache"
+    a, b = (load_user_data(folder, tok, cache_dir=cache) for tok in (first, second))
+    assert a.train.tolist() == [2, 3, 1, 3, 2, 1] and b.train.tolist() == [3, 2, 1, 2, 3, 1]
+    assert len(list((cache / "tokens").glob("*.npy"))) == 2  # one per tokenizer (the three splits are equal)
+
+
 def test_gzip_files_are_read(tmp_path):
     folder = tmp_path / "u"
     folder.mkdir()
