@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import platform
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..data import UserData, load_users, ood_mixture
@@ -35,6 +37,28 @@ def read_cached(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and "final" in record else None
+
+
+def data_fingerprint(users: list[UserData], tokenizer) -> str:
+    """sha256 of what the simulation trains, validates and tests on: every user's token streams after the cuts and
+    mixtures (and the tokenizer's fingerprint). A run cached on other data (the data folder rebuilt, a file edited,
+    another tokenizer behind the same model name) does not match it."""
+    digest = hashlib.sha256(tokenizer.fingerprint.encode())
+    for user in users:
+        digest.update(user.name.encode() + b"\0")
+        for split in ("train", "valid", "test"):
+            stream = np.ascontiguousarray(user.split(split), dtype=np.int64)
+            digest.update(len(stream).to_bytes(8, "little") + stream.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _same_data(found: str | None, fingerprint: str, what: Path) -> None:
+    """Refuse a cached run or partial run made on other data than this run's (records from before the fingerprint
+    existed hold none and are trusted)."""
+    if found is not None and found != fingerprint:
+        raise ConfigError(f"{what} was made on other data than this run's (data fingerprint {found}, now "
+                          f"{fingerprint}): the data or its tokenizer changed since. Use another --out, or delete "
+                          f"{what} to run it again on the current data")
 
 
 def _run(cfg: SimConfig, strategy: str, seed: int, users, base, progress: bool, texts, partial: Path) -> dict:
@@ -96,6 +120,7 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     base = load_base_model(cfg.model, cache_dir=cache_dir)
     users, texts = prepare_users(cfg, base.tokenizer, cache_dir)
+    fingerprint = data_fingerprint(users, base.tokenizer)
     names = [u.name for u in users]
     cfg.experts_for(len(users))  # fail early on a wrong --experts list
     records, missing = [], []
@@ -103,6 +128,8 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
     for i, (strategy, seed) in enumerate(jobs, 1):
         path = runs_dir / f"{cfg.run_key(strategy, seed, names)}.json"
         record = read_cached(path)
+        if record is not None:
+            _same_data(record.get("data_fingerprint"), fingerprint, path)
         if record is None and cached_only:
             missing.append((strategy, seed))
             continue
@@ -110,7 +137,11 @@ def simulate(cfg: SimConfig, out: Path, progress: bool = False, cached_only: boo
             log.info("[%d/%d] %s seed %d%s%s", i, len(jobs), strategy, seed, " via the aggregator" * cfg.via_server,
                      " on Flower's simulation engine" * (cfg.engine == "flower"))
             partial = runs_dir / "partial" / path.stem
-            record = _run(cfg, strategy, seed, users, base, progress, texts, partial)
+            marker = partial / "data_fingerprint"
+            _same_data(marker.read_text().strip() if marker.is_file() else None, fingerprint, partial)
+            atomic_write_bytes(marker, fingerprint.encode())
+            record = {**_run(cfg, strategy, seed, users, base, progress, texts, partial),
+                      "data_fingerprint": fingerprint}
             atomic_write_bytes(path, json.dumps(record).encode())
             discard(partial)
         else:

@@ -1,6 +1,7 @@
 """The simulation runner end to end on a tiny model: what is shared, determinism, caching, the report files."""
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -107,6 +108,28 @@ def test_simulate_writes_the_report_and_reuses_cached_runs(users_dir, tmp_path):
     runs[0].write_text("{torn")  # a torn cache file is recomputed, not trusted
     simulate(cfg, out)
     assert json.loads(runs[0].read_text())["final"]
+
+
+def test_a_cached_or_partial_run_made_on_other_data_is_refused_not_reused(users_dir, tmp_path):
+    cfg = _cfg(users_dir, strategies=("local",), seeds=(1,), rounds=1, local_steps=1)
+    out = tmp_path / "report"
+    first = simulate(cfg, out)["records"][0]
+    assert len(first["data_fingerprint"]) == 16
+    (users_dir / "u2" / "test.txt").write_text("red red red blue " * 20 + "\n")  # the data changed since
+    with pytest.raises(ConfigError, match="made on other data than this run's.*delete .*local-seed1-"):
+        simulate(cfg, out)
+    with pytest.raises(ConfigError, match="made on other data"):
+        simulate(cfg, out, cached_only=True)
+    record = next((out / "runs").glob("local-seed1-*.json"))
+    assert json.loads(record.read_text())["final"] == first["final"]  # refused, not overwritten
+    record.unlink()
+    partial = out / "runs" / "partial" / record.stem  # a partial run of the old data: refused as well
+    partial.mkdir(parents=True)
+    (partial / "data_fingerprint").write_text(first["data_fingerprint"])
+    with pytest.raises(ConfigError, match="partial.*made on other data"):
+        simulate(cfg, out)
+    shutil.rmtree(partial)
+    assert simulate(cfg, out)["records"][0]["data_fingerprint"] != first["data_fingerprint"]
 
 
 def test_cli_refuses_bad_settings_clearly(users_dir, tmp_path):
