@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
+
+from device_sdk.fileio import try_lock
 
 from .errors import DataDirLocked
 
@@ -22,16 +23,11 @@ class DataDirLock:
     def __init__(self, data_dir: Path) -> None:
         self.path = Path(data_dir) / "aggregator.lock"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(self._fd)
-            self._fd = None
+        self._fd: int | None = try_lock(self.path)
+        if self._fd is None:
             folder = self.path.parent.resolve()
             raise DataDirLocked(f"another aggregator is already serving the data directory {folder} (it holds "
-                                f"{self.path.name}); stop that server first, or start this one with another --data-dir"
-                                ) from err
+                                f"{self.path.name}); stop that server first, or start this one with another --data-dir")
         os.ftruncate(self._fd, 0)
         os.write(self._fd, f"{os.getpid()}\n".encode())  # who holds it, for the operator
 

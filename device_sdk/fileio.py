@@ -4,6 +4,7 @@ store both write through it."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -38,3 +39,17 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def try_lock(path: Path) -> int | None:
+    """Take an exclusive ``flock`` on ``path`` (a folder, or a file created with mode 0600): the open descriptor,
+    or ``None`` if another process holds the lock. Closing the descriptor releases it, and so does the process
+    ending, however it ends, so a killed process never leaves a stale lock behind."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd

@@ -6,6 +6,8 @@ Rules (:func:`claim_run_folder`):
 - a missing or empty folder is claimed: the manifest is written before anything else;
 - a folder whose manifest names the same command is reused when that command resumes (``join``: the same data;
   ``simulate``: any settings, runs are cached by key), and refused otherwise;
+- one process at a time: a folder another process is using is refused (an exclusive ``flock`` on the folder,
+  held until the claiming process ends);
 - any other non-empty folder is refused, naming what is there; ``overwrite=True`` deletes it first, but only when
   an SDK command wrote it (its manifest says so) and it holds none of the run's inputs: a folder of someone else's
   files, or one that merely holds a file or folder named like an SDK output (``runs/``, ``adapters/``), is never
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SDKError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +103,10 @@ def claim_run_folder(folder: Path, kind: RunFolder, settings: dict, overwrite: b
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"{kind.option} {folder} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    _lock(folder, kind)
     settings = json.loads(json.dumps(settings, default=str))
-    if folder.is_dir() and any(folder.iterdir()):
+    if any(folder.iterdir()):
         manifest = read_manifest(folder)
         owner = manifest["command"] if manifest else _legacy_kind(folder)
         if owner is None:
@@ -112,7 +116,8 @@ def claim_run_folder(folder: Path, kind: RunFolder, settings: dict, overwrite: b
         if overwrite:
             _check_deletable(folder, kind, manifest, owner, inputs)
             log.info("--overwrite: deleting %s (a %s run)", folder, owner)
-            shutil.rmtree(folder)
+            for child in folder.iterdir():  # the contents: the folder itself, which this process locks, stays
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         elif owner != kind.command:
             raise RunFolderError(f"{kind.option} {folder} holds the output of another command ({owner}, not "
                                  f"{kind.command}); choose another {kind.option}, or pass --overwrite to delete it "
@@ -131,9 +136,25 @@ def claim_run_folder(folder: Path, kind: RunFolder, settings: dict, overwrite: b
                                      "and start afresh")
             _write(folder, kind, settings, (manifest or {}).get("created"))
             return True
-    folder.mkdir(parents=True, exist_ok=True)
     _write(folder, kind, settings, None)
     return False
+
+
+#: The run folders this process holds (``flock`` on the folder itself, kept until the process ends).
+_HELD: dict[Path, int] = {}
+
+
+def _lock(folder: Path, kind: RunFolder) -> None:
+    """Hold an exclusive lock on ``folder`` for the rest of this process (once per folder and process): a second
+    process on the same output folder would mix its checkpoints, caches and partial runs with this one's."""
+    key = folder.resolve()
+    if key in _HELD:
+        return
+    fd = try_lock(key)
+    if fd is None:
+        raise RunFolderError(f"another process is using {kind.option} {folder} right now (a second run there would "
+                             f"mix its files with that one's); wait for it to end, or choose another {kind.option}")
+    _HELD[key] = fd
 
 
 def _check_deletable(folder: Path, kind: RunFolder, manifest: dict | None, owner: str,

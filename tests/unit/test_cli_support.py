@@ -151,3 +151,28 @@ def test_init_federation_refuses_a_short_enroll_secret_before_contacting_anythin
     args = build_parser().parse_args(["init-federation", "--server", "http://127.0.0.1:9", "--admin-token", "t",
                                       "--enroll-secret", "x" * 22])
     assert args.enroll_secret == "x" * 22
+
+
+def test_a_second_process_on_a_run_folder_is_refused_until_the_first_ends(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "state"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; "
+        "from device_sdk.runfolder import RunFolder, claim_run_folder; "
+        f"claim_run_folder(Path({str(folder)!r}), RunFolder('join', option='--state', resume_keys=('data',)), "
+        "{'data': 'd'}); print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        join = RunFolder("join", option="--state", resume_keys=("data",))
+        with pytest.raises(RunFolderError, match="another process is using --state .* right now"):
+            claim_run_folder(folder, join, {"data": "d"})
+        with pytest.raises(RunFolderError, match="another process is using"):
+            claim_run_folder(folder, join, {"data": "d"}, overwrite=True)  # nor deleted under it
+        assert (folder / MANIFEST).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert claim_run_folder(folder, join, {"data": "d"}) is True  # the lock died with its process
+    assert claim_run_folder(folder, join, {"data": "d"}) is True  # this process holds it now: claims again
