@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from device_sdk.data import load_user_data
+from device_sdk.fileio import atomic_write_bytes
 from device_sdk.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 from .errors import ExportError, VerificationError
@@ -304,5 +305,5 @@ def update_program_adapters(program_dir: Path, checkpoint: Path) -> Path:
     written = write_adapters(program_dir, tensors if layout is None else build_all(layout, tensors))
     manifest["round"], manifest["global_version"] = info.get("round"), info.get("global_version")
     manifest["files"]["adapters.ptd"] = {"sha256": _sha256(written), "bytes": written.stat().st_size}
-    (program_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    atomic_write_bytes(program_dir / MANIFEST, json.dumps(manifest, indent=1).encode())  # never torn
     return written
