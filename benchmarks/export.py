@@ -13,8 +13,10 @@ call per token; medians over ``--reps``), file sizes, and the process RSS growth
 bound of its peak memory: all runtimes share one process). fp32 files are also checked for greedy equality with
 Hugging Face ``generate`` on three prompts (32 tokens each).
 
-    python -m export --checkpoint RUN --out OUT/fp32 --kv-cache --max-seq 512 --quantize int4
-    python -m export --checkpoint RUN --out OUT/8da8w --format pte --kv-cache --max-seq 512 --quantize 8da8w
+    python -m export --checkpoint RUN --out OUT/fp32 --kv-cache --max-seq 512 --quantize int4 \
+        --data data/multilingual/nl
+    python -m export --checkpoint RUN --out OUT/8da8w --format pte --kv-cache --max-seq 512 --quantize 8da8w \
+        --data data/multilingual/nl
     python benchmarks/export.py --make-stock OUT/stock --stock-quantize none,8da8w
     python benchmarks/export.py --checkpoint RUN --data data/multilingual/nl --ours fp32=OUT/fp32 \
         --ours 8da8w=OUT/8da8w --stock fp32=OUT/stock/stock_fp32.pte --stock 8da8w=OUT/stock/stock_8da8w.pte

@@ -136,6 +136,22 @@ class AdapterConfig:
         return asdict(self)
 
 
+#: AdapterConfig fields a program computes in its graph rather than holds in its tensors' names or shapes: a
+#: program and adapters that differ in one of them have the same tensors and compute another model.
+GRAPH_FIELDS = ("alpha", "attention_rank", "top_k", "routing", "mixing", "n_generalists")
+
+
+def graph_differences(program: dict, adapters: dict, fields: tuple[str, ...] = GRAPH_FIELDS) -> list[str]:
+    """``"<field> <program's> (program) vs <adapters'> (adapters)"`` for each of ``fields`` on which two adapter
+    configurations (:meth:`AdapterConfig.to_dict`, or as many of its fields as are known) differ; a field either
+    lacks is not compared, and an unset attention rank is the rank."""
+    def value(config: dict, key: str):
+        return config.get("rank") if key == "attention_rank" and config.get(key) is None else config.get(key)
+
+    return [f"{key} {value(program, key)!r} (program) vs {value(adapters, key)!r} (adapters)" for key in fields
+            if key in program and key in adapters and value(program, key) != value(adapters, key)]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The bi-level local update (Algorithm 1, inner part). Defaults follow the paper (section 4.1.2, appendix B)

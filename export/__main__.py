@@ -98,11 +98,16 @@ def update_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export update-adapters", formatter_class=HelpFormatter,
         description="Replace the adapters data file (adapters.ptd) of an ExecuTorch export after a new round, "
-                    "keeping the program and the base data file.",
+                    "keeping the program and the base data file, and verify the program against the new "
+                    "checkpoint. The adapters must compute the graph the program was exported for (alpha, top-k, "
+                    "mixing form, expert counts). ONNX files of the folder keep the old adapters: the manifest "
+                    "lists them as stale.",
         epilog=example("python -m export update-adapters --program phone/ --checkpoint device-state/de"))
     add_verbose(parser)
     parser.add_argument("--program", required=True, type=Path, help="the export folder (model.pte, adapters.ptd)")
     parser.add_argument("--checkpoint", required=True, type=Path, help="the device's new state or adapters folder")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a user folder whose test text verifies the program (default: the built-in sample)")
     return parser
 
 
@@ -169,7 +174,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _update(args: argparse.Namespace) -> int:
     from .pipeline import update_program_adapters
 
-    path = update_program_adapters(args.program, args.checkpoint)
+    path = update_program_adapters(args.program, args.checkpoint, args.data)
     print(json.dumps({"adapters": str(path), "ok": True}))
     return 0
 

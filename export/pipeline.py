@@ -85,6 +85,38 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> list[str]:
     raise ExportError(f"cannot save a tokenizer of type {type(tokenizer).__name__}")
 
 
+def verification_lengths(max_seq: int) -> tuple[int, ...]:
+    """The sequence lengths the parity checks run at: 16 and min(64, ``max_seq``) (one where they meet)."""
+    return tuple(dict.fromkeys(t for t in (16, min(64, max_seq)) if t <= max_seq)) or (max_seq,)
+
+
+def max_positions(loaded: Personalized) -> int | None:
+    """How many positions the base model was trained for (``max_position_embeddings`` / ``n_positions``), if its
+    configuration says."""
+    config = loaded.model.model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_enough_text(tokens: np.ndarray, length: int, data: Path | None) -> None:
+    """A quantised file is judged on :data:`QUANTIZED_WINDOWS` windows of ``length`` tokens; refuse to judge it on
+    fewer (its perplexity on a handful of windows moves by more than the tolerance).
+
+    Raises:
+        ExportError: naming how many tokens there are, how many it takes, and what to pass.
+    """
+    fit = (len(tokens) - 1) // length
+    if fit < QUANTIZED_WINDOWS:
+        source = (f"the test text of {data}" if data is not None else
+                  "the built-in sample text (pass --data <a user folder> to verify on its test text)")
+        raise ExportError(f"a quantised export is verified on {QUANTIZED_WINDOWS} windows of {length} tokens "
+                          f"({QUANTIZED_WINDOWS * length + 1} tokens), but {source} gives {len(tokens)} tokens "
+                          f"with this tokenizer ({fit} windows)")
+
+
 def verification_tokens(loaded: Personalized, data: Path | None) -> np.ndarray:
     """The user's test text if ``data`` is given, else the built-in multilingual sample."""
     if data is not None:
@@ -137,9 +169,10 @@ def check_greedy(loaded: Personalized, path: Path, tokens: np.ndarray, max_seq: 
     from .kv_export import kv_runner
     from .verify import greedy_parity
 
-    n = min(GREEDY_TOKENS, max_seq - GREEDY_PROMPT)
-    step = max(1, (len(tokens) - GREEDY_PROMPT) // GREEDY_PROMPTS)
-    prompts = [tokens[i * step : i * step + GREEDY_PROMPT].tolist() for i in range(GREEDY_PROMPTS)]
+    prompt_len = min(GREEDY_PROMPT, max_seq // 2)  # a short cache still takes a prompt and new tokens
+    n = min(GREEDY_TOKENS, max_seq - prompt_len)
+    step = max(1, (len(tokens) - prompt_len) // GREEDY_PROMPTS)
+    prompts = [tokens[i * step : i * step + prompt_len].tolist() for i in range(GREEDY_PROMPTS)]
     log.info("checking greedy generation of %s against Hugging Face generate...", path.name)
     result = greedy_parity(loaded.model.model, kv_runner(path, max_seq), prompts, n)
     if result["equal"] != result["prompts"]:
@@ -161,6 +194,11 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
     start = time.perf_counter()
     log.info("loading the personalised model from %s", checkpoint)
     loaded = load_personalized(checkpoint)
+    positions = max_positions(loaded)
+    if positions is not None and options.max_seq > positions:
+        raise ExportError(f"max_seq {options.max_seq} exceeds the {positions} positions {loaded.base_model} was "
+                          f"trained for (longer inputs would index past its position table or degrade): use "
+                          f"--max-seq {positions} or less")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files, exports = [], {}
@@ -202,12 +240,15 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions, data:
         if options.quantize == "int4":
             from .onnx import quantize_int4
 
-            small = max(loaded.adapter.rank, loaded.adapter.n_experts)
+            # adapter and router matrices have a dimension of at most this: they stay fp32
+            small = max(loaded.adapter.rank, loaded.adapter.attention_lora_rank, loaded.adapter.n_experts)
             log.info("quantising model.onnx to int4...")
             exports["onnx_int4"] = quantize_int4(out / "model.onnx", out / "model.int4.onnx", small)
             files.append(out / "model.int4.onnx")
     tokens = verification_tokens(loaded, data)
-    seq_lens = tuple(t for t in (16, min(64, options.max_seq)) if t <= options.max_seq)
+    seq_lens = verification_lengths(options.max_seq)
+    if options.quantize != "none":
+        check_enough_text(tokens, max(seq_lens), data)
     verification = {}
     for path in files:
         quantized = ".int4." in path.name or (path.suffix == ".pte" and options.quantize in PTE_QUANTIZE)
@@ -251,13 +292,17 @@ def verify_export(checkpoint: Path, out: Path, data: Path | None = None, tol: To
     results = {}
     manifest = json.loads((Path(out) / MANIFEST).read_text()) if (Path(out) / MANIFEST).is_file() else {}
     pte_quantized = manifest.get("export", {}).get("quantize") in PTE_QUANTIZE
+    stale = manifest.get("stale", {})
     for name in ("model.pte", "model.onnx", "model.int4.onnx"):
         path = Path(out) / name
-        if path.is_file():
+        if name in stale:
+            log.info("%s holds the adapters of round %s (stale since update-adapters): not verified", name,
+                     stale[name].get("round"))
+        elif path.is_file():
             quantized = ".int4." in name or (name == "model.pte" and pte_quantized)
             limits = QUANTIZED_TOL if quantized else tol
             export = manifest.get("export", {})
-            seq_lens = tuple(t for t in (16, 64) if t <= export.get("max_seq", 64))
+            seq_lens = verification_lengths(export.get("max_seq", 64))
             result = check_file(loaded, path, tokens, seq_lens, limits, bool(export.get("kv_cache")),
                                 export.get("max_seq", 512), quantized)
             require(result, limits)
@@ -269,14 +314,23 @@ def verify_export(checkpoint: Path, out: Path, data: Path | None = None, tol: To
     return results
 
 
-def update_program_adapters(program_dir: Path, checkpoint: Path) -> Path:
-    """Write a checkpoint's adapters into an ExecuTorch export's ``adapters.ptd`` (program and base data stay).
+def update_program_adapters(program_dir: Path, checkpoint: Path, data: Path | None = None,
+                            tol: Tolerance = Tolerance()) -> Path:
+    """Write a checkpoint's adapters into an ExecuTorch export's ``adapters.ptd`` (program and base data stay), then
+    verify the program against the checkpoint's PyTorch model and record the result in the manifest.
 
-    The new adapters must come from the same base model, mixing form and adapter shape as the export (checked
-    against the manifest and against every tensor's size; the two mixing forms have the same tensors, so only the
-    manifest tells them apart).
+    The new adapters must come from the same base model and compute the same graph as the export: the same adapter
+    shape (every tensor's size) and the same LoRA alpha, attention rank, top-k, mixing form and generalist count,
+    which the program fixes in its graph (:data:`device_sdk.config.GRAPH_FIELDS`; checked against the manifest).
+    An ONNX file of the folder keeps the old adapters inside its graph: the manifest lists it under ``stale`` (with
+    the round it holds), and ``verify`` skips it; export the checkpoint again for a current one.
+
+    Raises:
+        ExportError: the adapters do not fit the program (nothing is written). VerificationError: the updated
+            program does not match the checkpoint (the manifest is not updated).
     """
-    from device_sdk.adapters import file_mixing, read_adapter_file
+    from device_sdk.adapters import file_attention_rank, file_mixing, read_adapter_file
+    from device_sdk.config import graph_differences
 
     from .adapter_layout import build_all, load_layout
     from .executorch import write_adapters
@@ -287,7 +341,7 @@ def update_program_adapters(program_dir: Path, checkpoint: Path) -> Path:
     if not manifest_path.is_file():
         raise ExportError(f"{program_dir} has no {MANIFEST}: it is not an export of this SDK")
     manifest = json.loads(manifest_path.read_text())
-    program_mixing = manifest["adapter"].get("mixing", "projection")  # exports from before the setting: projection
+    program = {"mixing": "projection", **manifest["adapter"]}  # exports from before the setting: projection
     folder, info = find_adapters(checkpoint)
     tensors = {}
     for path in sorted(folder.glob("*.safetensors")):
@@ -296,14 +350,39 @@ def update_program_adapters(program_dir: Path, checkpoint: Path) -> Path:
             raise ExportError(f"{path} is for base model {meta['base_model']!r}, the program for "
                               f"{manifest['base_model']!r}")
         n_experts = int(meta["n_generalists"]) + int(meta["n_specialists"])
-        if n_experts > 1 and file_mixing(meta) != program_mixing:
-            raise ExportError(f"{path} holds {file_mixing(meta)}-mixing adapters, the program computes "
-                              f"{program_mixing} mixing (the tensors fit, the model would not); export the "
-                              "checkpoint again")
+        adapters = {"alpha": float(meta["alpha"]), "attention_rank": file_attention_rank(meta),
+                    "n_generalists": int(meta["n_generalists"]), "rank": int(meta["rank"])}
+        if n_experts > 1:  # one expert: no router, so neither k nor the mixing form is in the graph
+            adapters |= {"top_k": int(meta["top_k"]), "mixing": file_mixing(meta)}
+        differ = graph_differences(program, adapters)
+        if differ:
+            raise ExportError(f"{path} holds adapters of another model than the program computes ("
+                              f"{', '.join(differ)}): the tensors fit, the model would not; export the checkpoint "
+                              "again")
         tensors.update(file_tensors)
     layout = load_layout(program_dir)  # None: the program stores every adapter tensor as it is
+    before = (program_dir / "adapters.ptd").read_bytes()
     written = write_adapters(program_dir, tensors if layout is None else build_all(layout, tensors))
+    export = manifest.get("export", {})
+    quantized = export.get("quantize") in PTE_QUANTIZE
+    loaded = load_personalized(checkpoint)
+    tokens = verification_tokens(loaded, data)
+    limits = QUANTIZED_TOL if quantized else tol
+    result = check_file(loaded, program_dir / "model.pte", tokens, verification_lengths(export.get("max_seq", 64)),
+                        limits, bool(export.get("kv_cache")), export.get("max_seq", 512), quantized)
+    try:
+        require(result, limits)
+    except VerificationError:
+        atomic_write_bytes(written, before)  # the program keeps the adapters it was verified with
+        raise
+    old_round = manifest.get("round")
     manifest["round"], manifest["global_version"] = info.get("round"), info.get("global_version")
     manifest["files"]["adapters.ptd"] = {"sha256": _sha256(written), "bytes": written.stat().st_size}
-    atomic_write_bytes(program_dir / MANIFEST, json.dumps(manifest, indent=1).encode())  # never torn
+    manifest["verification"]["model.pte"] = result.to_dict()
+    for name in ("model.onnx", "model.int4.onnx"):
+        if (program_dir / name).is_file() and name not in manifest.get("stale", {}):
+            manifest.setdefault("stale", {})[name] = {"round": old_round, "reason": "its adapters are inside its "
+                                                      "graph; update-adapters rewrites only model.pte's"}
+            manifest["verification"].pop(name, None)
+    atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())  # never torn
     return written

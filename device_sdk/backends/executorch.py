@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import graph_differences
 from ..errors import SDKError
 from ..inject import adapter_config
 from ..parts import iter_role_parameters
@@ -185,11 +186,6 @@ class TrainProgram:
                     params[name].copy_(t.detach().to(params[name].dtype))
 
 
-#: AdapterConfig fields a training program fixes in its graph, not in its tensors' names or shapes: a program and a
-#: model that differ in one of them have the same parameters and compute different gradients.
-GRAPH_FIELDS = ("alpha", "attention_rank", "top_k", "routing", "mixing", "n_generalists")
-
-
 def check_program_fits(meta: TrainProgramMeta, model: nn.Module, folder: Path, fingerprint: str | None = None,
                        lb: tuple[str, float] | None = None) -> list[str]:
     """Every way the program in ``folder`` does not fit ``model`` (empty: it fits).
@@ -211,12 +207,9 @@ def check_program_fits(meta: TrainProgramMeta, model: nn.Module, folder: Path, f
         problems.append(f"{len(shapes)} parameter(s) have other shapes (e.g. {shapes[:2]})")
     if (fingerprint or base_fingerprint(model)) != meta.base_fingerprint:
         problems.append(f"it was exported from another base model ({meta.base_model})")
-    if meta.adapter:  # programs from before the field existed: names and shapes only
-        mine = adapter_config(model).to_dict()
-        differ = [f"{k} {meta.adapter[k]!r} (program) vs {mine[k]!r} (model)" for k in GRAPH_FIELDS
-                  if k in meta.adapter and meta.adapter[k] != mine[k]]
-        if differ:
-            problems.append("its graph computes another adapter: " + ", ".join(differ))
+    differ = graph_differences(meta.adapter or {}, adapter_config(model).to_dict())  # old programs: {}
+    if differ:
+        problems.append("its graph computes another adapter: " + ", ".join(differ))
     if lb is not None and (meta.lb_mode, meta.lb_weight) != tuple(lb):
         problems.append(f"its load balancing is {meta.lb_mode} x {meta.lb_weight}, training uses {lb[0]} x {lb[1]}")
     return problems

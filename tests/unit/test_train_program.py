@@ -191,9 +191,9 @@ def test_a_program_that_does_not_fit_is_rejected(case, tmp_path):
     # the same tensors, another computation: the other mixing form, another LoRA scale
     other_mixing = "projection" if mixing == "mlp" else "mlp"
     with pytest.raises(TrainProgramError, match=f"another adapter: mixing '{mixing}' \\(program\\) vs "
-                                                f"'{other_mixing}' \\(model\\)"):
+                                                f"'{other_mixing}' \\(adapters\\)"):
         attach_program(_model(family, other_mixing), _executorch(folder))
-    with pytest.raises(TrainProgramError, match="another adapter: alpha 16.0 \\(program\\) vs 8.0 \\(model\\)"):
+    with pytest.raises(TrainProgramError, match="another adapter: alpha 16.0 \\(program\\) vs 8.0 \\(adapters\\)"):
         attach_program(_model(family, mixing, alpha=8.0), _executorch(folder))
     with pytest.raises(TrainProgramError, match="unexpected"):
         TrainProgram(folder).write_parameters(_params(other))

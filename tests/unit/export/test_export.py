@@ -12,7 +12,7 @@ from device_sdk.adapters import save_adapters
 from export.errors import ExportError, VerificationError
 from export.executorch import PteRunner
 from export.load import load_personalized
-from export.pipeline import ExportOptions, export_checkpoint, update_program_adapters
+from export.pipeline import ExportOptions, export_checkpoint, update_program_adapters, verify_export
 from export.verify import compare, require
 
 from ...conftest import make_model
@@ -88,7 +88,23 @@ def test_update_adapters_after_a_round_keeps_program_and_base_file(exported, tmp
         expected = newer(input_ids=x).logits
         assert not torch.allclose(expected, first.model(input_ids=x).logits, atol=1e-3)
     torch.testing.assert_close(runner(x), expected, rtol=1e-4, atol=1e-4)
+    manifest = json.loads((phone / "manifest.json").read_text())
+    assert manifest["verification"]["model.pte"]["passed"]  # verified against the new checkpoint
+    assert "model.onnx" in manifest["stale"] and "model.onnx" not in manifest["verification"]  # old adapters inside
+    assert set(verify_export(tmp_path / "round2", phone)) == {"model.pte"}  # the stale file is not re-verified
 
+
+
+def test_update_adapters_rejects_adapters_of_another_scale_or_k(exported, tmp_path):
+    phone = tmp_path / "phone"
+    shutil.copytree(exported("tiny-llama").out, phone)
+    before = (phone / "adapters.ptd").read_bytes()
+    for name, settings, message in (("alpha", {"alpha": 8.0}, "alpha 16.0 \\(program\\) vs 8.0 \\(adapters\\)"),
+                                    ("k", {"top_k": 1}, "top_k 2 \\(program\\) vs 1 \\(adapters\\)")):
+        save_adapters(make_model("tiny-llama", n_specialists=2, **settings), tmp_path / name, "tiny-llama")
+        with pytest.raises(ExportError, match=message):  # the same tensors, another model
+            update_program_adapters(phone, tmp_path / name)
+    assert (phone / "adapters.ptd").read_bytes() == before
 
 
 def test_update_adapters_rejects_a_different_shape(exported, tmp_path):

@@ -35,7 +35,8 @@ def test_update_adapters_refuses_the_other_mixing_form(exported, tmp_path):
     shutil.copytree(exported("tiny-llama", "projection").out, phone_dir)
     save_adapters(make_model("tiny-llama", n_specialists=2, mixing="mlp"), tmp_path / "mlp", "tiny-llama")
     before = (phone_dir / "adapters.ptd").read_bytes()
-    with pytest.raises(ExportError, match="mlp-mixing adapters, the program computes projection mixing"):
+    with pytest.raises(ExportError, match=r"another model than the program computes \(mixing 'projection' "
+                                          r"\(program\) vs 'mlp' \(adapters\)\)"):
         update_program_adapters(phone_dir, tmp_path / "mlp")  # same tensor names and shapes, another model
     assert (phone_dir / "adapters.ptd").read_bytes() == before
 
@@ -100,3 +101,31 @@ def test_8da4w_refuses_gpt2_conv1d_clearly(tmp_path):
     save_adapters(make_model("tiny-gpt2", n_specialists=1), tmp_path / "g", "tiny-gpt2")
     with pytest.raises(ExportError, match="GPT-2 uses Conv1D"):
         export_checkpoint(tmp_path / "g", tmp_path / "out", ExportOptions(formats=("pte",), quantize="8da4w"))
+
+
+def test_int4_keeps_an_attention_lora_of_a_higher_rank_than_the_experts_fp32(tmp_path):
+    import onnx
+
+    model = make_model("tiny-llama", n_specialists=2, rank=4, attention_rank=8)  # as a HetLoRA-style device
+    save_adapters(model, tmp_path / "a", "tiny-llama")
+    export_checkpoint(tmp_path / "a", tmp_path / "out", ExportOptions(formats=("onnx",), quantize="int4", max_seq=64))
+    quantized = onnx.load(str(tmp_path / "out" / "model.int4.onnx"))
+    assert sum(n.op_type == "MatMulNBits" for n in quantized.graph.node) == 2 * (4 + 3)  # base projections only
+
+
+def test_options_the_model_or_the_text_cannot_serve_are_refused_before_anything_ships(tmp_path, tiny_user):
+    save_adapters(make_model("tiny-llama", n_specialists=1), tmp_path / "a", "tiny-llama")
+    with pytest.raises(ExportError, match="max_seq 1024 exceeds the 512 positions tiny-llama was trained for.*"
+                                          "--max-seq 512 or less"):
+        export_checkpoint(tmp_path / "a", tmp_path / "long", ExportOptions(formats=("onnx",), max_seq=1024))
+    assert not (tmp_path / "long").exists()
+    short = tmp_path / "short"  # a user whose test text holds too few windows to judge a quantised file
+    shutil.copytree(tiny_user, short)
+    (short / "test.txt").write_text("alpha beta gamma " * 20 + "\n")
+    with pytest.raises(ExportError,
+                       match=r"verified on 16 windows of 64 tokens .* gives 340 tokens with this tokenizer \(5 windows\)"):
+        export_checkpoint(tmp_path / "a", tmp_path / "q", ExportOptions(formats=("onnx",), quantize="int4",
+                                                                       max_seq=64), data=short)
+    kv = export_checkpoint(tmp_path / "a", tmp_path / "kv", ExportOptions(formats=("onnx",), kv_cache=True,
+                                                                          max_seq=8))  # a cache of 8 positions
+    assert kv["verification"]["model.onnx"]["greedy"]["equal"] == 3
