@@ -45,7 +45,7 @@ from device_sdk.backends.executorch import (  # noqa: E402
     program_valid_loss,
 )
 from device_sdk.client import AggregatorClient  # noqa: E402
-from device_sdk.config import TrainConfig  # noqa: E402
+from device_sdk.config import GRAPH_FIELDS, TrainConfig, graph_differences  # noqa: E402
 from device_sdk.data import load_user_data  # noqa: E402
 from device_sdk.enrollment import NotEnrolled, credentials  # noqa: E402
 from device_sdk.round import load_initial, receive_global  # noqa: E402
@@ -83,6 +83,11 @@ class EdgeApp:
         self.tokenizer = load_tokenizer(self.infer_dir)
         self.data = load_user_data(data_dir, self.tokenizer)
         self.runner = PteRunner(self.infer_dir / PROGRAM)
+        exported = json.loads((self.infer_dir / "manifest.json").read_text())["adapter"]
+        differ = graph_differences(exported, meta.adapter, tuple(f for f in GRAPH_FIELDS if f != "routing"))
+        if differ:  # the swap writes the training program's tensors into the inference program
+            raise SystemExit(f"the training and inference programs compute different adapters ({', '.join(differ)});"
+                             " export both from one checkpoint")
         with AggregatorClient(server) as probe:
             federation = probe.federation_config() or {}
         self.strategy = networked_strategy(federation.get("strategy") or DEFAULT_NETWORKED)
