@@ -16,3 +16,13 @@ def users_dir(tmp_path):
             idx = torch.randint(0, 4, (n,), generator=g).tolist()
             (folder / f"{split}.txt").write_text(" ".join(words[i] for i in idx) + "\n")
     return tmp_path / "data"
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real aggregator (``python -m aggregator serve``) on loopback, in its own data folder."""
+    from .server import Server
+
+    srv = Server(tmp_path / "agg").start()
+    yield srv
+    srv.stop()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from .server import Server, admin_headers
+from .server import admin_headers
 from .test_aggregator_http import enroll, payload, setup_federation, tensors
 
 # The page's first two line colours (PALETTE in aggregator/static/operator.html); the metric keys sort in this order.
@@ -50,13 +50,6 @@ def run_round(url: str, number: int, devices: list[dict], losses: list[tuple[flo
     while httpx.get(url + "/status").json()["current_round"]["round"] == number:
         assert time.time() < deadline, f"round {number} did not close"
         time.sleep(0.05)
-
-
-@pytest.fixture
-def server(tmp_path):
-    srv = Server(tmp_path / "agg").start()
-    yield srv
-    srv.stop()
 
 
 def test_operator_page_in_a_real_browser(server, tmp_path):

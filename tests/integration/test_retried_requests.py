@@ -18,7 +18,7 @@ from device_sdk.errors import ConfigError
 from device_sdk.federated import wire
 
 from .lossy_proxy import LossyProxy
-from .server import ADMIN_TOKEN, Server, admin_headers
+from .server import ADMIN_TOKEN, admin_headers
 
 CONFIG = {"base_model": "tiny-llama", "min_devices": 2}
 CAPABILITIES = {"n_specialists": 1, "rank": 8}
@@ -28,13 +28,6 @@ FAST = RetryPolicy(attempts=4, base_s=0.05)
 
 def initial(value: float = 0.5) -> dict[str, torch.Tensor]:
     return {"l0.attn.lora.lora_A": torch.full((8, 16), value), "l0.attn.lora.lora_B": torch.full((16, 8), value)}
-
-
-@pytest.fixture
-def server(tmp_path):
-    srv = Server(tmp_path / "agg").start()
-    yield srv
-    srv.stop()
 
 
 def test_setup_enrollment_and_upload_survive_lost_answers(server, tmp_path):
