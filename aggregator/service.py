@@ -438,9 +438,12 @@ class Federation:
         return out
 
     def recover(self) -> None:
-        """Redo aggregations a crash interrupted. Never raises: a round that cannot be aggregated ends ``failed``
-        and the server starts anyway."""
+        """Remove upload blobs a crash left without their rows, and redo aggregations a crash interrupted. Never
+        raises: a round that cannot be aggregated ends ``failed`` and the server starts anyway."""
         try:
+            for path in self.store.remove_orphan_blobs():
+                log.warning("removed %s: an upload a crash left without its database row (the device uploads again)",
+                            path.relative_to(self.store.data_dir))
             for r in self.store.rounds("aggregating"):
                 log.warning("redoing the interrupted aggregation of round %d", r.round)
                 self.aggregate(r.round)

@@ -1,7 +1,8 @@
 """Durable state: one SQLite database (WAL, synchronous=FULL) plus a folder of safetensors blobs.
 
 Blobs are written atomically and fsynced before the database row that names them is committed, so after a crash
-every committed row points to a complete blob; a blob without a row is an unacknowledged upload the device retries.
+every committed row points to a complete blob; a blob without a row is an unacknowledged upload the device retries,
+removed at the next start (:meth:`Store.remove_orphan_blobs`).
 An upload the database refuses (a replay, a conflict, a round that closed meanwhile) removes its blob again, so
 no request leaves a file behind.
 
@@ -404,6 +405,18 @@ class Store:
             devices.append(device_id)
             out[number] = devices, total + tokens
         return out
+
+    def remove_orphan_blobs(self) -> list[Path]:
+        """Remove upload blobs (and temporary files) that no row names: what a crash between a blob's write and its
+        row's commit leaves (the device never got an answer and uploads again). Call only while no upload is being
+        accepted (at start-up). Returns the removed files."""
+        named = {self.data_dir / row[0] for row in self._all("SELECT path FROM updates")}
+        removed = []
+        for path in sorted((self.blob_dir / "updates").rglob("*")):
+            if path.is_file() and path not in named:
+                path.unlink()
+                removed.append(path)
+        return removed
 
     def write_update_blob(self, number: int, device_id: int, digest: str, payload: bytes) -> Path:
         """Write an upload's blob durably, before its row exists (no lock held: uploads write in parallel). Pass the

@@ -204,6 +204,22 @@ def test_participation_of_every_round_in_one_query_equals_each_rounds_uploads(tm
     assert fed.store.participation()[1] == ([1, 2, 3], 11 + 21 + 31)
 
 
+def test_a_restart_removes_the_blobs_a_crash_left_without_rows_and_keeps_every_stored_upload(tmp_path):
+    fed, devices = _federation(tmp_path, n=2)
+    fed.upload(devices[0], 1, _payload(_tensors(1)))
+    kept = fed.store.updates(1)[0].path
+    orphan = fed.store.write_update_blob(1, devices[1].id, "f" * 64, _payload(_tensors(2)))  # then the crash
+    torn = orphan.parent / ".d000002-x.safetensors.tmp"
+    torn.write_bytes(b"half")
+    fed.store.close()
+    restarted = Federation(Store(tmp_path))
+    restarted.recover()
+    assert kept.is_file() and not orphan.exists() and not torn.exists()
+    assert [u.path for u in restarted.store.updates(1)] == [kept]
+    restarted.upload(devices[1], 1, _payload(_tensors(2)))  # the device's retry is accepted as new
+    assert restarted.store.count_updates(1) == 2
+
+
 def test_round_numbers_beyond_sqlite_integers_are_not_found(tmp_path):
     fed, devices = _federation(tmp_path, n=1)
     for number in (2**63, 2**70, -(2**64)):
