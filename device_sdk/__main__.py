@@ -219,7 +219,7 @@ def _join(args: argparse.Namespace) -> int:
     eval_tokens = 0 if args.eval_tokens is None else (args.eval_tokens or None)  # DeviceConfig: 0 skips, None all
     state = args.state or Path("device-state") / args.data.name
     cfg = DeviceConfig(server=args.server, data=args.data, state_dir=state, enroll_secret=args.enroll_secret,
-                       model=args.model, name=args.name or args.data.name, train=train, rounds=args.rounds,
+                       model=args.model, name=args.name, train=train, rounds=args.rounds,
                        rank=args.rank, alpha=args.alpha, n_specialists=args.specialists, budget_mb=args.budget_mb,
                        eval_tokens=eval_tokens, seed=args.seed, cache_dir=args.cache_dir, strategy=args.strategy,
                        peer_eval_tokens=args.peer_eval_tokens, retry=RetryPolicy.retries(args.retries))

@@ -4,7 +4,6 @@ and runs Algorithm 1's rounds against the aggregator; specialists and routers ne
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -56,6 +55,8 @@ class DeviceConfig:
         state_dir: where credentials and checkpoints live (a device restarted with the same folder resumes).
         enroll_secret: the admin's enrollment secret (needed only the first time).
         model: base model name; ``None`` (the default) takes the federation's, another value must equal it.
+        name: the device's name in the admin's views, which anyone who reaches the aggregator can read (``None``:
+            the data folder's name; never the host name, which may identify the phone's owner).
         train: local training; ``steps`` is the number of expert steps per round.
         rounds: rounds to take part in (counted across restarts).
         rank, alpha: one expert's LoRA rank r and alpha (scale alpha / sqrt(r), paper eq. 4); ``None`` takes the
@@ -223,7 +224,7 @@ class Device:
 
     def _credentials(self) -> dict:
         return credentials(self.cfg.server, self.state_dir, self.cfg.enroll_secret,
-                           self.cfg.name or socket.gethostname(),
+                           self.cfg.name or Path(self.cfg.data).name,
                            {"n_specialists": self.adapter.n_specialists, "n_generalists": self.adapter.n_generalists,
                             "rank": self.adapter.rank, "base_model": self.base_name, "strategy": self.cfg.strategy,
                             "alpha": self.adapter.alpha}, self.cfg.retry)
