@@ -2,11 +2,13 @@
 
 FastAPI reads a JSON body whole, and parses it, before any dependency runs (the admin check included), so a limit
 inside a route or a dependency comes too late: one unauthenticated ``POST /enroll`` of a few GB would fill the
-server's memory. :class:`BodyLimit` is an ASGI middleware that reads the body first, refuses it with 413 (the usual
-error body) as soon as it passes its route's limit, declared or streamed, and hands the route the bytes it read.
+server's memory. :class:`BodyLimit` is an ASGI middleware that refuses a body with 413 (the usual error body) as
+soon as it passes its route's limit, declared (``Content-Length``) or streamed:
 
-The limits: the routes that take a safetensors file (those that depend on :func:`aggregator.deps.read_body`) accept
-``max_upload_mb``; every other route, :data:`JSON_BODY_LIMIT`.
+- a route that takes JSON: the middleware reads the body first, at most :data:`JSON_BODY_LIMIT`, and hands the
+  route the bytes it read;
+- a route that takes a safetensors file (it depends on :func:`aggregator.deps.read_body`): at most
+  ``max_upload_mb``, counted while the route reads it, so the route's token check runs before a byte is read.
 """
 
 from __future__ import annotations
@@ -26,37 +28,40 @@ from .errors import PayloadTooLarge, error_body
 JSON_BODY_LIMIT = 64 * 2**10
 
 
-def route_limits(app: FastAPI, upload_bytes: int) -> Callable[[Scope], int]:
-    """``limit_for(scope)``: ``upload_bytes`` for a request to a route that reads a safetensors body, else
-    :data:`JSON_BODY_LIMIT`. Call it once every router is included."""
+def route_limits(app: FastAPI, upload_bytes: int) -> Callable[[Scope], tuple[int, bool]]:
+    """``limit_for(scope) -> (limit, takes_file)``: ``(upload_bytes, True)`` for a request to a route that reads a
+    safetensors body, else ``(JSON_BODY_LIMIT, False)``. Call it once every router is included."""
     raw = []
     for context in iter_route_contexts(app.routes):
         route = context.original_route
         if isinstance(route, APIRoute) and any(d.call is read_body for d in dependants(route.dependant)):
             raw.append((compile_path(context.path)[0], context.methods or set()))
 
-    def limit_for(scope: Scope) -> int:
+    def limit_for(scope: Scope) -> tuple[int, bool]:
         path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
         takes_file = any(regex.fullmatch(path) and scope["method"] in methods for regex, methods in raw)
-        return upload_bytes if takes_file else JSON_BODY_LIMIT
+        return (upload_bytes, True) if takes_file else (JSON_BODY_LIMIT, False)
 
     return limit_for
 
 
 class BodyLimit:
-    """ASGI middleware: read each HTTP request's body up to ``limit_for(scope)`` bytes, answer 413 past it."""
+    """ASGI middleware: refuse each HTTP request's body with 413 past ``limit_for(scope)`` (see the module)."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], int]) -> None:
+    def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], tuple[int, bool]]) -> None:
         self.app, self.limit_for = app, limit_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope)
+        limit, takes_file = self.limit_for(scope)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             await _refuse(send, f"body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+            return
+        if takes_file:
+            await self.app(scope, _counted(receive, limit), send)
             return
         chunks, size = [], 0
         while True:
@@ -83,6 +88,22 @@ class BodyLimit:
             return await receive()  # after the body: the client's disconnect, for a streaming answer
 
         await self.app(scope, replay, send)
+
+
+def _counted(receive: Receive, limit: int) -> Receive:
+    """``receive`` that raises :class:`PayloadTooLarge` (answered with 413 by the app) once the body passes
+    ``limit`` bytes."""
+    size = 0
+
+    async def counted() -> Message:
+        nonlocal size
+        message = await receive()
+        size += len(message.get("body", b""))
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        return message
+
+    return counted
 
 
 async def _refuse(send: Send, message: str) -> None:

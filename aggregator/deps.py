@@ -82,8 +82,8 @@ AdminDep = Annotated[None, Depends(require_admin)]
 
 async def read_body(request: Request) -> bytes:
     """The request body of a route that takes a safetensors file. Its size limit (``max_upload_mb``, 413 past it)
-    is checked before the route runs, by :class:`aggregator.body_limit.BodyLimit`, which finds these routes by this
-    dependency."""
+    is kept by :class:`aggregator.body_limit.BodyLimit`, which finds these routes by this dependency and counts the
+    bytes as this reads them (declare it after the token check: the body is read only once that passed)."""
     return await request.body()
 
 

@@ -38,6 +38,12 @@ class RoundClosed(Conflict):
     code = "round_closed"
 
 
+class DeviceRetired(Conflict):
+    """An enrollment with the token of a device the admin retired."""
+
+    code = "device_retired"
+
+
 class PayloadTooLarge(AggregatorError):
     status, code = 413, "payload_too_large"
 

@@ -23,7 +23,11 @@ class DataDirLock:
     def __init__(self, data_dir: Path) -> None:
         self.path = Path(data_dir) / "aggregator.lock"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = try_lock(self.path)
+        try:
+            self._fd: int | None = try_lock(self.path)
+        except OSError as err:
+            raise DataDirLocked(f"cannot lock {self.path} ({err}): this file system does not support locks; put "
+                                "--data-dir on a local disk, so that no second server can open it at once") from err
         if self._fd is None:
             folder = self.path.parent.resolve()
             raise DataDirLocked(f"another aggregator is already serving the data directory {folder} (it holds "

@@ -26,8 +26,8 @@ from device_sdk.federated.rules import check_tokens
 
 from . import aggregate
 from .blobs import canonical_metadata, parse_safetensors, read_metadata, sha256, to_bytes
-from .errors import (AggregationFailed, AggregatorError, Conflict, InvalidUpdate, NotFound, NotReady, RoundClosed,
-                     Unauthorized)
+from .errors import (AggregationFailed, AggregatorError, Conflict, DeviceRetired, InvalidUpdate, NotFound, NotReady,
+                     RoundClosed, Unauthorized)
 from .schemas import Capabilities, FederationConfig
 from .settings import check_secret
 from .store import Added, Device, Round, Store, Update, new_token
@@ -159,7 +159,7 @@ class Federation:
             raise InvalidUpdate("a device needs at least one generalist to take part in the federation")
         device, token, added = self.store.add_device(name, capabilities.model_dump(), token)
         if not added and device.retired_at is not None:
-            raise Conflict(f"this device token belonged to device {device.id} ({device.name!r}), which the admin "
+            raise DeviceRetired(f"this device token belonged to device {device.id} ({device.name!r}), which the admin "
                            "retired; enroll with a new token (a new state folder)")
         if not added and (device.name, device.capabilities) != (name, capabilities.model_dump()):
             raise Conflict(f"this device token is enrolled already, as device {device.id} ({device.name!r}) with "
@@ -201,9 +201,12 @@ class Federation:
         if not token:
             raise Unauthorized("missing bearer token; enroll first (POST /enroll) and send "
                                "'Authorization: Bearer <token>'")
-        device = self.store.device_for_token(token)
+        device = self.store.device_for_token(token, retired=True)
         if device is None:
             raise Unauthorized("unknown device token")
+        if device.retired_at is not None:
+            raise Unauthorized(f"device {device.id} ({device.name!r}) was retired by the admin; enroll again with a "
+                               "new state folder")
         return device
 
     # rounds -----------------------------------------------------------------------------------------------------
@@ -241,7 +244,7 @@ class Federation:
         digest = aggregate.content_digest(tensors, canonical_metadata(metadata, tokens, metrics))
         existing = self.store.update(number, device.id)
         if existing is not None:  # a replay (the device lost our answer) or a conflict: no need to store anything
-            return self._replayed(existing, digest, payload, number, current), self.store.count_updates(number)
+            return self._replayed(existing, digest, payload, number, current), self.store.count_updates(number, True)
         if target.status != "open":
             raise self._not_open(target, current)
         config, strategy = self.config(), self.strategy()
@@ -265,8 +268,8 @@ class Federation:
             target = self.store.round(number) or target
             raise self._not_open(target, self.current())
         if outcome is not Added.ADDED:
-            return self._replayed(existing, digest, payload, number, current), self.store.count_updates(number)
-        return False, self.store.count_updates(number)
+            return self._replayed(existing, digest, payload, number, current), self.store.count_updates(number, True)
+        return False, self.store.count_updates(number, True)
 
     def _replayed(self, existing: Update, digest: str, payload: bytes, number: int, current: Round) -> bool:
         """True for a replay of ``existing``, else raise Conflict. Uploads stored before content digests were
@@ -318,7 +321,8 @@ class Federation:
         if config is None or current is None or current.status != "open":
             return None
         reported = self.store.count_updates(current.round)
-        everyone = reported >= max(self.expected_devices(), config.min_devices)
+        active = self.store.count_updates(current.round, active_only=True)  # a retired device's upload still counts
+        everyone = active >= self.expected_devices() and reported >= config.min_devices  # in the round, not here
         late = (now or time.time()) >= current.deadline and reported >= config.min_devices
         if not (everyone or late):
             return None
@@ -444,6 +448,9 @@ class Federation:
             for path in self.store.remove_orphan_blobs():
                 log.warning("removed %s: an upload a crash left without its database row (the device uploads again)",
                             path.relative_to(self.store.data_dir))
+        except Exception:  # leftover files cost disk only; the recovery below matters more
+            log.exception("removing upload files without rows failed; the server starts anyway")
+        try:
             for r in self.store.rounds("aggregating"):
                 log.warning("redoing the interrupted aggregation of round %d", r.round)
                 self.aggregate(r.round)

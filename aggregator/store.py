@@ -265,11 +265,12 @@ class Store:
                              (name, token_hash(token), json.dumps(capabilities), time.time()))
             return Device(int(cur.lastrowid), name, capabilities), token, True
 
-    def device_for_token(self, token: str) -> Device | None:
-        """The active device holding ``token`` (a retired device's token names none)."""
-        row = self._one("SELECT id, name, capabilities FROM devices WHERE token_hash = ? AND retired_at IS NULL",
-                        (token_hash(token),))
-        return None if row is None else Device(row[0], row[1], json.loads(row[2]))
+    def device_for_token(self, token: str, retired: bool = False) -> Device | None:
+        """The active device holding ``token`` (``retired``: a retired one too; else a retired device's token names
+        none)."""
+        row = self._one("SELECT id, name, capabilities, retired_at FROM devices WHERE token_hash = ?"
+                        + ("" if retired else " AND retired_at IS NULL"), (token_hash(token),))
+        return None if row is None else Device(row[0], row[1], json.loads(row[2]), row[3])
 
     def count_devices(self) -> int:
         """The active devices (a round closes early once all of them reported)."""
@@ -384,9 +385,13 @@ class Store:
         return None if row is None else Update(row[0], row[1], row[2], self.data_dir / row[3], row[4],
                                                json.loads(row[5]))
 
-    def count_updates(self, number: int) -> int:
+    def count_updates(self, number: int, active_only: bool = False) -> int:
+        """Uploads of round ``number`` (``active_only``: of devices not retired, what a round waits for)."""
         if not _int64(number):
             return 0
+        if active_only:
+            return self._one("SELECT COUNT(*) FROM updates u JOIN devices d ON d.id = u.device_id "
+                             "WHERE u.round = ? AND d.retired_at IS NULL", (number,))[0]
         return self._one("SELECT COUNT(*) FROM updates WHERE round = ?", (number,))[0]
 
     def updates(self, number: int) -> list[Update]:

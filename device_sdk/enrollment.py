@@ -53,12 +53,18 @@ def credentials(server: str, state_dir: Path, enroll_secret: str | None, name: s
         try:
             answer = client.enroll(enroll_secret, name, capabilities, token=token)
         except ServerRejected as err:
+            if err.code == "device_retired":
+                raise ConfigError(f"the admin retired the device that {state_dir} enrolled ({err.detail}); delete "
+                                  f"{pending} to enroll as a new device") from err
             if err.status == 409 and err.code == "conflict":
                 raise ConfigError(f"an enrollment begun earlier from {state_dir} reached the aggregator with other "
                                   f"settings ({err.detail}); join with those settings, or delete {pending} to enroll "
                                   "as a new device") from err
             raise
-    found = {"device_id": answer["device_id"], "token": token, "server": server}
+    if answer["token"] != token:  # an aggregator from before client-chosen tokens: it made one (keep that)
+        log.warning("the aggregator at %s picked the device token itself (an older version): a retried enrollment "
+                    "there may enroll a second device", server)
+    found = {"device_id": answer["device_id"], "token": answer["token"], "server": server}
     atomic_write_bytes(path, json.dumps(found).encode(), mode=0o600)
     pending.unlink(missing_ok=True)
     log.info("enrolled as device %d", found["device_id"])

@@ -4,6 +4,7 @@ store both write through it."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import tempfile
@@ -44,12 +45,18 @@ def fsync_dir(folder: Path) -> None:
 def try_lock(path: Path) -> int | None:
     """Take an exclusive ``flock`` on ``path`` (a folder, or a file created with mode 0600): the open descriptor,
     or ``None`` if another process holds the lock. Closing the descriptor releases it, and so does the process
-    ending, however it ends, so a killed process never leaves a stale lock behind."""
+    ending, however it ends, so a killed process never leaves a stale lock behind.
+
+    Raises:
+        OSError: the file system cannot lock ``path`` (NFS and some FUSE mounts refuse to lock a folder).
+    """
     path = Path(path)
     fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as err:
         os.close(fd)
-        return None
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
     return fd

@@ -150,7 +150,13 @@ def _lock(folder: Path, kind: RunFolder) -> None:
     key = folder.resolve()
     if key in _HELD:
         return
-    fd = try_lock(key)
+    try:
+        fd = try_lock(key)
+    except OSError as err:  # a file system without locks: run unguarded rather than not at all
+        log.warning("cannot lock %s on this file system (%s): a second process on it would not be refused", folder,
+                    err)
+        _HELD[key] = -1
+        return
     if fd is None:
         raise RunFolderError(f"another process is using {kind.option} {folder} right now (a second run there would "
                              f"mix its files with that one's); wait for it to end, or choose another {kind.option}")

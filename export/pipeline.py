@@ -303,6 +303,8 @@ def verify_export(checkpoint: Path, out: Path, data: Path | None = None, tol: To
             limits = QUANTIZED_TOL if quantized else tol
             export = manifest.get("export", {})
             seq_lens = verification_lengths(export.get("max_seq", 64))
+            if quantized:
+                check_enough_text(tokens, max(seq_lens), data)
             result = check_file(loaded, path, tokens, seq_lens, limits, bool(export.get("kv_cache")),
                                 export.get("max_seq", 512), quantized)
             require(result, limits)
@@ -361,19 +363,22 @@ def update_program_adapters(program_dir: Path, checkpoint: Path, data: Path | No
                               "again")
         tensors.update(file_tensors)
     layout = load_layout(program_dir)  # None: the program stores every adapter tensor as it is
-    before = (program_dir / "adapters.ptd").read_bytes()
-    written = write_adapters(program_dir, tensors if layout is None else build_all(layout, tensors))
     export = manifest.get("export", {})
     quantized = export.get("quantize") in PTE_QUANTIZE
-    loaded = load_personalized(checkpoint)
+    seq_lens = verification_lengths(export.get("max_seq", 64))
+    loaded = load_personalized(checkpoint)  # everything that can fail before a byte is written
     tokens = verification_tokens(loaded, data)
+    if quantized:
+        check_enough_text(tokens, max(seq_lens), data)
     limits = QUANTIZED_TOL if quantized else tol
-    result = check_file(loaded, program_dir / "model.pte", tokens, verification_lengths(export.get("max_seq", 64)),
-                        limits, bool(export.get("kv_cache")), export.get("max_seq", 512), quantized)
+    before = (program_dir / "adapters.ptd").read_bytes()
+    written = write_adapters(program_dir, tensors if layout is None else build_all(layout, tensors))
     try:
+        result = check_file(loaded, program_dir / "model.pte", tokens, seq_lens, limits,
+                            bool(export.get("kv_cache")), export.get("max_seq", 512), quantized)
         require(result, limits)
-    except VerificationError:
-        atomic_write_bytes(written, before)  # the program keeps the adapters it was verified with
+    except BaseException:  # a failed check, a runtime error, Ctrl-C: the program keeps its verified adapters
+        atomic_write_bytes(written, before)
         raise
     old_round = manifest.get("round")
     manifest["round"], manifest["global_version"] = info.get("round"), info.get("global_version")

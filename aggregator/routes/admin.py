@@ -31,8 +31,8 @@ async def set_initial(federation: FederationDep, _: AdminDep, body: BodyDep) -> 
 
 def _state(federation: Federation, r: Round) -> RoundState:
     return RoundState(round=r.round, status=r.status, base_version=r.base_version, deadline=r.deadline,
-                      reported=federation.store.count_updates(r.round), expected=federation.expected_devices(),
-                      failure=r.failure)
+                      reported=federation.store.count_updates(r.round, active_only=True),
+                      expected=federation.expected_devices(), failure=r.failure)
 
 
 @router.post("/rounds/{number}/retry", response_model=RoundState, responses=error_responses(404, 409))

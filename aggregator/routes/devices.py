@@ -24,7 +24,8 @@ def current_round(federation: FederationDep, device: DeviceDep) -> RoundState:
     r = federation.current()
     reports = federation.store.updates(r.round)
     return RoundState(round=r.round, status=r.status, base_version=r.base_version, deadline=r.deadline,
-                      reported=len(reports), expected=federation.expected_devices(),
+                      reported=federation.store.count_updates(r.round, active_only=True),
+                      expected=federation.expected_devices(),
                       you_reported=any(u.device_id == device.id for u in reports), failure=r.failure)
 
 

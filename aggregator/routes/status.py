@@ -33,6 +33,6 @@ def status(federation: FederationDep) -> Status:
     state = None
     if current is not None:
         state = RoundState(round=current.round, status=current.status, base_version=current.base_version,
-                           deadline=current.deadline, reported=store.count_updates(current.round),
+                           deadline=current.deadline, reported=store.count_updates(current.round, active_only=True),
                            expected=federation.expected_devices(), failure=current.failure)
     return Status(ready=ready, config=config, devices=store.count_devices(), current_round=state, history=history)

@@ -74,6 +74,9 @@ def test_every_body_is_bounded_before_a_route_or_an_auth_check_reads_it(server):
     for r in refused:
         assert r.status_code == 413, r.text
         assert r.json()["error"] == "payload_too_large" and "exceeds the limit" in r.json()["detail"]
+    # an upload's token is checked before its body is read: no token, no bytes buffered
+    anonymous = httpx.post(url + "/rounds/1/update", content=streamed(b"\x00" * 20_000))
+    assert anonymous.status_code == 401, anonymous.text
     # a JSON body under its limit and an upload under max_upload_mb (10 KiB here, more than 64 KiB JSON is not) pass
     small = json.dumps({"enroll_secret": secret, "name": "d2", "capabilities": {"n_specialists": 1, "rank": 8}})
     assert httpx.post(url + "/enroll", content=streamed(small.encode(), 7),

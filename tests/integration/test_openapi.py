@@ -200,7 +200,10 @@ def test_only_the_routes_that_take_a_safetensors_file_get_the_upload_limit():
     limit_for = route_limits(_app(), 123_456_789)
 
     def limit(method: str, path: str, root_path: str = "") -> int:
-        return limit_for({"type": "http", "method": method, "path": root_path + path, "root_path": root_path})
+        size, takes_file = limit_for({"type": "http", "method": method, "path": root_path + path,
+                                      "root_path": root_path})
+        assert takes_file == (size != JSON_BODY_LIMIT)
+        return size
 
     assert limit("PUT", "/admin/federation/initial") == limit("POST", "/rounds/7/update") == 123_456_789
     assert limit("POST", "/rounds/7/update", root_path="/agg") == 123_456_789  # behind a proxy's prefix

@@ -338,8 +338,22 @@ def test_a_retired_device_is_no_longer_waited_for_and_its_token_stops_working(tm
     fed.retire(fed.authenticate(token).id)
     with pytest.raises(Unauthorized):
         fed.authenticate(token)
-    with pytest.raises(Conflict, match="which the admin retired"):
+    with pytest.raises(Unauthorized, match=r"device \d+ \('phone'\) was retired by the admin; enroll again"):
+        fed.authenticate(token)
+    with pytest.raises(Conflict, match="which the admin retired") as refused:
         fed.enroll(SECRET, "phone", Capabilities(n_specialists=0, rank=8), token)
+    assert refused.value.code == "device_retired"
+
+
+def test_retiring_a_device_that_already_uploaded_does_not_close_the_round_early(tmp_path):
+    fed, devices = _federation(tmp_path, n=3)
+    fed.upload(devices[0], 1, _payload(_tensors(1)))
+    fed.retire(devices[0].id)  # its upload stays in the round, but it no longer stands in for an active device
+    fed.upload(devices[1], 1, _payload(_tensors(2)))
+    assert fed.maybe_close() is None and fed.store.round(1).status == "open"  # waits for the third device
+    assert fed.store.count_updates(1) == 2 and fed.store.count_updates(1, active_only=True) == 1
+    fed.upload(devices[2], 1, _payload(_tensors(3)))
+    assert fed.maybe_close() == 1 and fed.store.round(1).summary["participants"] == [1, 2, 3]
 
 
 def test_short_secrets_are_refused_with_the_rule_and_how_to_make_one(tmp_path):
