@@ -444,8 +444,30 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# retire-device -------------------------------------------------------------------------------------------------------
+def _add_retire_device(sub) -> None:
+    p = _parser(sub, "retire-device", "(admin) retire a device: rounds stop waiting for it",
+                "Retire an enrolled device: its token stops working and rounds stop waiting for it (a device whose "
+                "state was lost and that enrolled again, a phone gone for good). Its uploads stay in their rounds. "
+                "Device ids: the aggregator's page or GET /status/devices.",
+                "python -m device_sdk retire-device --server http://127.0.0.1:8700 "
+                "--admin-token \"$(cat agg-data/admin_token)\" --device-id 3")
+    p.add_argument("--server", required=True, help=SERVER_HELP)
+    p.add_argument("--admin-token", required=True, help="the aggregator's admin token (<data-dir>/admin_token)")
+    p.add_argument("--device-id", required=True, type=int, help="the device's id")
+    p.add_argument("--retries", type=nonnegative_int, default=9, help=RETRIES_HELP)
+
+
+def _retire_device(args: argparse.Namespace) -> int:
+    from .client import AggregatorClient, RetryPolicy
+
+    with AggregatorClient(args.server, args.admin_token, RetryPolicy.retries(args.retries)) as client:
+        print(json.dumps(client.retire_device(args.device_id)))
+    return 0
+
+
 COMMANDS = {"train-local": _train_local, "join": _join, "init-federation": _init_federation,
-            "simulate": _simulate}
+            "retire-device": _retire_device, "simulate": _simulate}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -460,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_local(sub)
     _add_join(sub)
     _add_init_federation(sub)
+    _add_retire_device(sub)
     _add_simulate(sub)
     return parser
 

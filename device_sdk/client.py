@@ -186,6 +186,10 @@ class AggregatorClient:
     def set_initial(self, tensors: dict[str, torch.Tensor]) -> dict:
         return self._request("PUT", "/admin/federation/initial", content=wire.encode(tensors)).json()
 
+    def retire_device(self, device_id: int) -> dict:
+        """Retire device ``device_id`` (``DELETE /admin/devices/{id}``; again: the same answer)."""
+        return self._request("DELETE", f"/admin/devices/{int(device_id)}").json()
+
     # devices ------------------------------------------------------------------------------------------------------
     def enroll(self, enroll_secret: str, name: str, capabilities: dict, token: str | None = None) -> dict:
         """Enroll with the bearer token ``token`` (``None``: a new random one, picked here so that a retry repeats

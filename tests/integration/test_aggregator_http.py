@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -9,7 +11,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .server import Server, admin_headers
+from .server import ADMIN_TOKEN, ROOT, Server, admin_headers
 
 SPEC = {"l0.attn.lora.lora_A": (8, 16), "l0.attn.lora.lora_B": (16, 8), "l0.mlp.experts.0.lora_A": (8, 16)}
 
@@ -96,12 +98,19 @@ def test_the_admin_retires_a_device_that_every_round_would_wait_for(server):
     assert httpx.get(url + "/status").json()["current_round"]["round"] == 1  # waits for the ghost: deadline 600 s
     assert httpx.delete(url + "/admin/devices/3").status_code == 401
     assert httpx.delete(url + "/admin/devices/3", headers=d1).status_code == 403
-    retired = httpx.delete(url + "/admin/devices/3", headers=admin_headers())
-    assert retired.status_code == 200 and retired.json()["name"] == "lost-state", retired.text
+    def retire(device_id: int) -> subprocess.CompletedProcess:  # the operator's command
+        return subprocess.run([sys.executable, "-m", "device_sdk", "retire-device", "--server", url, "--admin-token",
+                               ADMIN_TOKEN, "--device-id", str(device_id), "--retries", "0"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    done = retire(3)
+    assert done.returncode == 0, done.stderr
+    retired = json.loads(done.stdout)
+    assert retired["name"] == "lost-state" and retired["device_id"] == 3
     again = httpx.delete(url + "/admin/devices/3", headers=admin_headers())
-    assert again.status_code == 200 and again.json() == retired.json()
-    missing = httpx.delete(url + "/admin/devices/99", headers=admin_headers())
-    assert missing.status_code == 404 and "does not exist" in missing.json()["detail"]
+    assert again.status_code == 200 and again.json() == retired
+    missing = retire(99)
+    assert missing.returncode == 2 and "device 99 does not exist" in missing.stderr
     status = httpx.get(url + "/status").json()
     assert status["current_round"]["round"] == 2 and status["devices"] == 2  # round 1 closed at once
     assert status["current_round"]["expected"] == 2
