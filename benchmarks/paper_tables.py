@@ -169,6 +169,8 @@ def table5(reports: dict[str, dict], planned: Planned) -> list[str]:
 
 def lowdata(reports: dict[str, dict], planned: Planned) -> list[str]:
     """Section 4.3.2: per-user test perplexity, final and (in brackets) best after the first round."""
+    from device_sdk.strategies import make_strategy
+
     report = reports.get("multilingual-lowdata")
     if report is None:
         return ["queued" if "multilingual-lowdata" in planned else "not planned"]
@@ -176,7 +178,8 @@ def lowdata(reports: dict[str, dict], planned: Planned) -> list[str]:
     lines = ["| strategy (experts per user) | " + " | ".join(users) + " | mean |", "|---|" + "---|" * (len(users) + 1)]
     for run in report["runs"]:
         per_user = [f"{run['final'][u]:.2f} ({min(run['test_ppl'][u][1:]):.2f})" for u in users]
-        experts = ",".join(map(str, run["experts"]))
+        strategy = make_strategy(run["strategy"])  # the record holds the --experts setting; a strategy may fix its own
+        experts = ",".join(str(strategy.adapter_config(i, n).n_experts) for i, n in enumerate(run["experts"]))
         lines.append(f"| {run['strategy']} ({experts}), seed {run['seed']} | " + " | ".join(per_user)
                      + f" | {run['mean']:.2f} |")
     ran = {(r["strategy"], r["seed"]) for r in report["runs"]}
