@@ -238,6 +238,13 @@ def _join(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_admin_connection(p) -> None:
+    """The options of every admin command: the aggregator, the admin token, the retries."""
+    p.add_argument("--server", required=True, help=SERVER_HELP)
+    p.add_argument("--admin-token", required=True, help="the aggregator's admin token (<data-dir>/admin_token)")
+    p.add_argument("--retries", type=nonnegative_int, default=9, help=RETRIES_HELP)
+
+
 # init-federation -----------------------------------------------------------------------------------------------------
 def _add_init_federation(sub) -> None:
     p = _parser(sub, "init-federation", "(admin) create a federation and upload its initial shared tensors",
@@ -246,8 +253,7 @@ def _add_init_federation(sub) -> None:
                 "admin token are checked before the base model loads.",
                 "python -m device_sdk init-federation --server http://127.0.0.1:8700 "
                 "--admin-token \"$(cat agg-data/admin_token)\" --min-devices 4")
-    p.add_argument("--server", required=True, help=SERVER_HELP)
-    p.add_argument("--admin-token", required=True, help="the aggregator's admin token (<data-dir>/admin_token)")
+    _add_admin_connection(p)
     p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP + "; every device must use it")
     p.add_argument("--rank", type=int, default=8, help=RANK_HELP)
     p.add_argument("--alpha", type=float, default=16.0, help=ALPHA_HELP)
@@ -268,7 +274,6 @@ def _add_init_federation(sub) -> None:
                    help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) of the same "
                         "base model and LoRA ranks; it seeds the attention LoRA and the generalist (expert 0) of "
                         "global version 0 (e.g. the output of `python -m export --format peft`)")
-    p.add_argument("--retries", type=nonnegative_int, default=9, help=RETRIES_HELP)
     p.add_argument("--cache-dir", type=Path, default=None, help=CACHE_HELP)
 
 
@@ -452,10 +457,8 @@ def _add_retire_device(sub) -> None:
                 "Device ids: the aggregator's page or GET /status/devices.",
                 "python -m device_sdk retire-device --server http://127.0.0.1:8700 "
                 "--admin-token \"$(cat agg-data/admin_token)\" --device-id 3")
-    p.add_argument("--server", required=True, help=SERVER_HELP)
-    p.add_argument("--admin-token", required=True, help="the aggregator's admin token (<data-dir>/admin_token)")
+    _add_admin_connection(p)
     p.add_argument("--device-id", required=True, type=int, help="the device's id")
-    p.add_argument("--retries", type=nonnegative_int, default=9, help=RETRIES_HELP)
 
 
 def _retire_device(args: argparse.Namespace) -> int:
