@@ -244,7 +244,8 @@ class Federation:
         digest = aggregate.content_digest(tensors, canonical_metadata(metadata, tokens, metrics))
         existing = self.store.update(number, device.id)
         if existing is not None:  # a replay (the device lost our answer) or a conflict: no need to store anything
-            return self._replayed(existing, digest, payload, number, current), self.store.count_updates(number, True)
+            reported = self.store.count_updates(number, active_only=True)
+            return self._replayed(existing, digest, payload, number, current), reported
         if target.status != "open":
             raise self._not_open(target, current)
         config, strategy = self.config(), self.strategy()
@@ -268,8 +269,9 @@ class Federation:
             target = self.store.round(number) or target
             raise self._not_open(target, self.current())
         if outcome is not Added.ADDED:
-            return self._replayed(existing, digest, payload, number, current), self.store.count_updates(number, True)
-        return False, self.store.count_updates(number, True)
+            reported = self.store.count_updates(number, active_only=True)
+            return self._replayed(existing, digest, payload, number, current), reported
+        return False, self.store.count_updates(number, active_only=True)
 
     def _replayed(self, existing: Update, digest: str, payload: bytes, number: int, current: Round) -> bool:
         """True for a replay of ``existing``, else raise Conflict. Uploads stored before content digests were

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS {name} (
 );
 """
 _ROUND_COLUMNS = "round, status, base_version, opened_at, deadline, closed_at, summary, failure"
+_DEVICE_COLUMNS = "id, name, capabilities, retired_at"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS federation (
@@ -257,20 +258,25 @@ class Store:
         """
         token = token or new_token(32)
         with self._tx() as db:
-            row = db.execute("SELECT id, name, capabilities, retired_at FROM devices WHERE token_hash = ?",
+            row = db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE token_hash = ?",
                              (token_hash(token),)).fetchone()
             if row is not None:
-                return Device(row[0], row[1], json.loads(row[2]), row[3]), token, False
+                return self._device(row), token, False
             cur = db.execute("INSERT INTO devices (name, token_hash, capabilities, enrolled_at) VALUES (?, ?, ?, ?)",
                              (name, token_hash(token), json.dumps(capabilities), time.time()))
             return Device(int(cur.lastrowid), name, capabilities), token, True
 
+    @staticmethod
+    def _device(row: tuple) -> Device:
+        """A :class:`Device` from a row of :data:`_DEVICE_COLUMNS`."""
+        return Device(row[0], row[1], json.loads(row[2]), row[3])
+
     def device_for_token(self, token: str, retired: bool = False) -> Device | None:
         """The active device holding ``token`` (``retired``: a retired one too; else a retired device's token names
         none)."""
-        row = self._one("SELECT id, name, capabilities, retired_at FROM devices WHERE token_hash = ?"
+        row = self._one(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE token_hash = ?"
                         + ("" if retired else " AND retired_at IS NULL"), (token_hash(token),))
-        return None if row is None else Device(row[0], row[1], json.loads(row[2]), row[3])
+        return None if row is None else self._device(row)
 
     def count_devices(self) -> int:
         """The active devices (a round closes early once all of them reported)."""
@@ -278,8 +284,7 @@ class Store:
 
     def devices(self) -> list[Device]:
         """Every device ever enrolled, retired ones included (their uploads stay part of their rounds)."""
-        return [Device(r[0], r[1], json.loads(r[2]), r[3])
-                for r in self._all("SELECT id, name, capabilities, retired_at FROM devices")]
+        return [self._device(r) for r in self._all(f"SELECT {_DEVICE_COLUMNS} FROM devices")]
 
     def retire_device(self, device_id: int) -> Device | None:
         """Retire device ``device_id`` (once: retiring it again changes nothing); ``None`` if there is none."""
@@ -288,9 +293,8 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE devices SET retired_at = ? WHERE id = ? AND retired_at IS NULL",
                        (time.time(), device_id))
-            row = db.execute("SELECT id, name, capabilities, retired_at FROM devices WHERE id = ?",
-                             (device_id,)).fetchone()
-        return None if row is None else Device(row[0], row[1], json.loads(row[2]), row[3])
+            row = db.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE id = ?", (device_id,)).fetchone()
+        return None if row is None else self._device(row)
 
     def device_activity(self) -> list[DeviceActivity]:
         """Every device (by id) with its enrollment time and its latest upload: round and time received."""
@@ -298,7 +302,7 @@ class Store:
         rows = self._all("SELECT d.id, d.name, d.capabilities, d.retired_at, d.enrolled_at, MAX(u.round), "
                          "u.received_at FROM devices d LEFT JOIN updates u ON u.device_id = d.id GROUP BY d.id "
                          "ORDER BY d.id")
-        return [DeviceActivity(Device(r[0], r[1], json.loads(r[2]), r[3]), r[4], r[5], r[6]) for r in rows]
+        return [DeviceActivity(self._device(r[:4]), r[4], r[5], r[6]) for r in rows]
 
     # rounds -----------------------------------------------------------------------------------------------------
     @staticmethod
