@@ -73,7 +73,8 @@ class Step:
 def lanes() -> dict[str, list[Step]]:
     """``{lane: [step, ...]}`` in run order (most informative first). Each split's steps make its lane, but for
     balance: multilingual runs its three low-data runs (section 4.3.2) right after its 1G1S without load balancing,
-    and the topic lane takes over multilingual's two 1GXS load-balancing runs (Table 5) after its own."""
+    then its 1GXS with uniform load balancing (Table 5); the topic lane takes over multilingual's 1GXS without load
+    balancing after its own two."""
     out: dict[str, list[Step]] = {}
     moved: list[Step] = []
     for split, experts in HETERO.items():
@@ -92,7 +93,8 @@ def lanes() -> dict[str, list[Step]]:
             steps.append(Step(f"scaled-{split}-lowdata",
                               (*data, "--experts", "8,8,2,2", "--train-tokens", "de=4096,nl=4096"),
                               "comigs-1gxs,comigs-1g1s,local"))
-            moved = balancing
+            steps.append(balancing[1])
+            moved = balancing[:1]
         else:
             steps += balancing + moved
         # Table 2 with one seed leaves 4 user pairs: a second seed narrows what its intervals can tell apart
