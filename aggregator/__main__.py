@@ -68,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                             f"(AGGREGATOR_MAX_UPLOAD_MB; default: {default('max_upload_mb'):g})")
     serve.add_argument("--port-file", type=Path, default=None,
                        help="once listening, write the bound port to this file (with --port 0: no race for a port)")
+    serve.add_argument("-v", "--verbose", action="store_true", help="debug logs, the aggregator's and uvicorn's")
     args = parser.parse_args(argv)
     limit_malloc_fragmentation()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from pydantic import ValidationError
 
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app
     from .serving import PortReportingServer
 
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+                            log_level="debug" if args.verbose else "info")
     server = PortReportingServer(config, args.port_file) if args.port_file else uvicorn.Server(config)
     server.run()
     if not server.started:  # the lifespan refused to start (data directory locked, weak admin token): logged above

@@ -42,7 +42,8 @@ COMMAND_OPTIONS = {"join": {"steps": "--local-steps"}}
 _CONFIG_PREFIX = re.compile(r"\binvalid (?:[A-Z]\w*Config|simulation settings|export options): ")
 
 #: The one meaning of ``--eval-tokens`` in every command.
-EVAL_TOKENS_HELP = "test perplexity on the first N tokens of each test set (0: the whole test set)"
+EVAL_TOKENS_HELP = ("test perplexity on N tokens of each test set, in windows spread evenly over it "
+                    "(0: the whole test set)")
 
 
 def option_for(field: str, command: str | None = None) -> str:

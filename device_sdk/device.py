@@ -332,7 +332,7 @@ class Device:
     def test_perplexity(self) -> float:
         tokens = None if self.cfg.eval_tokens in (None, 0) else self.cfg.eval_tokens
         return evaluate(self.model, self.data.test, self.train_cfg.context, max(8, self.train_cfg.batch_size),
-                        self.train_cfg.precision, max_tokens=tokens).perplexity
+                        self.train_cfg.precision, max_tokens=tokens, spread=True).perplexity
 
     def run(self, progress: bool = False) -> list[RoundReport]:
         """Take part until ``cfg.rounds`` rounds are done (counting rounds done before a restart), then sync."""

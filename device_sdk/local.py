@@ -34,7 +34,7 @@ class LocalRunConfig:
 
     Attributes:
         specialists_from_budget: choose ``adapter.n_specialists`` from ``budget_mb`` (or 1 without a budget).
-        eval_tokens: evaluate on the first N test tokens only (``None``: the whole test set).
+        eval_tokens: evaluate on N test tokens in windows spread over the test set (``None``: the whole test set).
     """
 
     data: Path
@@ -97,7 +97,7 @@ def run_local(run: LocalRunConfig, progress: bool = False) -> dict:
              adapter.n_specialists, count_parameters(model))
 
     eval_args = dict(context=run.train.context, batch_size=max(run.train.batch_size, 8),
-                     precision=run.train.precision, max_tokens=run.eval_tokens, progress=progress)
+                     precision=run.train.precision, max_tokens=run.eval_tokens, spread=True, progress=progress)
     before = evaluate(model, data.test, **eval_args)
     log.info("test perplexity before: %.3f", before.perplexity)
     reset_peak_rss()

@@ -3,7 +3,8 @@ which settings, so that a second run never mixes its files with another run's.
 
 Rules (:func:`claim_run_folder`):
 
-- a missing or empty folder is claimed: the manifest is written before anything else;
+- a missing or empty folder is claimed: the manifest is written before anything else; so is a folder that holds
+  only the manifest of an earlier run of the same command that it would not resume (that run failed at its start);
 - a folder whose manifest names the same command is reused when that command resumes (``join``: the same data;
   ``simulate``: any settings, runs are cached by key), and refused otherwise;
 - one process at a time: a folder another process is using is refused (an exclusive ``flock`` on the folder,
@@ -122,13 +123,16 @@ def claim_run_folder(folder: Path, kind: RunFolder, settings: dict, overwrite: b
             raise RunFolderError(f"{kind.option} {folder} holds the output of another command ({owner}, not "
                                  f"{kind.command}); choose another {kind.option}, or pass --overwrite to delete it "
                                  "and start afresh")
+        elif [p.name for p in folder.iterdir()] == [MANIFEST] and not _resumes(kind, manifest, settings):
+            log.info("%s %s holds only the manifest of an earlier %s run that wrote nothing else (it failed at its "
+                     "start): starting afresh", kind.option, folder, owner)
         elif kind.resume_keys is None:
             raise RunFolderError(f"{kind.option} {folder} already holds the output of an earlier {owner} run "
                                  f"({_describe(folder)}); choose another {kind.option}, or pass --overwrite to "
                                  "replace it")
         else:
             before = (manifest or {}).get("settings", {})
-            changed = [k for k in kind.resume_keys if k in before and before[k] != settings.get(k)]
+            changed = _changed(kind, manifest, settings)
             if changed:
                 what = "; ".join(f"{k}: {before[k]!r} then, {settings.get(k)!r} now" for k in changed)
                 raise RunFolderError(f"{kind.option} {folder} holds an earlier {owner} run with other settings "
@@ -138,6 +142,17 @@ def claim_run_folder(folder: Path, kind: RunFolder, settings: dict, overwrite: b
             return True
     _write(folder, kind, settings, None)
     return False
+
+
+def _changed(kind: RunFolder, manifest: dict | None, settings: dict) -> list[str]:
+    """The resume settings of ``kind`` whose value in ``manifest`` differs from ``settings``."""
+    before = (manifest or {}).get("settings", {})
+    return [k for k in kind.resume_keys or () if k in before and before[k] != settings.get(k)]
+
+
+def _resumes(kind: RunFolder, manifest: dict | None, settings: dict) -> bool:
+    """Whether a run of ``kind`` with ``settings`` continues the run that ``manifest`` describes."""
+    return kind.resume_keys is not None and not _changed(kind, manifest, settings)
 
 
 #: The run folders this process holds (``flock`` on the folder itself, kept until the process ends).

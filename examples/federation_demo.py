@@ -142,7 +142,8 @@ def main() -> int:
             print(f"error: device(s) {failed} failed; see {args.out}/device-*.log", file=sys.stderr)
             return 1
         rounds = range(0, args.rounds + 1)
-        tokens = "the whole test set" if args.eval_tokens == 0 else f"first {args.eval_tokens} test tokens"
+        tokens = ("the whole test set" if args.eval_tokens == 0
+                  else f"{args.eval_tokens} tokens spread over the test set")
         print(f"\ntest perplexity per round ({tokens} of each user)")
         print("| device | experts | " + " | ".join("base" if r == 0 else f"round {r}" for r in rounds) + " |")
         print("|---|---|" + "---|" * len(rounds))

@@ -109,7 +109,8 @@ def verify_peft(loaded: Personalized, out: Path, names: list[str], data: Path | 
     try:
         from peft import PeftModel
     except ImportError:
-        log.warning("peft is not installed: the PEFT adapters in %s were not checked (pip install peft==0.21.2)", out)
+        log.warning("peft is not installed: the PEFT adapters in %s were not checked (peft comes with the export "
+                    "extra: pip install -e '.[export]')", out)
         return {}
     import torch
 

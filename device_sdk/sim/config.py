@@ -55,8 +55,8 @@ class SimConfig:
         ood: validation and test become the uniform mixture of all users' (out-of-distribution setting).
         eval_tokens: test tokens per user per evaluation (``None``: the whole test set).
         peer_eval_tokens: validation tokens per model evaluation for PCL's trust and for expert scores.
-        via_server: aggregate through a real aggregator process on loopback (plain-mean strategies; the others
-            run in-process). Results are identical, so runs share the cache.
+        via_server: aggregate through a real aggregator process on loopback (every collaborative
+            strategy). Results are identical, so runs share the cache.
         train_tokens: ``((user, n), ...)``: these users train on the first ``n`` tokens of their training stream
             only (low-data users, as in the paper's section 4.3.2); empty: every user keeps all of its data.
         train_prefix, valid_prefix: every user keeps only the first this many tokens of its training / validation

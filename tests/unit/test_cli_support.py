@@ -112,6 +112,23 @@ def test_a_run_folder_refuses_another_run_and_overwrite_replaces_only_sdk_folder
     claim_run_folder(out, local, {"steps": 3}, overwrite=True, inputs=(tmp_path / "data",))
 
 
+def test_a_run_that_failed_before_writing_anything_does_not_block_its_rerun(tmp_path):
+    local = RunFolder("train-local")
+    out = tmp_path / "out"
+    claim_run_folder(out, local, {"model": "smollm2-13m"})  # then the model failed to load: only run.json is there
+    assert claim_run_folder(out, local, {"model": "smollm2-135m"}) is False  # no --overwrite needed
+    assert json.loads((out / MANIFEST).read_text())["settings"] == {"model": "smollm2-135m"}
+    with pytest.raises(RunFolderError, match=r"another command \(train-local, not simulate\)"):
+        claim_run_folder(out, RunFolder("simulate", resume_keys=()), {})  # another command's folder still is not
+    join = RunFolder("join", option="--state", resume_keys=("data",))
+    state = tmp_path / "state"
+    claim_run_folder(state, join, {"data": "/users/de"})  # a typo'd data folder, say: nothing written
+    assert claim_run_folder(state, join, {"data": "/users/fr"}) is False
+    (state / "enrolling.json").write_text("{}")  # once the device wrote state, other data is refused again
+    with pytest.raises(RunFolderError, match="other settings"):
+        claim_run_folder(state, join, {"data": "/users/de"})
+
+
 def test_resumable_commands_continue_their_own_runs_only(tmp_path):
     join = RunFolder("join", option="--state", resume_keys=("data",))
     state = tmp_path / "state"
