@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from device_sdk.federated.roles import SHARED_ROLES, role_names
+from device_sdk.federated.tensors import DEFAULT_MAX_ABS
 
 from .settings import check_secret
 
@@ -32,7 +33,7 @@ class FederationConfig(BaseModel):
     aggregation: Literal["mean", "token_weighted"] = "mean"
     strategy: str = Field(default="comigs-1gxs", min_length=1, max_length=200,
                           description="collaboration strategy every device must run (device_sdk.federated.catalog)")
-    max_abs_value: float = Field(default=1e4, gt=0, le=3.4e38, allow_inf_nan=False,
+    max_abs_value: float = Field(default=DEFAULT_MAX_ABS, gt=0, le=3.4e38, allow_inf_nan=False,
                                  description="largest |value| an uploaded tensor may hold (422 above it). LoRA "
                                              "factors are of order 1; the bound keeps a diverged or hostile device "
                                              "from turning the global into NaN (HetLoRA's norm weights overflow)")

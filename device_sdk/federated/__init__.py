@@ -17,14 +17,14 @@ from .catalog import (ABLATIONS, ALL, CORE, DEFAULT_NETWORKED, HETEROGENEOUS, NE
 from .errors import FederatedError, InvalidUpload
 from .roles import SHARED_ROLES, Role
 from .rules import MEAN_RULES, RULES, weight_for
-from .tensors import (RunningMean, TensorSpec, abs_max, cut, dtype_name, factor_rank, fit, lora_pairs, lora_scale,
-                      mean, nonfinite, rank_shape, spec_of, validate)
+from .tensors import (DEFAULT_MAX_ABS, RunningMean, TensorSpec, abs_max, cut, dtype_name, factor_rank, fit,
+                      lora_pairs, lora_scale, mean, nonfinite, rank_shape, spec_of, validate)
 from .upload import Upload, common_start, largest
 
 __all__ = [
-    "ABLATIONS", "ALL", "CORE", "DEFAULT_NETWORKED", "HETEROGENEOUS", "MEAN_RULES", "NETWORKED", "RULES",
-    "SHARED_ROLES", "SPECS", "FederatedError", "InvalidUpload", "Role", "RunningMean", "StrategySpec", "TensorSpec",
-    "Upload", "abs_max", "common_start", "cut", "dtype_name", "factor_rank", "fit", "largest", "lora_pairs",
-    "lora_scale", "mean", "networked_spec", "nonfinite", "rank_shape", "spec_for", "spec_of", "validate",
-    "weight_for",
+    "ABLATIONS", "ALL", "CORE", "DEFAULT_MAX_ABS", "DEFAULT_NETWORKED", "HETEROGENEOUS", "MEAN_RULES", "NETWORKED",
+    "RULES", "SHARED_ROLES", "SPECS", "FederatedError", "InvalidUpload", "Role", "RunningMean", "StrategySpec",
+    "TensorSpec", "Upload", "abs_max", "common_start", "cut", "dtype_name", "factor_rank", "fit", "largest",
+    "lora_pairs", "lora_scale", "mean", "networked_spec", "nonfinite", "rank_shape", "spec_for", "spec_of",
+    "validate", "weight_for",
 ]

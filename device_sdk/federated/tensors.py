@@ -53,6 +53,12 @@ def abs_max(t: torch.Tensor) -> float:
     return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
 
 
+#: The default largest |value| an uploaded tensor may hold (a federation's ``max_abs_value``). LoRA factors are of
+#: order 1; the bound keeps a diverged or hostile device from turning the global into NaN (HetLoRA's norm weights
+#: overflow).
+DEFAULT_MAX_ABS = 1e4
+
+
 def nonfinite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an Inf, sorted."""
     return [name for name, t in sorted(tensors.items()) if t.is_floating_point() and not math.isfinite(abs_max(t))]

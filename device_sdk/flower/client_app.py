@@ -10,7 +10,7 @@ Handlers (Flower 1.42's Message API):
   tokens (``num-examples``), the train loss and the device's rank and alpha;
 - ``evaluate``: sync to the new global (the strategy's receive step: the mean as is, a cut to the device's rank,
   PCL's trust-weighted mix scored on the device's validation data) and reply with the test perplexity, router scores
-  and, in the last round, the routing report and the strategy's per-device state.
+  and, in the last round, the strategy's per-device state (and the routing report, where the run asks for it).
 
 Every message carries the run's settings (:class:`device_sdk.flower.wire.FlowerRun`) in its ConfigRecord.
 """
@@ -67,6 +67,7 @@ def train(message: Message, context: Context) -> Message:
     device = DEVICES.get(run, device_spec(run, context.node_config, context.run_id))
     device.sync(version, _arrays(message))
     tensors, tokens, loss = device.train()
+    device.version = None  # it trained: the next message's global (even the same version) is loaded again
     device.save()
     metrics = MetricRecord({**device.facts(), NUM_EXAMPLES: tokens, "train-loss": loss, "step": device.state.step})
     return Message(RecordDict({ARRAYS: to_record(tensors), METRICS: metrics}), reply_to=message)
@@ -81,7 +82,9 @@ def evaluate(message: Message, context: Context) -> Message:
     device.save()
     reports = {"scores": device.scores()}
     if final:
-        reports.update(routing=device.routing(), strategy_state=device.strategy.state)
+        reports["strategy_state"] = device.strategy.state
+        if run.routing_report:  # decoded samples of the device's own test text: only where the run asks
+            reports["routing"] = device.routing()
     metrics = MetricRecord({"user": device.spec.user, "test-ppl": device.test_perplexity(),
                             "step": device.state.step, NUM_EXAMPLES: 1})
     return Message(RecordDict({METRICS: metrics, CONFIG: ConfigRecord({"reports": dumps(reports)})}),

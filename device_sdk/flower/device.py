@@ -253,6 +253,6 @@ def _clear(folder: Path) -> None:
 
 def dumps(value) -> str:
     """JSON of a report (non-finite floats as null, as in the simulation's records)."""
-    from ..sim.runner import _jsonable
+    from ..sim.runner import jsonable
 
-    return json.dumps(_jsonable(value))
+    return json.dumps(jsonable(value))

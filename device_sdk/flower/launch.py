@@ -76,7 +76,8 @@ def run_flower_simulation(cfg: SimConfig, strategy: str, seed: int, users: list[
     shm = Path("/dev/shm")
     memory = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="flower-devices-", dir=memory) as state:
-        run = FlowerRun(sim=cfg, strategy=strategy, seed=seed, devices=len(users), state_root=state)
+        run = FlowerRun(sim=cfg, strategy=strategy, seed=seed, devices=len(users), state_root=state,
+                        routing_report=True)
         run_simulation(server_app=make_server_app(run, results, threads=cfg.client_cpus), client_app=client_app,
                        num_supernodes=len(users), backend_name="ray", backend_config=backend,
                        verbose_logging=verbose)

@@ -4,21 +4,29 @@
 strategy's own server rule from :mod:`device_sdk.federated` (``RULES[spec.rule]``, the function the aggregator runs):
 the mean (FedAvg, CoMiGS's generalists and attention LoRA, FFA-LoRA's B matrices), HetLoRA's padded
 sparsity-weighted mean and FlexLoRA's SVD of the mean update over per-device ranks, PCL's relay of every upload.
-Uploads are checked with the same :func:`device_sdk.federated.validate` (names, shapes at the device's rank, dtypes,
-finite values). Each device then applies the strategy's receive step itself.
+Uploads are checked as the aggregator checks them, with the same functions (:func:`device_sdk.federated.validate`:
+names, shapes at the device's rank, dtypes, finite values of at most ``max_abs_value``; a positive token count where
+the rule weighs by tokens); a reply that is malformed or fails a check is dropped with a warning, never ends the
+run. Each device's rank and alpha are the ones it declared at the start, not what a later reply says. A global
+with NaN or Inf is not published. Each device then applies the strategy's receive step itself.
 
 A run (:func:`serve`):
 
 1. waits until ``devices`` nodes are connected and asks each for its initial shared tensors (``query`` ``init``);
-   version 0 of the global is, per name, the largest of them (each device cuts it to its own shape), and the
-   devices evaluate it (round 0 of the learning curves);
+   the devices must agree on the names and alpha and pass the checks above, else the run stops (a device set up
+   wrongly); version 0 of the global is, per name, the largest of them (each device cuts it to its own shape), and
+   the devices evaluate it (round 0 of the learning curves);
 2. runs ``rounds`` rounds of Flower's strategy loop: ``train`` messages to the devices drawn for the round (a
    ``fraction`` of them, at least ``min_devices``), the server rule over the replies (published only if at least
    ``min_devices`` devices reported valid tensors), ``evaluate`` messages with the new global to every device.
+   After a round that published nothing, every device gets the last published global back (as a networked
+   :class:`~device_sdk.device.Device` resyncs), not its own trained tensors.
 
 A device that already holds the global version a message refers to gets the message without arrays. The run's
-record has the simulation's format (learning curves, router scores, routing report, strategy state) plus the bytes
-each device sent and received per round.
+record has the simulation's format (learning curves, router scores, strategy state; the routing report, which
+holds decoded test text, only with ``routing_report``) plus the bytes each device sent and received per round and
+which rounds published a global (``flower.rounds``). A missed evaluation is ``null`` in its user's curve.
+A device whose SuperNode restarts comes back with a new node id, which this run does not take back.
 """
 
 from __future__ import annotations
@@ -36,7 +44,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from ..errors import ConfigError, SDKError
-from ..federated import RULES, InvalidUpload, TensorSpec, Upload, largest, networked_spec, spec_of, validate
+from ..federated import (RULES, InvalidUpload, TensorSpec, Upload, largest, networked_spec, nonfinite, spec_of,
+                         validate)
+from ..federated.rules import check_tokens
+from ..federated.wire import MAX_TOKENS
 from ..fileio import atomic_write_bytes
 from .wire import ARRAYS, CONFIG, INIT_QUERY, METRICS, NUM_EXAMPLES, FlowerRun, from_record, to_record
 
@@ -44,7 +55,7 @@ log = logging.getLogger(__name__)
 
 
 class FlowerRunError(SDKError):
-    """A Flower run could not go on (devices missing, every reply failed)."""
+    """A Flower run could not start (devices missing, or set up differently), or it published no global at all."""
 
 
 class CoMiGSStrategy(FlowerStrategy):
@@ -66,8 +77,10 @@ class CoMiGSStrategy(FlowerStrategy):
         self.global_spec: dict[str, TensorSpec] = {}  # names, shapes (the largest) and dtypes of the global
         self.version = 0  # the current global version
         self.holds: dict[int, int] = {}  # node id -> global version it has loaded
-        self.curves: dict[int, dict] = {}  # user -> test ppl, scores, train loss
+        self.curves: dict[int, dict] = {}  # user -> scores, train loss
+        self.evaluations: list[dict[int, float]] = []  # per evaluation round: user -> test ppl
         self.iterations: list[int] = []
+        self.published: dict[int, bool] = {}  # round -> whether it published a global
         self.final: dict[int, dict] = {}  # user -> routing, strategy state (last round)
         self.traffic: list[dict] = []  # per round: bytes down / up per user
         self.uploaded_names: set[str] = set()
@@ -77,35 +90,74 @@ class CoMiGSStrategy(FlowerStrategy):
         """Wait for the devices, collect their initial shared tensors, evaluate version 0; returns version 0.
 
         Raises:
-            FlowerRunError: if the devices do not all connect and answer within ``timeout_s``.
+            FlowerRunError: if the devices do not all connect and answer within ``timeout_s``, or answer with
+                facts or tensors that do not agree (another base model or strategy, a duplicate user index, values
+                beyond ``max_abs_value``).
         """
         nodes = wait_for_nodes(grid, self.run.devices, self.run.timeout_s)
+        if len(nodes) > self.run.devices:
+            log.warning("%d nodes are connected and the run takes %d devices: nodes %s are left out", len(nodes),
+                        self.run.devices, nodes[self.run.devices:])
+            nodes = nodes[:self.run.devices]
         self._round_traffic(0)
         messages = [self._message(node, f"{MessageType.QUERY}.{INIT_QUERY}", None, 0) for node in nodes]
         uploads = []
         for reply in self._replies(grid.send_and_receive(messages, timeout=self.run.timeout_s), "init"):
-            metrics = reply.content[METRICS]
-            user = int(metrics["user"])
+            node = reply.metadata.src_node_id
+            try:
+                metrics = reply.content[METRICS]
+                user = int(metrics["user"])
+                facts = {"rank": int(metrics["rank"]), "alpha": float(metrics["alpha"]),
+                         "experts": int(metrics["experts"]), "trainable": int(metrics["trainable-params"]),
+                         "name": str(reply.content[CONFIG]["name"])}
+                tensors = from_record(reply.content[ARRAYS])
+            except (KeyError, TypeError, ValueError) as err:
+                raise FlowerRunError(f"the device on node {node} answered the init query without its facts or "
+                                     f"tensors ({err!r}); every SuperNode must run this SDK's ClientApp") from err
             if user in self.facts:
                 raise FlowerRunError(f"two devices say they are user {user}; give each SuperNode its own "
                                      "--node-config user=INDEX")
-            self.users[reply.metadata.src_node_id] = user
-            self.facts[user] = {"rank": int(metrics["rank"]), "alpha": float(metrics["alpha"]),
-                                "experts": int(metrics["experts"]), "trainable": int(metrics["trainable-params"]),
-                                "name": str(reply.content[CONFIG]["name"])}
-            tensors = from_record(reply.content[ARRAYS])
+            if facts["rank"] < 1 or not math.isfinite(facts["alpha"]) or facts["alpha"] <= 0:
+                raise FlowerRunError(f"device {user} declared rank {facts['rank']} and alpha {facts['alpha']}; "
+                                     "both must be positive")
+            self.users[node], self.facts[user] = user, facts
             self._count(0, user, up=reply.content[ARRAYS].count_bytes())
-            uploads.append(Upload(user, tensors, 0, self.facts[user]["rank"], self.facts[user]["alpha"]))
+            uploads.append(Upload(user, tensors, 0, facts["rank"], facts["alpha"]))
         if len(uploads) < self.run.devices:
             raise FlowerRunError(f"only {len(uploads)} of {self.run.devices} devices answered the init query; see "
                                  "the devices' logs")
         uploads.sort(key=lambda u: u.user)
-        names = sorted({name for u in uploads for name in u.tensors})
+        self._check_agreement(uploads)
+        names = sorted(uploads[0].tensors)
         initial = {name: largest(uploads, name) for name in names}  # each device cuts it to its own shape
         self.global_spec = spec_of(initial)
+        for upload in uploads:
+            try:
+                validate(upload.tensors, self.upload_spec(upload.user, initial=True), self.run.max_abs_value)
+            except InvalidUpload as err:
+                raise FlowerRunError(f"device {upload.user}'s initial tensors: {err.message}") from err
         arrays = to_record(initial)
         self._evaluate_round(0, grid, arrays)
         return arrays
+
+    @staticmethod
+    def _check_agreement(uploads: list[Upload]) -> None:
+        """Every device must send the same tensor names and alpha: one base model, one strategy, one run config.
+
+        Raises:
+            FlowerRunError: naming the first device that differs from device ``uploads[0].user``.
+        """
+        first = uploads[0]
+        for upload in uploads[1:]:
+            if set(upload.tensors) != set(first.tensors):
+                extra = sorted(set(upload.tensors) - set(first.tensors))[:3]
+                missing = sorted(set(first.tensors) - set(upload.tensors))[:3]
+                raise FlowerRunError(f"device {upload.user} shares other tensors than device {first.user} (its own: "
+                                     f"{extra}, lacking {missing}); every device must run the same base model and "
+                                     "strategy")
+            if upload.alpha != first.alpha:
+                raise FlowerRunError(f"device {upload.user} has alpha {upload.alpha}, device {first.user} "
+                                     f"{first.alpha}; every device must run the same run config")
 
     def _evaluate_round(self, server_round: int, grid: Grid, arrays: ArrayRecord) -> None:
         replies = grid.send_and_receive(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
@@ -148,7 +200,10 @@ class CoMiGSStrategy(FlowerStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._round_traffic(server_round)
-        return [self._message(node, MessageType.TRAIN, arrays, server_round) for node in self._sample(server_round)]
+        messages = [self._message(node, MessageType.TRAIN, arrays, server_round) for node in self._sample(server_round)]
+        for message in messages:  # a device that trains no longer holds the global it started from, even if its
+            self.holds.pop(message.metadata.dst_node_id, None)  # reply is lost: it gets the next global whole
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -158,64 +213,102 @@ class CoMiGSStrategy(FlowerStrategy):
     # --- aggregation ------------------------------------------------------------------------------------------------
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The strategy's server rule over the valid uploads, in user order (``None`` below the quorum)."""
+        """The strategy's server rule over the valid uploads, in user order (``None`` below the quorum, or when the
+        rule fails or gives NaN/Inf: the round then publishes nothing)."""
         uploads, losses = [], {}
         for reply in self._replies(replies, f"round {server_round} train"):
-            node, metrics = reply.metadata.src_node_id, reply.content[METRICS]
-            user = self.users[node]
-            record = reply.content[ARRAYS]
-            self._count(server_round, user, up=record.count_bytes())
-            tensors = from_record(record)
+            node = reply.metadata.src_node_id
             try:
-                validate(tensors, self.upload_spec(user))
-            except InvalidUpload as err:
-                log.warning("round %d: dropped the upload of device %d: %s", server_round, user, err.message)
+                upload, loss = self._upload(server_round, node, reply)
+            except (InvalidUpload, KeyError, TypeError, ValueError) as err:
+                log.warning("round %d: dropped the reply of node %d: %s", server_round, node,
+                            err.message if isinstance(err, InvalidUpload) else repr(err))
                 continue
-            self.uploaded_names.update(tensors)
-            self.holds[node] = self.version  # it synced to the version it trained on
-            uploads.append(Upload(user, tensors, int(metrics[NUM_EXAMPLES]), int(metrics["rank"]),
-                                  float(metrics["alpha"])))
-            losses[user] = float(metrics["train-loss"])
+            self.uploaded_names.update(upload.tensors)
+            uploads.append(upload)
+            losses[upload.user] = loss
         for user, loss in losses.items():
             self.curves.setdefault(user, {}).setdefault("train_loss", []).append(loss)
+        self.published[server_round] = False
         if len(uploads) < self.run.quorum:
             log.warning("round %d: %d valid upload(s), fewer than min_devices=%d; the global stays at version %d",
                         server_round, len(uploads), self.run.quorum, self.version)
             return None, None
         uploads.sort(key=lambda u: u.user)
-        merged = self.rule(uploads)
+        try:
+            merged = self.rule(uploads)
+        except Exception:  # noqa: BLE001 - a rule's failure fails the round, not the run (as on the aggregator)
+            log.exception("round %d: the %s rule failed; the global stays at version %d", server_round,
+                          self.spec.rule, self.version)
+            return None, None
+        bad = nonfinite(merged)
+        if bad:
+            log.error("round %d: the aggregated global has NaN or Inf in %d tensor(s), e.g. %s; it was not "
+                      "published (the global stays at version %d)", server_round, len(bad), bad[:3], self.version)
+            return None, None
         self.version = server_round
+        self.published[server_round] = True
         tokens = sum(u.tokens for u in uploads)
         metrics = MetricRecord({"devices": len(uploads), NUM_EXAMPLES: tokens,
                                 "train-loss": sum(losses.values()) / len(losses)})
         return to_record(merged), metrics
 
-    def upload_spec(self, user: int) -> dict[str, TensorSpec]:
-        """What device ``user`` must upload: the strategy's travelling tensors at the device's shapes (its rank)."""
-        shapes = self.spec.upload_shapes({name: s.shape for name, s in self.global_spec.items()},
-                                         self.facts[user]["rank"])
+    def _upload(self, server_round: int, node: int, reply: Message) -> tuple[Upload, float]:
+        """One train reply as an :class:`Upload` (the device's declared rank and alpha) and its train loss.
+
+        Raises:
+            InvalidUpload, KeyError, TypeError, ValueError: a reply from a node outside the run, without its records,
+                or whose tensors or numbers fail the checks.
+        """
+        if node not in self.users:
+            raise InvalidUpload(f"node {node} is not one of the run's devices")
+        user = self.users[node]
+        metrics, record = reply.content[METRICS], reply.content[ARRAYS]
+        self._count(server_round, user, up=record.count_bytes())
+        tensors = from_record(record)
+        validate(tensors, self.upload_spec(user), self.run.max_abs_value)
+        tokens, loss = metrics[NUM_EXAMPLES], float(metrics["train-loss"])
+        if not isinstance(tokens, int) or not 0 <= tokens <= MAX_TOKENS:
+            raise InvalidUpload(f"{NUM_EXAMPLES} must be an integer in [0, {MAX_TOKENS}], got {tokens!r}")
+        if self.spec.weighs_by_tokens:
+            check_tokens(tokens, self.spec.name)
+        facts = self.facts[user]
+        return Upload(user, tensors, tokens, facts["rank"], facts["alpha"]), loss
+
+    def upload_spec(self, user: int, initial: bool = False) -> dict[str, TensorSpec]:
+        """What device ``user`` must upload: the strategy's travelling tensors (``initial``: every shared tensor, as
+        at the start) at the device's shapes (its rank)."""
+        shapes, rank = {name: s.shape for name, s in self.global_spec.items()}, self.facts[user]["rank"]
+        shapes = self.spec.device_shapes(shapes, rank) if initial else self.spec.upload_shapes(shapes, rank)
         return {name: TensorSpec(tuple(shape), self.global_spec[name].dtype) for name, shape in shapes.items()}
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Record every device's test perplexity, router scores (and, last, its routing report and state)."""
-        steps, ppl = [], []
+        """Record every device's test perplexity, router scores (and, last, its strategy state and routing report),
+        under the user the node is (never the index a reply names)."""
+        steps, ppl = [], {}
         for reply in self._replies(replies, f"round {server_round} evaluate"):
-            metrics = reply.content[METRICS]
-            user = int(metrics["user"])
-            self.holds[reply.metadata.src_node_id] = self.version
-            reports = json.loads(str(reply.content[CONFIG]["reports"]))
-            curve = self.curves.setdefault(user, {})
-            curve.setdefault("test_ppl", []).append(float(metrics["test-ppl"]))
-            step = int(metrics["step"])
-            curve.setdefault("scores", []).append({"iteration": step, "layers": reports["scores"]})
-            if "routing" in reports:
+            node = reply.metadata.src_node_id
+            try:
+                user = self.users[node]
+                metrics = reply.content[METRICS]
+                value, step = float(metrics["test-ppl"]), int(metrics["step"])
+                reports = json.loads(str(reply.content[CONFIG]["reports"]))
+                scores = reports["scores"]
+            except (KeyError, TypeError, ValueError) as err:  # json's errors are ValueErrors
+                log.warning("round %d: dropped the evaluation of node %d: %r", server_round, node, err)
+                continue
+            self.holds[node] = self.version
+            self.curves.setdefault(user, {}).setdefault("scores", []).append({"iteration": step, "layers": scores})
+            if "strategy_state" in reports:
                 self.final[user] = reports
             steps.append(step)
-            ppl.append(float(metrics["test-ppl"]))
+            ppl[user] = value
         if not ppl:
+            log.warning("round %d: no device reported its evaluation", server_round)
             return None
+        self.evaluations.append(ppl)
         self.iterations.append(min(steps))
-        return MetricRecord({"test-ppl": sum(ppl) / len(ppl), "devices": len(ppl)})
+        return MetricRecord({"test-ppl": sum(ppl.values()) / len(ppl), "devices": len(ppl)})
 
     def summary(self) -> None:
         log.info("CoMiGS strategy %s: %d devices, fraction %.2f, min_devices %d, %d rounds", self.run.strategy,
@@ -238,8 +331,8 @@ class CoMiGSStrategy(FlowerStrategy):
         """The run's record, in the format of the in-process simulation's (plus ``flower``: traffic, names)."""
         users = sorted(self.facts)
         names = [self.facts[u]["name"] for u in users]
-        curves = {self.facts[u]["name"]: self.curves.get(u, {}).get("test_ppl", []) for u in users}
-        final = {n: c[-1] for n, c in curves.items() if c}
+        curves = {self.facts[u]["name"]: [e.get(u) for e in self.evaluations] for u in users}
+        final = {n: c[-1] for n, c in curves.items() if c and c[-1] is not None}
         state: dict = {}
         routing = {}
         for u in users:
@@ -256,13 +349,14 @@ class CoMiGSStrategy(FlowerStrategy):
             "experts": [self.facts[u]["experts"] for u in users], "iterations": self.iterations,
             "test_ppl": curves, "final": final,
             "mean": sum(final.values()) / len(final) if final else math.nan,
-            "pretrained": {n: c[0] for n, c in curves.items() if c},
+            "pretrained": {n: c[0] for n, c in curves.items() if c and c[0] is not None},
             "train_loss": {self.facts[u]["name"]: self.curves.get(u, {}).get("train_loss", []) for u in users},
             "expert_scores": {self.facts[u]["name"]: self.curves.get(u, {}).get("scores", []) for u in users},
             "routing": routing, "strategy_state": state, "seconds": seconds, "via_server": False,
             "engine": "flower",
             "trainable_params": {self.facts[u]["name"]: self.facts[u]["trainable"] for u in users},
-            "flower": {"traffic": self.traffic, "uploaded_names": sorted(self.uploaded_names)},
+            "flower": {"traffic": self.traffic, "uploaded_names": sorted(self.uploaded_names),
+                       "rounds": [{"round": r, "published": p} for r, p in sorted(self.published.items())]},
         }
 
 
@@ -287,7 +381,11 @@ def serve(grid: Grid, run: FlowerRun, threads: int = 0) -> dict:
     strategy = CoMiGSStrategy(run, threads)
     initial = strategy.initialise(grid)
     strategy.start(grid, initial, num_rounds=run.sim.rounds, timeout=run.timeout_s)
-    return strategy.record(time.perf_counter() - start)
+    record = strategy.record(time.perf_counter() - start)
+    if run.sim.rounds and not any(strategy.published.values()):
+        log.error("no round of %d published a global (see the warnings above): the record holds version 0 only",
+                  run.sim.rounds)
+    return record
 
 
 def make_server_app(run: FlowerRun, results: list, threads: int = 0) -> ServerApp:
@@ -307,12 +405,15 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context) -> None:
+    from ..sim.runner import jsonable
+
     run = FlowerRun.from_run_config(dict(context.run_config))
+    if not run.out:  # before the run, not after hours of it
+        raise ConfigError("the run config has no 'out' path for the run's record; set out = \"FILE.json\"")
+    path = Path(run.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     record = serve(grid, run)
-    if run.out:
-        path = Path(run.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps(record).encode())  # the launcher reads it as soon as it exists
-        log.info("wrote the run's record to %s", path)
-    else:
-        raise ConfigError("the run config has no 'out' path: the run's record was not written")
+    atomic_write_bytes(path, json.dumps(jsonable(record)).encode())  # the launcher reads it as soon as it exists
+    log.info("wrote the run's record to %s", path)
+    if run.sim.rounds and not any(r["published"] for r in record["flower"]["rounds"]):
+        raise FlowerRunError(f"no round published a global; the record in {path} holds version 0 only")

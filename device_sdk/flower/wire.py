@@ -17,8 +17,9 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from ..errors import ConfigError
-from ..sim.config import SimConfig
 from ..federated.catalog import spec_for
+from ..federated.tensors import DEFAULT_MAX_ABS
+from ..sim.config import SimConfig
 
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
 #: The metric a reply's training tokens travel under (Flower's convention for the weight of an update).
@@ -76,6 +77,10 @@ class FlowerRun:
         state_root: simulation only: where virtual devices keep their checkpoints between rounds.
         timeout_s: how long the server waits for a round's replies.
         out: write the run's record (JSON) here when it ends (a deployment's result; empty: do not).
+        max_abs_value: the largest |value| an uploaded tensor may hold (as the aggregator's setting).
+        routing_report: devices send, with their last evaluation, the routing report: samples of their own test
+            text, decoded, with each token's expert. Off by default: it is the device's text leaving it; a
+            simulation turns it on (its users are the operator's own data).
     """
 
     sim: SimConfig
@@ -87,6 +92,8 @@ class FlowerRun:
     state_root: str = ""
     timeout_s: float = 3600.0
     out: str = ""
+    max_abs_value: float = DEFAULT_MAX_ABS
+    routing_report: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -103,6 +110,8 @@ class FlowerRun:
             problems.append(f"fraction must be in (0, 1], got {self.fraction}")
         if self.timeout_s <= 0:
             problems.append(f"timeout_s must be > 0, got {self.timeout_s}")
+        if not (isinstance(self.max_abs_value, int | float) and 0 < self.max_abs_value < float("inf")):
+            problems.append(f"max_abs_value must be a positive finite number, got {self.max_abs_value!r}")
         if problems:
             raise ConfigError("invalid Flower run: " + "; ".join(problems))
 
@@ -124,7 +133,8 @@ class FlowerRun:
     def from_run_config(cls, run_config: dict) -> FlowerRun:
         """A run from a Flower app's run config (``[tool.flwr.app.config]`` plus ``flwr run --run-config``): keys
         spelled as on the command line (``local-steps``); run fields (``strategy``, ``seed``, ``devices``,
-        ``min-devices``, ``fraction``, ``timeout-s``, ``out``) and any :class:`SimConfig` field.
+        ``min-devices``, ``fraction``, ``timeout-s``, ``out``, ``max-abs-value``, ``routing-report``) and any
+        :class:`SimConfig` field.
 
         Raises:
             ConfigError: for an unknown key or a bad value.

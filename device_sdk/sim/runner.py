@@ -267,7 +267,7 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
         if resume_dir is not None:
             save_progress(resume_dir, number, models, states, base.name,
                           {"iterations": iterations, "test_ppl": curves, "expert_scores": scores,
-                           "train_loss": train_loss, "strategy_state": _jsonable(strategy.state),
+                           "train_loss": train_loss, "strategy_state": jsonable(strategy.state),
                            "seconds": time.perf_counter() - start})
 
     texts = sample_texts or {u.name: u.test for u in users}
@@ -283,18 +283,19 @@ def run_strategy(cfg: SimConfig, name: str, seed: int, users: list[UserData], ba
         "iterations": iterations, "test_ppl": curves, "final": final,
         "mean": float(np.mean(list(final.values()))), "pretrained": {n: c[0] for n, c in curves.items()},
         "train_loss": train_loss, "expert_scores": scores, "routing": routing,
-        "strategy_state": _jsonable(strategy.state), "seconds": time.perf_counter() - start,
+        "strategy_state": jsonable(strategy.state), "seconds": time.perf_counter() - start,
         "via_server": rounds_via is not None, "host": host(),  # the machine of the last round (runs resume elsewhere)
         "trainable_params": {n: sum(count_parameters(test_model(u))[r.value] for r in Role)  # adapters, all roles
                              for u, n in enumerate(names)},
     }
 
 
-def _jsonable(value):
+def jsonable(value):
+    """``value`` with non-finite floats as ``None`` (``null`` in JSON), dict keys as strings."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

@@ -21,7 +21,8 @@ from device_sdk.data import load_users  # noqa: E402
 from device_sdk.flower.client_app import app as client_app  # noqa: E402
 from device_sdk.flower.launch import EXAMPLE_APP, OFFLINE_ENV, LoopbackDeployment  # noqa: E402
 from device_sdk.flower.server_app import serve  # noqa: E402
-from device_sdk.flower.wire import ARRAYS, FlowerRun  # noqa: E402
+from device_sdk.flower.server_app import FlowerRunError  # noqa: E402
+from device_sdk.flower.wire import ARRAYS, CONFIG, METRICS, FlowerRun, from_record, to_record  # noqa: E402
 from device_sdk.models import load_base_model  # noqa: E402
 from device_sdk.parts import SHARED_ROLES, iter_role_parameters  # noqa: E402
 from device_sdk.sim import SimConfig, run_strategy  # noqa: E402
@@ -56,11 +57,13 @@ class InlineGrid(Grid):
     """A Grid that hands every message to our ClientApp in this process (one Context per virtual node) and keeps
     every message both ways, so that a test sees exactly what would travel."""
 
-    def __init__(self, nodes: int, fails=None) -> None:
-        """``fails(message, user)``: True to answer that message with an error instead (a device that failed)."""
+    def __init__(self, nodes: int, fails=None, tamper=None) -> None:
+        """``fails(message, user)``: True to answer that message with an error instead (a device that failed);
+        ``tamper(message, user, reply)``: the reply content that travels instead (a broken or hostile device)."""
         from flwr.supercore.task_identity import TaskIdentity
 
         self.fails = fails or (lambda message, user: False)
+        self.tamper = tamper
 
         # who sends: what Flower's runtimes set before a ServerApp runs (run 7, the SuperLink's node id 0)
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
@@ -96,6 +99,10 @@ class InlineGrid(Grid):
                 reply = message.create_error_reply(Error(code=1, reason="injected failure"))
             else:
                 reply = client_app(message, context)
+                if self.tamper is not None:
+                    content = self.tamper(message, context.node_config["partition-id"], reply)
+                    if content is not reply.content:
+                        reply = Message(content, reply_to=message)
             self.carried += [message, reply]
             replies.append(reply)
         return replies
@@ -120,7 +127,8 @@ def test_flower_messages_give_the_in_process_numbers_and_carry_shared_roles_only
     users = load_users(users_dir, base.tokenizer)
     in_process = run_strategy(cfg, name, 5, users, base)
     grid = InlineGrid(len(users))
-    run = FlowerRun(sim=cfg, strategy=name, seed=5, devices=len(users), state_root=str(tmp_path / "state"))
+    run = FlowerRun(sim=cfg, strategy=name, seed=5, devices=len(users), state_root=str(tmp_path / "state"),
+                    routing_report=True)
     record = serve(grid, run)
     for key in SAME:
         assert record[key] == in_process[key], key
@@ -153,17 +161,84 @@ def test_round_policy_trains_a_fraction_and_publishes_only_with_a_quorum(users_d
                                    state_root=str(tmp_path / "a")))
     assert len(_to_devices(grid, "train")) == 2
     assert all(len(curve) == 3 for curve in record["test_ppl"].values())
+    # without routing_report no device's test text leaves it
+    assert record["routing"] == {} and record["strategy_state"] is not None
+    assert not any("routing" in str(m.content[CONFIG].get("reports", "")) for m in grid.carried
+                   if m.has_content() and CONFIG in m.content and not m.metadata.dst_node_id)
     assert sum(len(losses) for losses in record["train_loss"].values()) == 2
     # device 2 fails to train: two uploads, fewer than min_devices=3, so no new global is published
     grid = InlineGrid(3, fails=lambda message, user: message.metadata.message_type == "train" and user == 2)
     record = serve(grid, FlowerRun(sim=cfg, strategy="fedavg", seed=2, devices=3, state_root=str(tmp_path / "b")))
     evaluations = _to_devices(grid, "evaluate")
-    assert len(evaluations) == 9 and sum(ARRAYS in m.content for m in evaluations) == 3  # version 0 only
+    # version 0 each time: after a round that published nothing every device that trained gets it back whole
+    assert len(evaluations) == 9 and sum(ARRAYS in m.content for m in evaluations) == 9
+    assert all(m.content[CONFIG]["version"] == 0 for m in evaluations)
+    assert record["flower"]["rounds"] == [{"round": 1, "published": False}, {"round": 2, "published": False}]
+    # FedAvg's model is all shared: back on version 0, every device measures what it measured before training
+    assert all(curve == [curve[0]] * 3 for curve in record["test_ppl"].values())
     assert record["train_loss"]["u3"] == [] and len(record["train_loss"]["u1"]) == 2
     grid = InlineGrid(3, fails=lambda message, user: message.metadata.message_type == "train" and user == 2)
     record = serve(grid, FlowerRun(sim=cfg, strategy="fedavg", seed=2, devices=3, min_devices=2,
                                    state_root=str(tmp_path / "c")))
     assert sum(ARRAYS in m.content for m in _to_devices(grid, "evaluate")) == 9  # versions 0, 1, 2
+
+
+def test_a_broken_or_hostile_device_is_dropped_and_the_run_goes_on(users_dir, tmp_path):
+    """What the aggregator refuses, the ServerApp drops: tensors beyond max_abs_value, a reply without its metrics;
+    an evaluation that names another user is taken as its own node's; the run ends with a finite global."""
+    cfg = _cfg(users_dir)
+    clean = serve(InlineGrid(3), FlowerRun(sim=cfg, strategy="fedavg", seed=2, devices=3, min_devices=2,
+                                           state_root=str(tmp_path / "clean")))
+
+    def impostor(message, user, reply):  # device 2 says it is user 0 in every evaluation
+        if message.metadata.message_type == "evaluate" and user == 2:
+            content = reply.content
+            content[METRICS]["user"] = 0
+            return content
+        return reply.content
+
+    record = serve(InlineGrid(3, tamper=impostor), FlowerRun(sim=cfg, strategy="fedavg", seed=2, devices=3,
+                                                             min_devices=2, state_root=str(tmp_path / "imp")))
+    assert record["test_ppl"] == clean["test_ppl"]
+
+    def hostile():
+        """In its first round device 1 sends huge values and device 2 a reply without its metrics."""
+        done: set[int] = set()
+
+        def tamper(message, user, reply):
+            if message.metadata.message_type != "train" or user in done:
+                return reply.content
+            done.add(user)
+            if user == 1:
+                huge = {name: t * 1e20 for name, t in from_record(reply.content[ARRAYS]).items()}
+                return RecordDict({ARRAYS: to_record(huge), METRICS: reply.content[METRICS]})
+            if user == 2:
+                return RecordDict({ARRAYS: reply.content[ARRAYS]})
+            return reply.content
+        return tamper
+
+    record = serve(InlineGrid(3, tamper=hostile()), FlowerRun(sim=cfg, strategy="fedavg", seed=2, devices=3,
+                                                              min_devices=2, state_root=str(tmp_path / "two")))
+    # round 1 keeps one valid upload of min_devices=2: nothing published, and the run goes on to round 2
+    assert [r["published"] for r in record["flower"]["rounds"]] == [False, True]
+    record = serve(InlineGrid(3, tamper=hostile()), FlowerRun(sim=cfg, strategy="fedavg", seed=2, devices=3,
+                                                              min_devices=1, state_root=str(tmp_path / "one")))
+    assert [r["published"] for r in record["flower"]["rounds"]] == [True, True]
+    assert [len(record["train_loss"][u]) for u in ("u1", "u2", "u3")] == [2, 1, 1]
+    assert all(v is not None and v == v and v < 1e6 for curve in record["test_ppl"].values() for v in curve)
+
+
+def test_devices_that_disagree_at_the_start_stop_the_run_naming_the_device(users_dir, tmp_path):
+    def extra_tensor(message, user, reply):
+        if message.metadata.message_type.endswith("init") and user == 1:
+            tensors = from_record(reply.content[ARRAYS])
+            tensors["model.layers.0.extra"] = torch.zeros(2)
+            return RecordDict({**dict(reply.content.items()), ARRAYS: to_record(tensors)})
+        return reply.content
+
+    with pytest.raises(FlowerRunError, match="device 1 shares other tensors than device 0.*model.layers.0.extra"):
+        serve(InlineGrid(3, tamper=extra_tensor), FlowerRun(sim=_cfg(users_dir), strategy="fedavg", seed=2,
+                                                            devices=3, state_root=str(tmp_path / "s")))
 
 
 def test_run_config_of_the_example_app_builds_a_run():
@@ -206,7 +281,8 @@ def test_a_superlink_deployment_runs_the_app_and_matches_in_process(users_dir, t
              for i, (name, n) in enumerate(experts.items())]
     settings = {"strategy": "hetlora-full", "devices": 2, "seed": 3, "model": "tiny-llama", "rounds": 1,
                 "local-steps": 2, "batch": 2, "ctx": 32, "router-period": 1, "router-steps": 1, "precision": "fp32",
-                "device": "cpu", "eval-tokens": 256, "peer-eval-tokens": 64, "timeout-s": 300.0}
+                "device": "cpu", "eval-tokens": 256, "peer-eval-tokens": 64, "timeout-s": 300.0,
+                "routing-report": True}
     with LoopbackDeployment(nodes, tmp_path / "flower") as deployment:
         record = deployment.run(EXAMPLE_APP, settings, timeout_s=420)
         procs = list(deployment.procs)
