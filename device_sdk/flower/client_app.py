@@ -4,6 +4,8 @@ Handlers (Flower 1.42's Message API):
 
 - ``query`` ``init``: a fresh device (adapters from the run's seed) answers with its initial shared tensors and its
   facts (user index, rank, alpha) so that the server can start every device from common values;
+- ``query`` ``hello``: a device whose SuperNode restarted (a new node id) answers with the same facts from its
+  checkpoint folder, so that the server takes it back;
 - ``train``: sync to the global version in the message (the arrays may be left out when the device already holds
   that version), train one round locally, reply with the shared tensors (an ArrayRecord: attention LoRA and
   generalists for CoMiGS; specialists and routers never leave the device) and a MetricRecord with the training
@@ -24,7 +26,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .device import DeviceCache, device_spec, dumps
-from .wire import ARRAYS, CONFIG, INIT_QUERY, METRICS, NUM_EXAMPLES, FlowerRun, from_record, to_record
+from .wire import ARRAYS, CONFIG, HELLO_QUERY, INIT_QUERY, METRICS, NUM_EXAMPLES, FlowerRun, from_record, to_record
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,17 @@ def initialise(message: Message, context: Context) -> Message:
     device.save()
     content = RecordDict({ARRAYS: to_record(device.initial_tensors()), METRICS: MetricRecord(device.facts()),
                           CONFIG: ConfigRecord({"name": spec.name})})
+    return Message(content, reply_to=message)
+
+
+@app.query(HELLO_QUERY)
+def hello(message: Message, context: Context) -> Message:
+    """A device back after its SuperNode restarted: its facts, from its checkpoint folder (an error reply if it has
+    none: a device that lost its state cannot rejoin a running run)."""
+    run, _, _ = _settings(message)
+    spec = device_spec(run, context.node_config, context.run_id)
+    device = DEVICES.get(run, spec)
+    content = RecordDict({METRICS: MetricRecord(device.facts()), CONFIG: ConfigRecord({"name": spec.name})})
     return Message(content, reply_to=message)
 
 

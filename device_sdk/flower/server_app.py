@@ -26,7 +26,8 @@ A device that already holds the global version a message refers to gets the mess
 record has the simulation's format (learning curves, router scores, strategy state; the routing report, which
 holds decoded test text, only with ``routing_report``) plus the bytes each device sent and received per round and
 which rounds published a global (``flower.rounds``). A missed evaluation is ``null`` in its user's curve.
-A device whose SuperNode restarts comes back with a new node id, which this run does not take back.
+A device whose SuperNode restarts comes back with a new node id: before each round the server asks new nodes who
+they are (``query`` ``hello``) and takes a device back on its new node when its old one is gone.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ from ..federated import (RULES, InvalidUpload, TensorSpec, Upload, largest, netw
 from ..federated.rules import check_tokens
 from ..federated.wire import MAX_TOKENS
 from ..fileio import atomic_write_bytes
-from .wire import ARRAYS, CONFIG, INIT_QUERY, METRICS, NUM_EXAMPLES, FlowerRun, from_record, to_record
+from .wire import ARRAYS, CONFIG, HELLO_QUERY, INIT_QUERY, METRICS, NUM_EXAMPLES, FlowerRun, from_record, to_record
+
+#: How long the server waits for a node that joined mid-run to say who it is (it asks once per node).
+HELLO_TIMEOUT_S = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,7 @@ class CoMiGSStrategy(FlowerStrategy):
         self.final: dict[int, dict] = {}  # user -> routing, strategy state (last round)
         self.traffic: list[dict] = []  # per round: bytes down / up per user
         self.uploaded_names: set[str] = set()
+        self.strangers: set[int] = set()  # nodes that joined mid-run and are no device of this run
 
     # --- start: devices and version 0 -------------------------------------------------------------------------------
     def initialise(self, grid: Grid) -> ArrayRecord:
@@ -105,11 +110,7 @@ class CoMiGSStrategy(FlowerStrategy):
         for reply in self._replies(grid.send_and_receive(messages, timeout=self.run.timeout_s), "init"):
             node = reply.metadata.src_node_id
             try:
-                metrics = reply.content[METRICS]
-                user = int(metrics["user"])
-                facts = {"rank": int(metrics["rank"]), "alpha": float(metrics["alpha"]),
-                         "experts": int(metrics["experts"]), "trainable": int(metrics["trainable-params"]),
-                         "name": str(reply.content[CONFIG]["name"])}
+                user, facts = self._facts(reply)
                 tensors = from_record(reply.content[ARRAYS])
             except (KeyError, TypeError, ValueError) as err:
                 raise FlowerRunError(f"the device on node {node} answered the init query without its facts or "
@@ -139,6 +140,54 @@ class CoMiGSStrategy(FlowerStrategy):
         arrays = to_record(initial)
         self._evaluate_round(0, grid, arrays)
         return arrays
+
+    @staticmethod
+    def _facts(reply: Message) -> tuple[int, dict]:
+        """The user index and facts a device declares (init and hello replies).
+
+        Raises:
+            KeyError, TypeError, ValueError: for a reply without them.
+        """
+        metrics = reply.content[METRICS]
+        return int(metrics["user"]), {"rank": int(metrics["rank"]), "alpha": float(metrics["alpha"]),
+                                      "experts": int(metrics["experts"]),
+                                      "trainable": int(metrics["trainable-params"]),
+                                      "name": str(reply.content[CONFIG]["name"])}
+
+    def take_back(self, grid: Grid, server_round: int) -> None:
+        """Ask each node that joined since the start who it is; a device of this run whose old node is gone (its
+        SuperNode restarted) is taken back on its new node, and gets the next global whole (while the old node is
+        still listed, it is asked again next round). Any other node is left out, and not asked again."""
+        connected = set(grid.get_node_ids())
+        new = sorted(connected - set(self.users) - self.strangers)
+        if not new:
+            return
+        messages = [self._message(node, f"{MessageType.QUERY}.{HELLO_QUERY}", None, server_round) for node in new]
+        self.strangers.update(new)  # until one proves to be a device of this run
+        for reply in self._replies(grid.send_and_receive(messages, timeout=min(HELLO_TIMEOUT_S, self.run.timeout_s)),
+                                   f"round {server_round} hello"):
+            node = reply.metadata.src_node_id
+            try:
+                user, facts = self._facts(reply)
+            except (KeyError, TypeError, ValueError) as err:
+                log.warning("node %d joined mid-run and did not say who it is (%r); it is left out", node, err)
+                continue
+            if self.facts.get(user) != facts:
+                log.warning("node %d joined mid-run as user %d with other facts than that device had at the start "
+                            "(%s, then %s); it is left out", node, user, facts, self.facts.get(user))
+                continue
+            old = [n for n, u in self.users.items() if u == user]
+            if any(n in connected for n in old):
+                log.warning("node %d says it is user %d, which is still connected on node %s; asking again next "
+                            "round", node, user, old)
+                self.strangers.discard(node)
+                continue
+            for n in old:
+                del self.users[n]
+                self.holds.pop(n, None)
+            self.users[node] = user
+            self.strangers.discard(node)
+            log.info("device %d (%s) is back, on node %d", user, facts["name"], node)
 
     @staticmethod
     def _check_agreement(uploads: list[Upload]) -> None:
@@ -200,6 +249,7 @@ class CoMiGSStrategy(FlowerStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._round_traffic(server_round)
+        self.take_back(grid, server_round)
         messages = [self._message(node, MessageType.TRAIN, arrays, server_round) for node in self._sample(server_round)]
         for message in messages:  # a device that trains no longer holds the global it started from, even if its
             self.holds.pop(message.metadata.dst_node_id, None)  # reply is lost: it gets the next global whole

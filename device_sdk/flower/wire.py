@@ -26,6 +26,9 @@ ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
 NUM_EXAMPLES = "num-examples"
 #: ``query`` messages of this name ask a device for its freshly initialised shared tensors (before round 1).
 INIT_QUERY = "init"
+#: ``query`` messages of this name ask a node that joined mid-run who it is: a device whose SuperNode restarted
+#: answers from its checkpoint folder (its facts, as at the start), and the server takes it back.
+HELLO_QUERY = "hello"
 
 #: SimConfig fields holding tuples (JSON gives lists back).
 _TUPLE_FIELDS = {"strategies", "experts", "seeds", "users", "routing_layers", "betas"}

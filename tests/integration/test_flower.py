@@ -18,6 +18,7 @@ from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 
 from device_sdk.data import load_users  # noqa: E402
+from device_sdk.flower.client_app import DEVICES as client_devices  # noqa: E402
 from device_sdk.flower.client_app import app as client_app  # noqa: E402
 from device_sdk.flower.launch import EXAMPLE_APP, OFFLINE_ENV, LoopbackDeployment  # noqa: E402
 from device_sdk.flower.server_app import serve  # noqa: E402
@@ -57,13 +58,15 @@ class InlineGrid(Grid):
     """A Grid that hands every message to our ClientApp in this process (one Context per virtual node) and keeps
     every message both ways, so that a test sees exactly what would travel."""
 
-    def __init__(self, nodes: int, fails=None, tamper=None) -> None:
+    def __init__(self, nodes: int, fails=None, tamper=None, after=None) -> None:
         """``fails(message, user)``: True to answer that message with an error instead (a device that failed);
-        ``tamper(message, user, reply)``: the reply content that travels instead (a broken or hostile device)."""
+        ``tamper(message, user, reply)``: the reply content that travels instead (a broken or hostile device);
+        ``after(grid, messages)``: called after each exchange (e.g. to restart a node)."""
         from flwr.supercore.task_identity import TaskIdentity
 
         self.fails = fails or (lambda message, user: False)
         self.tamper = tamper
+        self.after = after
 
         # who sends: what Flower's runtimes set before a ServerApp runs (run 7, the SuperLink's node id 0)
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
@@ -94,8 +97,10 @@ class InlineGrid(Grid):
         replies = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = message.object_id
-            context = self.contexts[message.metadata.dst_node_id]
-            if self.fails(message, context.node_config["partition-id"]):
+            context = self.contexts.get(message.metadata.dst_node_id)
+            if context is None:  # a node that is gone: the message times out
+                reply = message.create_error_reply(Error(code=2, reason="node gone"))
+            elif self.fails(message, context.node_config["partition-id"]):
                 reply = message.create_error_reply(Error(code=1, reason="injected failure"))
             else:
                 reply = client_app(message, context)
@@ -105,7 +110,17 @@ class InlineGrid(Grid):
                         reply = Message(content, reply_to=message)
             self.carried += [message, reply]
             replies.append(reply)
+        if self.after is not None:
+            self.after(self, messages)
         return replies
+
+    def restart(self, node: int, new_node: int) -> None:
+        """The SuperNode ``node`` restarts: its device comes back as ``new_node``, with a fresh process (nothing in
+        memory) and its state folder."""
+        old = self.contexts.pop(node)
+        self.contexts[new_node] = Context(run_id=7, node_id=new_node, node_config=old.node_config,
+                                          state=RecordDict(), run_config={})
+        client_devices.devices.clear()
 
 
 def _role_names(strategy: str, experts: int) -> tuple[set[str], set[str]]:
@@ -226,6 +241,27 @@ def test_a_broken_or_hostile_device_is_dropped_and_the_run_goes_on(users_dir, tm
     assert [r["published"] for r in record["flower"]["rounds"]] == [True, True]
     assert [len(record["train_loss"][u]) for u in ("u1", "u2", "u3")] == [2, 1, 1]
     assert all(v is not None and v == v and v < 1e6 for curve in record["test_ppl"].values() for v in curve)
+
+
+def test_a_device_whose_supernode_restarts_is_taken_back_on_its_new_node(users_dir, tmp_path):
+    """Node 101 restarts after round 1 as node 201 (a new process, its state folder kept): the server asks the new
+    node who it is and takes the device back; the run's numbers are those of a run without the restart."""
+    cfg = _cfg(users_dir, experts=(3, 2, 1), rounds=3)
+    clean = serve(InlineGrid(3), FlowerRun(sim=cfg, strategy="comigs-1gxs", seed=4, devices=3,
+                                           state_root=str(tmp_path / "clean")))
+
+    def restart_after_round_1(grid, messages):
+        if any(m.metadata.message_type == "evaluate" and m.content[CONFIG]["version"] == 1 for m in messages):
+            grid.restart(101, 201)
+
+    grid = InlineGrid(3, after=restart_after_round_1)
+    record = serve(grid, FlowerRun(sim=cfg, strategy="comigs-1gxs", seed=4, devices=3,
+                                   state_root=str(tmp_path / "restart")))
+    for key in SAME:
+        assert record[key] == clean[key], key
+    to_201 = [m for m in grid.carried if m.metadata.dst_node_id == 201]
+    assert [m.metadata.message_type for m in to_201] == ["query.hello", "train", "evaluate", "train", "evaluate"]
+    assert ARRAYS in to_201[1].content  # a restarted device gets the global whole
 
 
 def test_devices_that_disagree_at_the_start_stop_the_run_naming_the_device(users_dir, tmp_path):
