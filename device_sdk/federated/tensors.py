@@ -95,12 +95,13 @@ def validate(tensors: Mapping[str, torch.Tensor], spec: Mapping[str, TensorSpec]
                 problems.append(f"{name}: contains NaN or Inf")
             elif max_abs is not None and largest > max_abs:
                 problems.append(f"{name}: a value of magnitude {largest:.3g} exceeds the federation's bound "
-                                f"max_abs_value={max_abs:g}; check the device's training (diverged?) or create the "
-                                "federation with a larger max_abs_value")
+                                f"max_abs_value={max_abs:g}")
         if len(problems) >= 8:
             break
     if problems:
-        raise InvalidUpload("update does not match the federation: " + "; ".join(problems), problems)
+        hint = ("; check the device's training (diverged?) or create the federation with a larger max_abs_value"
+                if any("max_abs_value=" in p for p in problems) else "")
+        raise InvalidUpload("update does not match the federation: " + "; ".join(problems) + hint, problems)
 
 
 class RunningMean:

@@ -78,8 +78,10 @@ def test_invalid_updates_are_rejected_and_not_counted(mutate, message):
 def test_validate_bounds_values_and_weights_must_be_positive():
     t = _tensors(0)
     validate(t, spec_of(t))
-    with pytest.raises(InvalidUpload, match="exceeds the federation's bound max_abs_value=0.001"):
+    with pytest.raises(InvalidUpload, match="exceeds the federation's bound max_abs_value=0.001") as refused:
         validate(t, spec_of(t), max_abs=1e-3)
+    assert len(refused.value.problems) == len(t) > 1  # every tensor named, the advice given once
+    assert str(refused.value).count("larger max_abs_value") == 1
     with pytest.raises(InvalidUpload, match="positive token count"):
         weight_for("token_weighted", 0)
     with pytest.raises(InvalidUpload, match="nothing to aggregate"):
