@@ -14,6 +14,7 @@ checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,7 @@ from .fileio import fsync_dir
 from .train import TrainState, expert_parameters, router_parameters
 
 LATEST = "LATEST"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(SDKError):
@@ -80,13 +82,38 @@ def save_checkpoint(folder: Path, model: nn.Module, state: TrainState, base_mode
     return target
 
 
+def _order(path: Path) -> tuple[int, int, int]:
+    """``(round, step, revision)`` of a checkpoint folder's name (``ckpt-000003-00000040-r2``)."""
+    parts = path.name.split("-")
+    try:
+        return int(parts[1]), int(parts[2]), int(parts[3][1:]) if len(parts) > 3 else 1
+    except (IndexError, ValueError):
+        return -1, -1, -1
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint folder, or ``None`` if there is none."""
-    pointer = Path(folder) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(folder) / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    """The checkpoint ``LATEST`` names; if it is gone or incomplete (files lost outside the SDK's control), the
+    newest complete one, with a warning; ``None`` if the folder holds no checkpoint at all.
+
+    Raises:
+        CheckpointError: ``LATEST`` names a checkpoint that is not there and no other complete one is.
+    """
+    folder = Path(folder)
+    pointer = folder / LATEST
+    if pointer.is_file():
+        path = folder / pointer.read_text().strip()
+        if (path / "state.json").is_file():
+            return path
+    complete = sorted((p for p in folder.glob("ckpt-*") if (p / "state.json").is_file()), key=_order)
+    if complete:
+        log.warning("%s names no complete checkpoint; resuming from the newest complete one, %s", pointer,
+                    complete[-1].name)
+        return complete[-1]
+    if pointer.is_file():
+        raise CheckpointError(f"{pointer} names {pointer.read_text().strip()!r}, which is gone or incomplete, and "
+                              f"{folder} holds no other checkpoint; move {folder} away to start this device afresh "
+                              "(its training so far is lost)")
+    return None
 
 
 def load_checkpoint(path: Path, model: nn.Module, state: TrainState, base_model: str) -> dict:

@@ -209,6 +209,10 @@ class AggregatorClient:
         return wire.decode(self._request("GET", f"/globals/{version}").content)[0]
 
     def upload(self, round_number: int, tensors: dict[str, torch.Tensor], tokens: int, metrics: dict) -> dict:
-        payload = wire.encode_upload(tensors, tokens, metrics)
+        return self.upload_payload(round_number, wire.encode_upload(tensors, tokens, metrics))
+
+    def upload_payload(self, round_number: int, payload: bytes) -> dict:
+        """Upload an encoded update (:func:`device_sdk.federated.wire.encode_upload`): the same bytes again are
+        answered as the first time (``duplicate: true``)."""
         return self._request("POST", f"/rounds/{round_number}/update", content=payload,
                              headers={"Content-Type": "application/octet-stream"}).json()

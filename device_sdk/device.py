@@ -3,7 +3,9 @@ and runs Algorithm 1's rounds against the aggregator; specialists and routers ne
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -20,11 +22,14 @@ from .enrollment import CREDENTIALS, NotEnrolled, credentials
 from .errors import ConfigError
 from .evaluate import evaluate, loss_with
 from .federated import Upload
+from .federated.wire import encode_upload
+from .fileio import atomic_write_bytes
 from .inject import inject_adapters
 from .models import check_model_name, default_cache_dir, load_base_model, model_skeleton
 from .parts import Role
 from .peft_adapters import load_peft_adapter
 from .round import load_initial, receive_global, run_device_round
+from .runfolder import hold_folder
 from .strategies import DEFAULT_NETWORKED, networked_strategy
 from .strategies.base import device_upload
 from .train import init_train_state, valid_loss
@@ -102,8 +107,12 @@ class DeviceConfig:
             problems.append(f"rounds must be >= 1, got {self.rounds}")
         if self.n_specialists is not None and self.n_specialists < 0:
             problems.append(f"n_specialists must be >= 0, got {self.n_specialists}")
-        if self.budget_mb is not None and self.budget_mb <= 0:
-            problems.append(f"budget_mb must be > 0, got {self.budget_mb}")
+        if self.budget_mb is not None and not (isinstance(self.budget_mb, int | float)
+                                               and not isinstance(self.budget_mb, bool)
+                                               and 0 < self.budget_mb < math.inf):
+            problems.append(f"budget_mb must be a positive number of MiB, got {self.budget_mb!r}")
+        if not (isinstance(self.poll_s, int | float) and 0 < self.poll_s < math.inf):
+            problems.append(f"poll_s must be a positive number of seconds, got {self.poll_s!r}")
         if self.peer_eval_tokens < 1:
             problems.append(f"peer_eval_tokens must be >= 1, got {self.peer_eval_tokens}")
         if problems:
@@ -128,6 +137,10 @@ class DeviceConfig:
             if resolved[name] is None:
                 resolved[name] = default
         return replace(self, **resolved)
+
+
+#: Name prefix of an encoded upload kept in the state folder until the server has it (``-<round>.safetensors``).
+PENDING_UPLOAD = "pending-upload"
 
 
 @dataclass
@@ -155,9 +168,11 @@ class Device:
             ServerUnreachable, ServerRejected: the server is down or refused (wrong token or secret, ...).
             FederationMismatch: ``cfg`` contradicts the federation's model, strategy, rank or alpha.
             NotEnrolled: no credentials in ``state_dir`` and no ``enroll_secret``.
+            RunFolderError: another process is using ``state_dir``.
         """
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        hold_folder(self.state_dir, "state_dir")  # a second process on it would upload and checkpoint over this one
         with AggregatorClient(cfg.server, retry=cfg.retry) as probe:
             probe.health()
             federation = probe.federation_config()
@@ -171,8 +186,9 @@ class Device:
         self.strategy = networked_strategy(cfg.strategy)
         self.strategy.rank = cfg.rank  # one expert's rank; rank-per-device strategies scale it
         self.base_name = cfg.model
-        n_experts = 1 + self._specialist_count(cache)
-        self.adapter = replace(self.strategy.adapter_config(0, n_experts), alpha=cfg.alpha)
+        checkpoint = latest_checkpoint(self.state_dir / "checkpoints")
+        self.n_experts = self._expert_count(cache, checkpoint)
+        self.adapter = replace(self.strategy.adapter_config(0, self.n_experts), alpha=cfg.alpha)
         self._creds = self._credentials()  # enrolls on the first start
         self.client = AggregatorClient(cfg.server, self._creds["token"], cfg.retry)
         try:
@@ -202,7 +218,6 @@ class Device:
         self.completed_rounds = 0  # rounds this device uploaded to (or tried to)
         self.last_round = 0
         self.global_version: int | None = None
-        checkpoint = latest_checkpoint(self.state_dir / "checkpoints")
         if checkpoint is not None:
             info = load_checkpoint(checkpoint, self.model, self.state, self.base_name)
             self.completed_rounds, self.last_round = info["completed_rounds"], info["round"]
@@ -210,6 +225,25 @@ class Device:
             self.strategy.state = info.get("strategy_state", {})
             log.info("resumed from %s (round %d, %d round(s) done)", checkpoint.name, self.last_round,
                      self.completed_rounds)
+
+    def _expert_count(self, cache: Path, checkpoint: Path | None) -> int:
+        """Experts per MLP block: those of the checkpoint a restarted device resumes (a budget that gives another
+        count now, say the memory free at this start, does not change a device's experts), else 1 + specialists.
+
+        Raises:
+            ConfigError: ``n_specialists`` asks for another count than the checkpoint holds.
+        """
+        wanted = 1 + self._specialist_count(cache)
+        saved = json.loads((checkpoint / "state.json").read_text()).get("n_experts") if checkpoint else None
+        if saved is None or saved == wanted:
+            return wanted
+        if self.cfg.n_specialists is not None:
+            raise ConfigError(f"{self.state_dir} holds a device with {saved - 1} specialist(s); n_specialists="
+                              f"{self.cfg.n_specialists} asks for another count, but a device keeps its experts: pass "
+                              f"n_specialists={saved - 1}, or use a new state_dir for a new device")
+        log.warning("the budget now gives %d specialist(s); this device was set up with %d and keeps them",
+                    wanted - 1, saved - 1)
+        return saved
 
     def _specialist_count(self, cache: Path) -> int:
         """From ``n_specialists``, else from ``budget_mb`` and the base model's shape (read without its weights)."""
@@ -286,11 +320,64 @@ class Device:
         save_checkpoint(self.state_dir / "checkpoints", self.model, self.state, self.base_name,
                         {"round": self.last_round, "completed_rounds": self.completed_rounds,
                          "global_version": self.global_version, "adapter": self.adapter.to_dict(),
+                         "n_experts": self.n_experts,
                          "strategy_state": self.strategy.state})
+
+    # uploads that must survive a failure or a crash --------------------------------------------------------------
+    def _pending(self) -> list[tuple[int, Path]]:
+        """``(round, file)`` of the encoded uploads written before sending, oldest first."""
+        found = []
+        for path in self.state_dir.glob(f"{PENDING_UPLOAD}-*.safetensors"):
+            try:
+                found.append((int(path.stem.rsplit("-", 1)[1]), path))
+            except ValueError:
+                continue
+        return sorted(found)
+
+    def _send(self, number: int, payload: bytes) -> tuple[bool, str]:
+        """Upload round ``number``'s encoded update; ``(accepted, reason)``, not accepted when the round closed
+        first. Any other failure raises, and the pending file stays for the next try."""
+        try:
+            self.client.upload_payload(number, payload)
+        except ServerRejected as err:
+            if err.code != "round_closed":
+                raise
+            log.warning("round %d closed before this device reported: %s", number, err.detail)
+            return False, err.detail
+        return True, ""
+
+    def flush_pending_upload(self) -> bool:
+        """Send an upload that a failed call or a crash left unsent (the server answers a repeat as the first, so
+        one that did arrive is not counted twice). Returns whether there was one.
+
+        Raises:
+            ServerUnreachable, ServerRejected: as an upload; the file stays for the next try.
+        """
+        pending = self._pending()
+        for number, path in pending:
+            if number < self.last_round:  # a round this device has moved past: nothing to send any more
+                path.unlink(missing_ok=True)
+                continue
+            if number > self.last_round:
+                # a crash after the file, before the checkpoint: the round's local training is lost, not its upload
+                log.warning("round %d's upload was saved but not its training state: sending the upload; the "
+                            "specialists resume from round %d", number, self.last_round)
+                self.last_round, self.global_version = number, None
+                self.completed_rounds += 1
+                self.checkpoint()
+            log.info("round %d: sending the upload a failed try or a restart left", number)
+            self._send(number, path.read_bytes())
+            path.unlink(missing_ok=True)
+        return bool(pending)
 
     # one round of Algorithm 1 ---------------------------------------------------------------------------------------
     def run_round(self, progress: bool = False) -> RoundReport:
-        """Fetch the global shared tensors, train locally (bi-level), upload the shared tensors, checkpoint."""
+        """Fetch the global shared tensors, train locally (bi-level), upload the shared tensors, checkpoint.
+
+        The upload is written to the state folder, with a checkpoint, before it is sent: when sending fails (the
+        network stays down past the retries) or the app is killed, the next :meth:`run_round` (or
+        :meth:`final_sync`) sends it first, and the round is not trained again."""
+        self.flush_pending_upload()
         current = self._wait_for_new_round()
         number = current["round"]
         self.sync(current["base_version"])
@@ -303,22 +390,21 @@ class Device:
         self.state, result, train_loss = done.state, done.result, done.train_loss
         v_loss = result.valid[-1]["loss"] if result.valid else valid_loss(self.model, self.data.valid, self.train_cfg)
         metrics = {"train_loss": train_loss, "valid_loss": v_loss}
-        accepted, reason = True, ""
-        try:
-            self.client.upload(number, done.upload.tensors, result.tokens, metrics)
-        except ServerRejected as err:
-            if err.code != "round_closed":
-                raise
-            accepted, reason = False, err.detail
-            log.warning("round %d closed before this device reported: %s", number, err.detail)
+        payload = encode_upload(done.upload.tensors, result.tokens, metrics)
+        pending = self.state_dir / f"{PENDING_UPLOAD}-{number:06d}.safetensors"
+        atomic_write_bytes(pending, payload)
         self.last_round = number
         self.completed_rounds += 1
         self.checkpoint()
+        accepted, reason = self._send(number, payload)
+        pending.unlink(missing_ok=True)
         return RoundReport(number, accepted, result.tokens, train_loss, v_loss, None,
                            time.perf_counter() - start, reason)
 
     def final_sync(self) -> int:
-        """Wait for the round this device last reported to close and load the resulting global version."""
+        """Send a pending upload (see :meth:`run_round`), wait for the round this device last reported to close and
+        load the resulting global version."""
+        self.flush_pending_upload()
         delay = self.cfg.poll_s
         while True:
             current = self.client.current_round()

@@ -159,6 +159,16 @@ def _resumes(kind: RunFolder, manifest: dict | None, settings: dict) -> bool:
 _HELD: dict[Path, int] = {}
 
 
+def hold_folder(folder: Path, option: str) -> None:
+    """Hold ``folder`` for the rest of this process, as :func:`claim_run_folder` does (no manifest): a second
+    process that tries is refused. Again in this process: nothing happens.
+
+    Raises:
+        RunFolderError: another process holds it, naming ``option`` (e.g. ``state_dir``).
+    """
+    _lock(Path(folder), RunFolder("", option=option))
+
+
 def _lock(folder: Path, kind: RunFolder) -> None:
     """Hold an exclusive lock on ``folder`` for the rest of this process (once per folder and process): a second
     process on the same output folder would mix its checkpoints, caches and partial runs with this one's."""
@@ -199,4 +209,5 @@ def _write(folder: Path, kind: RunFolder, settings: dict, created: float | None)
     atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
-__all__ = ["LEGACY_MARKERS", "MANIFEST", "RunFolder", "RunFolderError", "claim_run_folder", "read_manifest"]
+__all__ = ["LEGACY_MARKERS", "MANIFEST", "RunFolder", "RunFolderError", "claim_run_folder", "hold_folder",
+           "read_manifest"]

@@ -12,10 +12,11 @@ import httpx
 
 class LossyProxy:
     """Listen on 127.0.0.1 (a free port); for each path in ``paths``, the first ``lose`` answers to requests of it
-    are lost after the server handled the request. ``lost`` counts them per path."""
+    are lost after the server handled the request (``before``: the requests themselves are lost, the server never
+    sees them). ``lost`` counts them per path."""
 
-    def __init__(self, upstream: str, paths: tuple[str, ...], lose: int = 1) -> None:
-        self.upstream, self.lose = upstream, lose
+    def __init__(self, upstream: str, paths: tuple[str, ...], lose: int = 1, before: bool = False) -> None:
+        self.upstream, self.lose, self.before = upstream, lose, before
         self.lost = dict.fromkeys(paths, 0)
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
@@ -47,11 +48,13 @@ class LossyProxy:
             if request is None:
                 return
             method, path, headers, body = request
-            answer = self._http.request(method, self.upstream + path, headers=headers, content=body)
             with self._lock:
                 lose = self.lost.get(path, self.lose) < self.lose
                 if lose:
                     self.lost[path] += 1
+            if lose and self.before:
+                return  # the request never reaches the server
+            answer = self._http.request(method, self.upstream + path, headers=headers, content=body)
             if lose:
                 return  # the server did the work; the client never hears of it
             head = [f"HTTP/1.1 {answer.status_code} {answer.reason_phrase}"]

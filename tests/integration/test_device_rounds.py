@@ -1,6 +1,7 @@
 """A device (in-process, tiny model) against a real aggregator when a round fails: it waits for the admin instead of
 training for a round that takes no uploads, and after the admin closes the round it trains from the last published
-global again, not from its own trained tensors."""
+global again, not from its own trained tensors. When its upload cannot be sent, the next call sends it, and the
+round is not trained again."""
 
 from __future__ import annotations
 
@@ -8,20 +9,24 @@ import threading
 import time
 
 import httpx
+import pytest
 
-from device_sdk.client import AggregatorClient
+from device_sdk.client import AggregatorClient, RetryPolicy, ServerUnreachable
 from device_sdk.config import TrainConfig
 from device_sdk.device import Device, DeviceConfig, initial_shared_tensors
+from device_sdk.errors import ConfigError
 
+from .lossy_proxy import LossyProxy
 from .server import ADMIN_TOKEN, Server, admin_headers
 from .test_aggregator_hardening import wait_status
 from .test_federation import make_users
 
 
-def _device(url: str, secret: str, data, state, cache) -> Device:
+def _device(url: str, secret: str, data, state, cache, retry: RetryPolicy = RetryPolicy(), **settings) -> Device:
     train = TrainConfig(steps=2, batch_size=2, context=32, router_period=1, router_steps=1, precision="fp32")
+    settings = {"n_specialists": 1, **settings}
     return Device(DeviceConfig(server=url, data=data, state_dir=state, enroll_secret=secret, train=train,
-                               rounds=2, n_specialists=1, cache_dir=cache, eval_tokens=0, poll_s=0.05))
+                               rounds=2, cache_dir=cache, eval_tokens=0, poll_s=0.05, retry=retry, **settings))
 
 
 def _downloads(device: Device) -> list[int]:
@@ -67,5 +72,54 @@ def test_a_device_waits_out_a_failed_round_and_restarts_from_the_last_published_
         second = first.run_round()
         assert (second.round, second.accepted) == (2, True)
         assert first_downloads == [0, 0]  # round 2 starts again from global 0, not from round 1's own training
+    finally:
+        server.stop()
+
+
+def test_an_upload_that_cannot_be_sent_goes_out_with_the_next_call_and_the_round_is_not_trained_again(tmp_path):
+    server = Server(tmp_path / "agg").start()
+    try:
+        url, cache, state = server.url, tmp_path / "cache", tmp_path / "state"
+        (user,) = make_users(tmp_path / "users", names=("de",))
+        with AggregatorClient(url, ADMIN_TOKEN) as admin:
+            secret = admin.create_federation({"base_model": "tiny-llama", "min_devices": 1})["enroll_secret"]
+            admin.set_initial(initial_shared_tensors("tiny-llama", cache_dir=cache))
+        # the network is down for round 1's upload, past the client's retries
+        with LossyProxy(url, ("/rounds/1/update",), lose=2, before=True) as proxy:
+            device = _device(proxy.url, secret, user, state, cache, RetryPolicy(attempts=2, base_s=0.01))
+            with pytest.raises(ServerUnreachable):
+                device.run_round()
+            assert proxy.lost["/rounds/1/update"] == 2
+        current = httpx.get(url + "/status").json()["current_round"]
+        assert (current["round"], current["reported"]) == (1, 0)  # the server never saw it
+        steps = device.state.step
+        assert steps == 2 and len(list(state.glob("pending-upload-*.safetensors"))) == 1
+
+        # the app was killed; it starts again, with the network back
+        again = _device(url, secret, user, state, cache)
+        assert (again.last_round, again.completed_rounds, again.state.step) == (1, 1, steps)
+        report = again.run_round()  # round 1's upload goes out first (it closes round 1), then round 2 trains
+        assert (report.round, report.accepted) == (2, True)
+        assert again.state.step == 2 * steps  # round 1 was not trained a second time
+        assert again.completed_rounds == 2 and not list(state.glob("pending-upload-*"))
+        wait_status(url, lambda s: s["current_round"]["round"] == 3)
+    finally:
+        server.stop()
+
+
+def test_a_restarted_device_keeps_its_experts_whatever_its_budget_gives_now(tmp_path):
+    server = Server(tmp_path / "agg").start()
+    try:
+        url, cache, state = server.url, tmp_path / "cache", tmp_path / "state"
+        (user,) = make_users(tmp_path / "users", names=("de",))
+        with AggregatorClient(url, ADMIN_TOKEN) as admin:
+            secret = admin.create_federation({"base_model": "tiny-llama", "min_devices": 1})["enroll_secret"]
+            admin.set_initial(initial_shared_tensors("tiny-llama", cache_dir=cache))
+        assert _device(url, secret, user, state, cache).run_round().accepted  # 1 specialist
+        # the app starts again and sizes the device from the memory free now: far more specialists would fit
+        again = _device(url, secret, user, state, cache, n_specialists=None, budget_mb=1e6)
+        assert again.n_experts == 2 and again.adapter.n_specialists == 1 and again.completed_rounds == 1
+        with pytest.raises(ConfigError, match="holds a device with 1 specialist.*n_specialists=3 asks for another"):
+            _device(url, secret, user, state, cache, n_specialists=3)
     finally:
         server.stop()

@@ -2,11 +2,12 @@
 leaves ``LATEST`` naming a complete checkpoint."""
 
 import os
+import shutil
 
 import pytest
 import torch
 
-from device_sdk.checkpoint import LATEST, latest_checkpoint, load_checkpoint, save_checkpoint
+from device_sdk.checkpoint import LATEST, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from device_sdk.config import TrainConfig
 from device_sdk.train import init_train_state
 
@@ -50,3 +51,20 @@ def test_saving_the_same_round_and_step_again_never_touches_the_checkpoint_lates
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == [again.name]  # older ones removed once LATEST moved
     load_checkpoint(again, restored, init_train_state(restored, CFG), "tiny-llama")
     assert torch.all(_lora_b(restored) == 2.0)
+
+
+def test_a_pointer_to_a_lost_checkpoint_falls_back_to_the_newest_complete_one_or_says_so(tmp_path, caplog):
+    model = make_model("tiny-llama", n_specialists=1)
+    state = init_train_state(model, CFG)
+    older = save_checkpoint(tmp_path, model, state, "tiny-llama", {"round": 1})
+    keep = tmp_path / "keep"
+    older.rename(keep)  # save_checkpoint removes older folders: keep this one aside, then put it back
+    state.step = 3
+    newest = save_checkpoint(tmp_path, model, state, "tiny-llama", {"round": 2})
+    keep.rename(older)
+    (newest / "state.json").unlink()  # files lost outside the SDK (a cleaner app, a full disk)
+    assert latest_checkpoint(tmp_path) == older and "resuming from the newest complete one" in caplog.text
+    shutil.rmtree(older)
+    with pytest.raises(CheckpointError, match="names 'ckpt-000002-00000003', which is gone or incomplete"):
+        latest_checkpoint(tmp_path)
+    assert latest_checkpoint(tmp_path / "none") is None  # a device that never saved: a fresh start

@@ -193,3 +193,24 @@ def test_a_second_process_on_a_run_folder_is_refused_until_the_first_ends(tmp_pa
         holder.wait()
     assert claim_run_folder(folder, join, {"data": "d"}) is True  # the lock died with its process
     assert claim_run_folder(folder, join, {"data": "d"}) is True  # this process holds it now: claims again
+
+
+def test_a_device_state_folder_held_by_another_process_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from device_sdk.runfolder import hold_folder
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from device_sdk.runfolder import hold_folder; "
+        f"hold_folder({str(tmp_path)!r}, 'state_dir'); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderError, match="another process is using state_dir"):
+            hold_folder(tmp_path, "state_dir")
+    finally:
+        holder.kill()
+        holder.wait()
+    hold_folder(tmp_path, "state_dir")
+    hold_folder(tmp_path, "state_dir")  # again in the same process: fine
