@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
     "load_adapters": "adapters", "save_adapters": "adapters",
+    "specialists_for_budget": "budget",
     "AdapterConfig": "config", "TrainConfig": "config",
     "UserData": "data", "load_user_data": "data", "load_users": "data",
-    "SDKError": "errors",
+    "Device": "device", "DeviceConfig": "device", "RoundReport": "device",
+    "BudgetError": "errors", "Cancelled": "errors", "SDKError": "errors",
     "evaluate": "evaluate",
     "inject_adapters": "inject",
     "BaseModel": "models", "load_base_model": "models",
@@ -55,9 +57,11 @@ sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never run
     from .adapters import load_adapters, save_adapters
+    from .budget import specialists_for_budget
     from .config import AdapterConfig, TrainConfig
     from .data import UserData, load_user_data, load_users
-    from .errors import SDKError
+    from .device import Device, DeviceConfig, RoundReport
+    from .errors import BudgetError, Cancelled, SDKError
     from .evaluate import evaluate
     from .inject import inject_adapters
     from .models import BaseModel, load_base_model

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .client import AggregatorClient, RetryPolicy, ServerRejected
 from .config import TrainConfig
 from .data import UserData, load_user_data
 from .enrollment import CREDENTIALS, NotEnrolled, credentials
-from .errors import ConfigError
+from .errors import Cancelled, ConfigError
 from .evaluate import evaluate, loss_with
 from .federated import Upload
 from .federated.wire import encode_upload
@@ -219,12 +220,16 @@ class Device:
         self.last_round = 0
         self.global_version: int | None = None
         if checkpoint is not None:
-            info = load_checkpoint(checkpoint, self.model, self.state, self.base_name)
-            self.completed_rounds, self.last_round = info["completed_rounds"], info["round"]
-            self.global_version = info["global_version"]
-            self.strategy.state = info.get("strategy_state", {})
-            log.info("resumed from %s (round %d, %d round(s) done)", checkpoint.name, self.last_round,
-                     self.completed_rounds)
+            self._resume(checkpoint)
+
+    def _resume(self, checkpoint: Path) -> None:
+        """Load the model's adapters, the training state and the round counters of ``checkpoint``."""
+        info = load_checkpoint(checkpoint, self.model, self.state, self.base_name)
+        self.completed_rounds, self.last_round = info["completed_rounds"], info["round"]
+        self.global_version = info["global_version"]
+        self.strategy.state = info.get("strategy_state", {})
+        log.info("resumed from %s (round %d, %d round(s) done)", checkpoint.name, self.last_round,
+                 self.completed_rounds)
 
     def _expert_count(self, cache: Path, checkpoint: Path | None) -> int:
         """Experts per MLP block: those of the checkpoint a restarted device resumes (a budget that gives another
@@ -298,7 +303,15 @@ class Device:
             self.load_global(self.client.download_global(version), version)
             self.global_version = version
 
-    def _wait_for_new_round(self) -> dict:
+    @staticmethod
+    def _pause(seconds: float, stop: threading.Event | None) -> None:
+        """Sleep between polls; raise :class:`Cancelled` as soon as ``stop`` is set."""
+        if stop is None:
+            time.sleep(seconds)
+        elif stop.wait(seconds):
+            raise Cancelled("stopped while waiting for the aggregator")
+
+    def _wait_for_new_round(self, stop: threading.Event | None = None) -> dict:
         """The current round once it is open, newer than this device's last and not yet reported to. A round that
         is closing (its global is being computed) or failed (waiting for the admin to retry or close it) takes no
         uploads: training for it would be wasted and count as a round done."""
@@ -313,7 +326,7 @@ class Device:
                     why = (f"failed to aggregate ({current.get('failure')}); waiting for the admin to retry or close it"
                            if current["status"] == "failed" else f"is {current['status']}; waiting for the next round")
                     log.info("round %d %s", current["round"], why)
-            time.sleep(delay)
+            self._pause(delay, stop)
             delay = min(2.0, delay * 1.5)
 
     def checkpoint(self) -> None:
@@ -371,19 +384,46 @@ class Device:
         return bool(pending)
 
     # one round of Algorithm 1 ---------------------------------------------------------------------------------------
-    def run_round(self, progress: bool = False) -> RoundReport:
+    def run_round(self, progress: bool = False, stop: threading.Event | None = None,
+                  on_step: Callable[[dict], None] | None = None) -> RoundReport:
         """Fetch the global shared tensors, train locally (bi-level), upload the shared tensors, checkpoint.
 
         The upload is written to the state folder, with a checkpoint, before it is sent: when sending fails (the
         network stays down past the retries) or the app is killed, the next :meth:`run_round` (or
-        :meth:`final_sync`) sends it first, and the round is not trained again."""
+        :meth:`final_sync`) sends it first, and the round is not trained again.
+
+        Args:
+            progress: show a progress bar (a terminal).
+            stop: an app's event (another thread sets it when the app goes to the background, say): training stops
+                at the next step, a wait at its next poll, and :class:`~device_sdk.errors.Cancelled` is raised with
+                the device back at its last checkpoint; a later call starts the round again.
+            on_step: called after every expert step with ``{"step", "done", "of", "loss", "lr", ...}``.
+
+        Raises:
+            Cancelled: ``stop`` was set.
+            ServerUnreachable, ServerRejected: as the client's calls (an upload stays pending, see above).
+        """
         self.flush_pending_upload()
-        current = self._wait_for_new_round()
+        current = self._wait_for_new_round(stop)
         number = current["round"]
+        if latest_checkpoint(self.state_dir / "checkpoints") is None:
+            self.checkpoint()  # something to go back to if the app stops this first round
         self.sync(current["base_version"])
         log.info("round %d: training on global version %d", number, current["base_version"])
         start = time.perf_counter()
-        done = run_device_round(self.strategy, 0, self.model, self.state, self.data, self.train_cfg, progress=progress)
+
+        def step_done(stats: dict) -> None:
+            if on_step is not None:
+                on_step(stats)
+            if stop is not None and stop.is_set():
+                raise Cancelled(f"stopped in round {number} at step {stats['done']} of {stats['of']}")
+
+        try:
+            done = run_device_round(self.strategy, 0, self.model, self.state, self.data, self.train_cfg,
+                                    progress=progress, on_step=step_done)
+        except BaseException:  # Cancelled, or anything else mid-step: back to a consistent state
+            self._resume(latest_checkpoint(self.state_dir / "checkpoints"))
+            raise
         # the shared tensors are this device's own now, no global version: the next sync loads one, also the same
         # version again (after the admin closes a failed round, the next round starts from the last published one)
         self.global_version = None
@@ -401,9 +441,13 @@ class Device:
         return RoundReport(number, accepted, result.tokens, train_loss, v_loss, None,
                            time.perf_counter() - start, reason)
 
-    def final_sync(self) -> int:
+    def final_sync(self, stop: threading.Event | None = None) -> int:
         """Send a pending upload (see :meth:`run_round`), wait for the round this device last reported to close and
-        load the resulting global version."""
+        load the resulting global version.
+
+        Raises:
+            Cancelled: ``stop`` was set while waiting.
+        """
         self.flush_pending_upload()
         delay = self.cfg.poll_s
         while True:
@@ -412,7 +456,7 @@ class Device:
                 self.sync(current["base_version"])
                 self.checkpoint()
                 return current["base_version"]
-            time.sleep(delay)
+            self._pause(delay, stop)
             delay = min(2.0, delay * 1.5)
 
     def test_perplexity(self) -> float:
@@ -420,21 +464,22 @@ class Device:
         return evaluate(self.model, self.data.test, self.train_cfg.context, max(8, self.train_cfg.batch_size),
                         self.train_cfg.precision, max_tokens=tokens, spread=True).perplexity
 
-    def run(self, progress: bool = False) -> list[RoundReport]:
-        """Take part until ``cfg.rounds`` rounds are done (counting rounds done before a restart), then sync."""
-        return list(self.rounds(progress))
+    def run(self, progress: bool = False, stop: threading.Event | None = None) -> list[RoundReport]:
+        """Take part until ``cfg.rounds`` rounds are done (counting rounds done before a restart), then sync.
+        ``stop``: as in :meth:`run_round` (:class:`~device_sdk.errors.Cancelled`; a later call goes on)."""
+        return list(self.rounds(progress, stop))
 
-    def rounds(self, progress: bool = False) -> Iterator[RoundReport]:
+    def rounds(self, progress: bool = False, stop: threading.Event | None = None) -> Iterator[RoundReport]:
         """Like :meth:`run`, yielding each round's report as soon as the round is done."""
         while self.completed_rounds < self.cfg.rounds:
-            report = self.run_round(progress)
+            report = self.run_round(progress, stop)
             if self.cfg.eval_tokens != 0:
                 report.test_perplexity = self.test_perplexity()
             log.info("round %d: %s, train loss %.3f, valid loss %.3f%s", report.round,
                      "uploaded" if report.accepted else "late", report.train_loss, report.valid_loss,
                      "" if report.test_perplexity is None else f", test ppl {report.test_perplexity:.2f}")
             yield report
-        self.final_sync()
+        self.final_sync(stop)
 
 
 def initial_shared_tensors(model_name: str, rank: int = 8, alpha: float = 16.0, seed: int = 0,

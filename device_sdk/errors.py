@@ -8,6 +8,11 @@ class SDKError(Exception):
     """Base class of all device SDK errors."""
 
 
+class Cancelled(SDKError):
+    """The app asked a device to stop (its ``stop`` event was set): training stopped at a step boundary, a wait at
+    its next poll; a :class:`~device_sdk.device.Device` is back at its last checkpoint."""
+
+
 class ConfigError(SDKError, ValueError):
     """A configuration value is invalid (reported all at once, see the config dataclasses)."""
 

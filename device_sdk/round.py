@@ -6,6 +6,7 @@ tensors travel differs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,8 @@ def receive_global(strategy: Strategy, user: int, model: nn.Module, global_tenso
 
 def run_device_round(strategy: Strategy, user: int, model: nn.Module, state: TrainState | None, data: UserData,
                      cfg: TrainConfig, global_tensors: dict[str, torch.Tensor] | None = None, *,
-                     own_loss: OwnLoss | None = None, progress: bool = False) -> DeviceRound:
+                     own_loss: OwnLoss | None = None, progress: bool = False,
+                     on_step: Callable[[dict], None] | None = None) -> DeviceRound:
     """One round of Algorithm 1 on one device: load ``global_tensors`` (if given) through the receive step, then
     the strategy's begin step, local bi-level training, its end step, and the upload.
 
@@ -97,6 +99,7 @@ def run_device_round(strategy: Strategy, user: int, model: nn.Module, state: Tra
         global_tensors: the server's global tensors of the previous round, or ``None`` when already loaded.
         own_loss: the device's validation loss with other shared tensors loaded (PCL's receive step).
         progress: show a progress bar.
+        on_step: called after every expert step (see :func:`device_sdk.train.train_local`).
 
     Returns:
         The upload (what the server receives), the training result and the state to continue from.
@@ -104,7 +107,8 @@ def run_device_round(strategy: Strategy, user: int, model: nn.Module, state: Tra
     if global_tensors is not None:
         receive_global(strategy, user, model, global_tensors, own_loss)
     strategy.begin_round(user, model)
-    result, state = train_local(model, data, cfg, state, progress=progress, regularizer=strategy.regularizer(user))
+    result, state = train_local(model, data, cfg, state, progress=progress, regularizer=strategy.regularizer(user),
+                                on_step=on_step)
     strategy.end_round(user, model)
     upload = device_upload(user, model, strategy.shared_tensors(model), result.tokens)
     return DeviceRound(upload, result, state)

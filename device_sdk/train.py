@@ -205,7 +205,8 @@ def router_step(model: nn.Module, state: TrainState, x: torch.Tensor, y: torch.T
 
 def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: TrainState | None = None,
                 progress: bool = False, regularizer: Regularizer | None = None,
-                validate: Callable[[nn.Module], float] | None = None) -> tuple[TrainResult, TrainState]:
+                validate: Callable[[nn.Module], float] | None = None,
+                on_step: Callable[[dict], None] | None = None) -> tuple[TrainResult, TrainState]:
     """Run ``cfg.steps`` expert steps with router updates every ``cfg.router_period`` steps (on validation
     batches for ``router_mode="validation"``, fresh training batches for ``"train"``; none for ``"joint"``, where
     routers step with the experts, and ``"fixed"``).
@@ -218,6 +219,9 @@ def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: Train
         progress: show a progress bar.
         validate: the validation loss of ``model`` (default: :func:`valid_loss` on ``data.valid`` with the eager
             model; an app that holds only a training program passes its own).
+        on_step: called after every expert step with ``{"step", "done", "of", "loss", "lm", "lb", "lr"}`` (an
+            app's progress bar); an exception it raises (e.g. :class:`~device_sdk.errors.Cancelled`) stops training
+            there, leaving ``model`` and ``state`` as of that step.
 
     Returns:
         The curves of this call and the state to continue from.
@@ -247,7 +251,7 @@ def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: Train
 
         steps = tqdm(steps, desc="train", unit="step")
     start = time.perf_counter()
-    for _ in steps:
+    for done in steps:
         x, y = sample_batch(data.train, cfg.batch_size, cfg.context, state.generator)  # (B, T) each, CPU int64
         x, y = x.to(cfg.device), y.to(cfg.device)
         stats = expert_step(model, state, x, y, cfg, regularizer)
@@ -265,6 +269,8 @@ def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: Train
             result.valid.append({"step": state.step, "loss": validate(model)})
         if progress:
             steps.set_postfix(loss=f"{stats['lm']:.3f}", lr=f"{stats['lr']:.1e}")
+        if on_step is not None:
+            on_step({"step": state.step, "done": done + 1, "of": cfg.steps, **stats})
     result.seconds = time.perf_counter() - start
     _set_trainable(list(role_parameters(model, EXPERT_ROLES).values()) + router_parameters(model), True)
     if not result.valid or result.valid[-1]["step"] != state.step:

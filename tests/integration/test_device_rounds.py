@@ -10,11 +10,12 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from device_sdk.client import AggregatorClient, RetryPolicy, ServerUnreachable
 from device_sdk.config import TrainConfig
 from device_sdk.device import Device, DeviceConfig, initial_shared_tensors
-from device_sdk.errors import ConfigError
+from device_sdk.errors import Cancelled, ConfigError
 
 from .lossy_proxy import LossyProxy
 from .server import ADMIN_TOKEN, Server, admin_headers
@@ -121,5 +122,41 @@ def test_a_restarted_device_keeps_its_experts_whatever_its_budget_gives_now(tmp_
         assert again.n_experts == 2 and again.adapter.n_specialists == 1 and again.completed_rounds == 1
         with pytest.raises(ConfigError, match="holds a device with 1 specialist.*n_specialists=3 asks for another"):
             _device(url, secret, user, state, cache, n_specialists=3)
+    finally:
+        server.stop()
+
+
+def test_an_app_stops_a_round_midway_and_the_device_is_back_at_its_checkpoint(tmp_path):
+    """The app's stop event ends training at a step boundary (Cancelled), the device back at its last checkpoint
+    with nothing sent; the next call trains the round from the start; a wait ends at its next poll."""
+    server = Server(tmp_path / "agg").start()
+    try:
+        url, cache, state = server.url, tmp_path / "cache", tmp_path / "state"
+        (user,) = make_users(tmp_path / "users", names=("de",))
+        with AggregatorClient(url, ADMIN_TOKEN) as admin:  # two devices needed: round 1 stays open
+            secret = admin.create_federation({"base_model": "tiny-llama", "min_devices": 2})["enroll_secret"]
+            admin.set_initial(initial_shared_tensors("tiny-llama", cache_dir=cache))
+        device = _device(url, secret, user, state, cache)
+        before = {k: v.clone() for k, v in device.model.state_dict().items() if "lora" in k}
+        stop, seen = threading.Event(), []
+
+        def app_goes_to_background(stats):
+            seen.append((stats["done"], stats["of"]))
+            stop.set()
+
+        with pytest.raises(Cancelled, match="stopped in round 1 at step 1 of 2"):
+            device.run_round(stop=stop, on_step=app_goes_to_background)
+        assert seen == [(1, 2)] and device.state.step == 0 and device.completed_rounds == 0
+        assert all(torch.equal(v, device.model.state_dict()[k]) for k, v in before.items())
+        assert httpx.get(url + "/status").json()["current_round"]["reported"] == 0
+
+        report = device.run_round(on_step=lambda stats: seen.append((stats["done"], stats["of"])))
+        assert report.round == 1 and report.accepted and device.state.step == 2
+        assert seen == [(1, 2), (1, 2), (2, 2)]
+        stop.set()
+        started = time.monotonic()
+        with pytest.raises(Cancelled, match="waiting"):
+            device.final_sync(stop)  # round 1 waits for a second device
+        assert time.monotonic() - started < 5
     finally:
         server.stop()
