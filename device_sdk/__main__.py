@@ -39,6 +39,7 @@ ROUTER_PERIOD_HELP = "tau: the routers are updated after every tau expert steps"
 ROUTER_STEPS_HELP = "s: router steps per router update, each on a fresh validation batch"
 BATCH_HELP = "sequences per step, training and validation batches alike (paper: 64)"
 CTX_HELP = "tokens per sequence (context length; paper: 128)"
+BUDGET_STEP_HELP = "with --budget-mb: also fit this many seconds per expert step (default: no time limit)"
 CACHE_HELP = "converted models and token caches (default: $DEVICE_SDK_CACHE or ~/.cache/device_sdk)"
 RETRIES_HELP = ("retries of a request that failed transiently (connection refused, timeout, 5xx answer), waiting "
                 "0.25 s, 0.5 s, ... up to 8 s between tries; a URL without http:// and any 4xx answer fail at once")
@@ -91,8 +92,7 @@ def _add_train_local(sub) -> None:
     p.add_argument("--generalists", type=int, default=1, help="generalists per MLP block (shared in a federation)")
     p.add_argument("--budget-mb", type=float, default=None,
                    help="memory budget in MiB: picks the largest specialist count that fits (default: none)")
-    p.add_argument("--budget-step-s", type=float, default=None,
-                   help="with --budget-mb: also fit this many seconds per expert step (default: no time limit)")
+    p.add_argument("--budget-step-s", type=float, default=None, help=BUDGET_STEP_HELP)
     p.add_argument("--steps", type=int, default=100, help="expert steps (optimizer steps on training batches)")
     p.add_argument("--batch", type=int, default=8, help=BATCH_HELP)
     p.add_argument("--ctx", type=int, default=128, help=CTX_HELP)
@@ -173,6 +173,7 @@ def _add_join(sub) -> None:
     p.add_argument("--retries", type=nonnegative_int, default=9, help=RETRIES_HELP)
     p.add_argument("--budget-mb", type=float, default=None,
                    help="memory budget in MiB: picks the specialist count (default: none)")
+    p.add_argument("--budget-step-s", type=float, default=None, help=BUDGET_STEP_HELP)
     p.add_argument("--specialists", type=int, default=None,
                    help="specialists per MLP block; overrides --budget-mb (default: from --budget-mb, else 1)")
     p.add_argument("--rounds", type=int, default=3, help="T: rounds to take part in (counted across restarts)")
@@ -221,7 +222,8 @@ def _join(args: argparse.Namespace) -> int:
     cfg = DeviceConfig(server=args.server, data=args.data, state_dir=state, enroll_secret=args.enroll_secret,
                        model=args.model, name=args.name, train=train, rounds=args.rounds,
                        rank=args.rank, alpha=args.alpha, n_specialists=args.specialists, budget_mb=args.budget_mb,
-                       eval_tokens=eval_tokens, seed=args.seed, cache_dir=args.cache_dir, strategy=args.strategy,
+                       budget_step_s=args.budget_step_s, eval_tokens=eval_tokens, seed=args.seed,
+                       cache_dir=args.cache_dir, strategy=args.strategy,
                        peer_eval_tokens=args.peer_eval_tokens, retry=RetryPolicy.retries(args.retries))
     claim_run_folder(state, JOIN_STATE, {"data": str(args.data.resolve()), "server": args.server}, args.overwrite,
                      inputs=(args.data,))

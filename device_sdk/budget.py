@@ -149,10 +149,11 @@ def specialists_for_budget(shape: ModelShape, budget_mb: float, tokens: int, ran
     times = {s: mm.predict_step_s(shape, n_generalists + s, tokens) for s in predictions}
     fitting = [s for s, mb in predictions.items() if mb <= budget_mb]
     if not fitting:
+        bf16 = "" if precision == "bf16" else ", or train in bf16 where the CPU has it (precision bf16)"
         raise BudgetError(
             f"a budget of {budget_mb:.0f} MiB is below the predicted {predictions[0]:.0f} MiB for training with "
-            f"{n_generalists} generalist(s) and no specialist at {tokens} tokens per step; raise --budget-mb, lower "
-            "--batch or --ctx, or use --precision bf16"
+            f"{n_generalists} generalist(s) and no specialist at {tokens} tokens per step; raise the budget "
+            f"(budget_mb, --budget-mb), or lower the batch size or context (--batch, --ctx){bf16}"
         )
     if max_step_s is not None:
         if times[0] is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .budget import model_shape, specialists_for_budget
+from .budget import BudgetDecision, model_shape, specialists_for_budget
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .client import AggregatorClient, RetryPolicy, ServerRejected
 from .config import TrainConfig
@@ -67,7 +67,9 @@ class DeviceConfig:
         rounds: rounds to take part in (counted across restarts).
         rank, alpha: one expert's LoRA rank r and alpha (scale alpha / sqrt(r), paper eq. 4); ``None`` takes the
             federation's, another value must equal it.
-        n_specialists: specialist count; ``None`` picks it from ``budget_mb`` (1 without a budget).
+        n_specialists: specialist count; ``None`` picks it from ``budget_mb`` (1 without a budget) and
+            ``budget_step_s`` (seconds per expert step; the decision is kept in ``Device.budget``). A restarted
+            device keeps the count it was set up with.
         strategy: the collaboration strategy (see :func:`device_sdk.strategies.networked_strategy`); ``None`` takes
             the federation's, another value must equal it. Strategies with two modules everywhere (fedavg, pfedmoe,
             pcl, ffa-lora, comigs-2s/2g/1g1s) ignore the specialist count; hetlora-*/flexlora-* turn it into one
@@ -88,6 +90,7 @@ class DeviceConfig:
     alpha: float | None = None
     n_specialists: int | None = None
     budget_mb: float | None = None
+    budget_step_s: float | None = None
     eval_tokens: int | None = 0
     poll_s: float = 0.2
     seed: int = 0
@@ -108,11 +111,12 @@ class DeviceConfig:
             problems.append(f"rounds must be >= 1, got {self.rounds}")
         if self.n_specialists is not None and self.n_specialists < 0:
             problems.append(f"n_specialists must be >= 0, got {self.n_specialists}")
-        if self.budget_mb is not None and not (isinstance(self.budget_mb, int | float)
-                                               and not isinstance(self.budget_mb, bool)
-                                               and 0 < self.budget_mb < math.inf):
+        if self.budget_mb is not None and not _positive(self.budget_mb):
             problems.append(f"budget_mb must be a positive number of MiB, got {self.budget_mb!r}")
-        if not (isinstance(self.poll_s, int | float) and 0 < self.poll_s < math.inf):
+        if self.budget_step_s is not None and not (self.budget_mb is not None and _positive(self.budget_step_s)):
+            problems.append(f"budget_step_s must be a positive number of seconds and goes with budget_mb, got "
+                            f"{self.budget_step_s!r}")
+        if not _positive(self.poll_s):
             problems.append(f"poll_s must be a positive number of seconds, got {self.poll_s!r}")
         if self.peer_eval_tokens < 1:
             problems.append(f"peer_eval_tokens must be >= 1, got {self.peer_eval_tokens}")
@@ -138,6 +142,11 @@ class DeviceConfig:
             if resolved[name] is None:
                 resolved[name] = default
         return replace(self, **resolved)
+
+
+def _positive(value: object) -> bool:
+    """A positive finite real number (not a bool, not a string)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 #: Name prefix of an encoded upload kept in the state folder until the server has it (``-<round>.safetensors``).
@@ -252,14 +261,16 @@ class Device:
 
     def _specialist_count(self, cache: Path) -> int:
         """From ``n_specialists``, else from ``budget_mb`` and the base model's shape (read without its weights)."""
+        self.budget: BudgetDecision | None = None
         if self.cfg.n_specialists is not None:
             return self.cfg.n_specialists
         if self.cfg.budget_mb is None:
             return 1
         tokens = self.cfg.train.batch_size * self.cfg.train.context
         skeleton = model_skeleton(self.cfg.model, cache)
-        return specialists_for_budget(model_shape(skeleton), self.cfg.budget_mb, tokens, self.cfg.rank,
-                                      precision=self.cfg.train.precision).n_specialists
+        self.budget = specialists_for_budget(model_shape(skeleton), self.cfg.budget_mb, tokens, self.cfg.rank,
+                                             precision=self.cfg.train.precision, max_step_s=self.cfg.budget_step_s)
+        return self.budget.n_specialists
 
     def _credentials(self) -> dict:
         return credentials(self.cfg.server, self.state_dir, self.cfg.enroll_secret,

@@ -50,8 +50,11 @@ def test_larger_batches_leave_room_for_fewer_specialists(smollm2_shape):
 
 
 def test_a_budget_below_one_expert_fails_with_what_to_do(smollm2_shape):
-    with pytest.raises(BudgetError, match="raise --budget-mb, lower --batch or --ctx"):
+    with pytest.raises(BudgetError, match=r"raise the budget \(budget_mb, --budget-mb\), or lower the batch") as bf16:
         specialists_for_budget(smollm2_shape, 300, tokens=1024, precision="bf16")
+    assert "train in bf16" not in str(bf16.value)  # already bf16: no advice to switch to it
+    with pytest.raises(BudgetError, match="or train in bf16 where the CPU has it"):
+        specialists_for_budget(smollm2_shape, 300, tokens=1024, precision="fp32")
 
 
 def test_shape_of_gpt2_family_is_read_from_conv1d_layers():

@@ -15,6 +15,7 @@ from device_sdk.errors import ConfigError
     ("budget_mb", 0, "budget_mb must be a positive number of MiB, got 0"),
     ("poll_s", 0, "poll_s must be a positive number of seconds, got 0"),
     ("poll_s", -1.0, "poll_s must be a positive number of seconds, got -1.0"),
+    ("budget_step_s", 2.0, "budget_step_s must be a positive number of seconds and goes with budget_mb"),
 ])
 def test_bad_numbers_are_refused_naming_the_field(tmp_path, field, value, message):
     with pytest.raises(ConfigError, match=message):
