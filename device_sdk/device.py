@@ -213,6 +213,7 @@ class Device:
 
         base = load_base_model(cfg.model, cache_dir=cache)  # every device shares one base
         self.tokenizer = base.tokenizer
+        # the seed also fixes the global RNG that dropout in a base model's MLP (GPT-2) draws from during training
         torch.manual_seed(cfg.seed)
         # on the training config's device (adapters initialised on the CPU); uploads leave as CPU copies
         self.model = inject_adapters(base.model, self.adapter).to(cfg.train.device)
@@ -516,9 +517,10 @@ def initial_shared_tensors(model_name: str, rank: int = 8, alpha: float = 16.0, 
         raise ConfigError(f"strategy {strategy!r} shares no generalist expert, so --initial-adapter has nothing to "
                           "seed; use a strategy with a shared generalist (e.g. comigs-1gxs, fedavg)")
     base = load_base_model(model_name, cache_dir=cache_dir or default_cache_dir())
-    torch.manual_seed(seed)
-    model = inject_adapters(base.model, adapter)
-    chosen.prepare(0, model)
+    with torch.random.fork_rng(devices=[]):  # seeds the initialisation only, not the caller's RNG
+        torch.manual_seed(seed)
+        model = inject_adapters(base.model, adapter)
+        chosen.prepare(0, model)
     if initial_adapter is not None:
         load_peft_adapter(model, initial_adapter, expert=0)
     return chosen.initial_tensors(model)
