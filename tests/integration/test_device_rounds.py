@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -28,6 +29,22 @@ def _device(url: str, secret: str, data, state, cache, retry: RetryPolicy = Retr
     settings = {"n_specialists": 1, **settings}
     return Device(DeviceConfig(server=url, data=data, state_dir=state, enroll_secret=secret, train=train,
                                rounds=2, cache_dir=cache, eval_tokens=0, poll_s=0.05, retry=retry, **settings))
+
+
+@contextmanager
+def one_device_federation(tmp_path, min_devices: int = 1):
+    """A real aggregator with a tiny-llama federation and one user folder: ``(url, secret, user, cache)``."""
+    server = Server(tmp_path / "agg").start()
+    try:
+        cache = tmp_path / "cache"
+        (user,) = make_users(tmp_path / "users", names=("de",))
+        with AggregatorClient(server.url, ADMIN_TOKEN) as admin:
+            secret = admin.create_federation({"base_model": "tiny-llama",
+                                              "min_devices": min_devices})["enroll_secret"]
+            admin.set_initial(initial_shared_tensors("tiny-llama", cache_dir=cache))
+        yield server.url, secret, user, cache
+    finally:
+        server.stop()
 
 
 def _downloads(device: Device) -> list[int]:
@@ -78,13 +95,8 @@ def test_a_device_waits_out_a_failed_round_and_restarts_from_the_last_published_
 
 
 def test_an_upload_that_cannot_be_sent_goes_out_with_the_next_call_and_the_round_is_not_trained_again(tmp_path):
-    server = Server(tmp_path / "agg").start()
-    try:
-        url, cache, state = server.url, tmp_path / "cache", tmp_path / "state"
-        (user,) = make_users(tmp_path / "users", names=("de",))
-        with AggregatorClient(url, ADMIN_TOKEN) as admin:
-            secret = admin.create_federation({"base_model": "tiny-llama", "min_devices": 1})["enroll_secret"]
-            admin.set_initial(initial_shared_tensors("tiny-llama", cache_dir=cache))
+    with one_device_federation(tmp_path, min_devices=1) as (url, secret, user, cache):
+        state = tmp_path / "state"
         # the network is down for round 1's upload, past the client's retries
         with LossyProxy(url, ("/rounds/1/update",), lose=2, before=True) as proxy:
             device = _device(proxy.url, secret, user, state, cache, RetryPolicy(attempts=2, base_s=0.01))
@@ -104,18 +116,11 @@ def test_an_upload_that_cannot_be_sent_goes_out_with_the_next_call_and_the_round
         assert again.state.step == 2 * steps  # round 1 was not trained a second time
         assert again.completed_rounds == 2 and not list(state.glob("pending-upload-*"))
         wait_status(url, lambda s: s["current_round"]["round"] == 3)
-    finally:
-        server.stop()
 
 
 def test_a_restarted_device_keeps_its_experts_whatever_its_budget_gives_now(tmp_path):
-    server = Server(tmp_path / "agg").start()
-    try:
-        url, cache, state = server.url, tmp_path / "cache", tmp_path / "state"
-        (user,) = make_users(tmp_path / "users", names=("de",))
-        with AggregatorClient(url, ADMIN_TOKEN) as admin:
-            secret = admin.create_federation({"base_model": "tiny-llama", "min_devices": 1})["enroll_secret"]
-            admin.set_initial(initial_shared_tensors("tiny-llama", cache_dir=cache))
+    with one_device_federation(tmp_path, min_devices=1) as (url, secret, user, cache):
+        state = tmp_path / "state"
         assert _device(url, secret, user, state, cache).run_round().accepted  # 1 specialist
         # the app starts again and sizes the device from the memory free now: far more specialists would fit
         again = _device(url, secret, user, state, cache, n_specialists=None, budget_mb=1e6)
@@ -123,20 +128,13 @@ def test_a_restarted_device_keeps_its_experts_whatever_its_budget_gives_now(tmp_
         assert again.budget.n_specialists > 1  # what the budget gave, kept for the app to see
         with pytest.raises(ConfigError, match="holds a device with 1 specialist.*n_specialists=3 asks for another"):
             _device(url, secret, user, state, cache, n_specialists=3)
-    finally:
-        server.stop()
 
 
 def test_an_app_stops_a_round_midway_and_the_device_is_back_at_its_checkpoint(tmp_path):
     """The app's stop event ends training at a step boundary (Cancelled), the device back at its last checkpoint
     with nothing sent; the next call trains the round from the start; a wait ends at its next poll."""
-    server = Server(tmp_path / "agg").start()
-    try:
-        url, cache, state = server.url, tmp_path / "cache", tmp_path / "state"
-        (user,) = make_users(tmp_path / "users", names=("de",))
-        with AggregatorClient(url, ADMIN_TOKEN) as admin:  # two devices needed: round 1 stays open
-            secret = admin.create_federation({"base_model": "tiny-llama", "min_devices": 2})["enroll_secret"]
-            admin.set_initial(initial_shared_tensors("tiny-llama", cache_dir=cache))
+    with one_device_federation(tmp_path, min_devices=2) as (url, secret, user, cache):  # round 1 stays open
+        state = tmp_path / "state"
         device = _device(url, secret, user, state, cache)
         before = {k: v.clone() for k, v in device.model.state_dict().items() if "lora" in k}
         stop, seen = threading.Event(), []
@@ -159,5 +157,3 @@ def test_an_app_stops_a_round_midway_and_the_device_is_back_at_its_checkpoint(tm
         with pytest.raises(Cancelled, match="waiting"):
             device.final_sync(stop)  # round 1 waits for a second device
         assert time.monotonic() - started < 5
-    finally:
-        server.stop()
