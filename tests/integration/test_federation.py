@@ -169,9 +169,9 @@ def test_device_sigkill_mid_training_resumes(federation, tmp_path):
     procs = [start_device(server.url, secret, u, s, n, tmp_path / "cache", seed=i)
              for i, (u, s, n) in enumerate(zip(users[:2], states[:2], (0, 1)))]
     log_file = states[2].parent / f"{states[2].name}.log"
-    _wait_until(lambda: latest_checkpoint(states[2] / "checkpoints") is not None, 240, "the slow device's checkpoint")
-    first = latest_checkpoint(states[2] / "checkpoints")
-    _wait_until(lambda: "round 2: training" in log_file.read_text(), 120, "the slow device to start round 2")
+    _wait_until(lambda: "round 2: training" in log_file.read_text(), 240, "the slow device to start round 2")
+    first = latest_checkpoint(states[2] / "checkpoints")  # round 1's, written before its upload
+    assert first is not None and first.name.startswith("ckpt-000001-")
     slow.send_signal(signal.SIGKILL)
     slow.wait()
     assert "round 2: uploaded" not in log_file.read_text()  # killed mid-training
