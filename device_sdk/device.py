@@ -20,7 +20,7 @@ from .client import AggregatorClient, RetryPolicy, ServerRejected
 from .config import TrainConfig
 from .data import UserData, load_user_data
 from .enrollment import CREDENTIALS, NotEnrolled, credentials
-from .errors import Cancelled, ConfigError
+from .errors import BudgetError, Cancelled, ConfigError
 from .evaluate import evaluate, loss_with
 from .federated import Upload
 from .federated.wire import encode_upload
@@ -248,8 +248,14 @@ class Device:
         Raises:
             ConfigError: ``n_specialists`` asks for another count than the checkpoint holds.
         """
-        wanted = 1 + self._specialist_count(cache)
         saved = json.loads((checkpoint / "state.json").read_text()).get("n_experts") if checkpoint else None
+        try:
+            wanted = 1 + self._specialist_count(cache)
+        except BudgetError as err:
+            if saved is None:
+                raise
+            log.warning("%s; this device was set up with %d specialist(s) and keeps them", err, saved - 1)
+            return saved
         if saved is None or saved == wanted:
             return wanted
         if self.cfg.n_specialists is not None:

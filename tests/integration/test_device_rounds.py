@@ -126,6 +126,8 @@ def test_a_restarted_device_keeps_its_experts_whatever_its_budget_gives_now(tmp_
         again = _device(url, secret, user, state, cache, n_specialists=None, budget_mb=1e6)
         assert again.n_experts == 2 and again.adapter.n_specialists == 1 and again.completed_rounds == 1
         assert again.budget.n_specialists > 1  # what the budget gave, kept for the app to see
+        tight = _device(url, secret, user, state, cache, n_specialists=None, budget_mb=1)  # below the base model
+        assert tight.n_experts == 2 and tight.completed_rounds == 1
         with pytest.raises(ConfigError, match="holds a device with 1 specialist.*n_specialists=3 asks for another"):
             _device(url, secret, user, state, cache, n_specialists=3)
 
