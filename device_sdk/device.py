@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .budget import BudgetDecision, model_shape, specialists_for_budget
+from .budget import MAX_SPECIALISTS, BudgetDecision, model_shape, specialists_for_budget
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .client import AggregatorClient, RetryPolicy, ServerRejected
 from .config import TrainConfig
@@ -233,7 +233,11 @@ class Device:
             self._resume(checkpoint)
 
     def _resume(self, checkpoint: Path) -> None:
-        """Load the model's adapters, the training state and the round counters of ``checkpoint``."""
+        """Load the model's adapters, the training state and the round counters of ``checkpoint`` (optimizer
+        moments it does not hold, from a stopped round's steps, are dropped)."""
+        for optimizer in (self.state.expert_opt, self.state.router_opt):
+            if optimizer is not None:
+                optimizer.state.clear()
         info = load_checkpoint(checkpoint, self.model, self.state, self.base_name)
         self.completed_rounds, self.last_round = info["completed_rounds"], info["round"]
         self.global_version = info["global_version"]
@@ -248,7 +252,12 @@ class Device:
         Raises:
             ConfigError: ``n_specialists`` asks for another count than the checkpoint holds.
         """
-        saved = json.loads((checkpoint / "state.json").read_text()).get("n_experts") if checkpoint else None
+        info = json.loads((checkpoint / "state.json").read_text()) if checkpoint else {}
+        saved = info.get("n_experts")
+        if saved is None and "adapter" in info:  # a checkpoint from before n_experts was kept: match its adapters
+            saved = next((n for n in range(1, MAX_SPECIALISTS + 2)
+                          if json.loads(json.dumps(replace(self.strategy.adapter_config(0, n),
+                                                           alpha=self.cfg.alpha).to_dict())) == info["adapter"]), None)
         try:
             wanted = 1 + self._specialist_count(cache)
         except BudgetError as err:
@@ -397,7 +406,10 @@ class Device:
                 self.completed_rounds += 1
                 self.checkpoint()
             log.info("round %d: sending the upload a failed try or a restart left", number)
-            self._send(number, path.read_bytes())
+            try:
+                self._send(number, path.read_bytes())
+            except ServerRejected as err:  # a definite answer: sending it again would get the same
+                log.error("round %d: the server refused this device's upload (%s); it is dropped", number, err)
             path.unlink(missing_ok=True)
         return bool(pending)
 
@@ -436,25 +448,31 @@ class Device:
             if stop is not None and stop.is_set():
                 raise Cancelled(f"stopped in round {number} at step {stats['done']} of {stats['of']}")
 
+        pending = self.state_dir / f"{PENDING_UPLOAD}-{number:06d}.safetensors"
         try:
             done = run_device_round(self.strategy, 0, self.model, self.state, self.data, self.train_cfg,
                                     progress=progress, on_step=step_done)
-        except BaseException:  # Cancelled, or anything else mid-step: back to a consistent state
-            self._resume(latest_checkpoint(self.state_dir / "checkpoints"))
+            result, train_loss = done.result, done.train_loss
+            v_loss = (result.valid[-1]["loss"] if result.valid
+                      else valid_loss(self.model, self.data.valid, self.train_cfg))
+            metrics = {"train_loss": train_loss, "valid_loss": v_loss}
+            payload = encode_upload(done.upload.tensors, result.tokens, metrics)
+            atomic_write_bytes(pending, payload)
+        except BaseException:  # Cancelled, or any failure before the upload is safe: back to the last checkpoint,
+            self._resume(latest_checkpoint(self.state_dir / "checkpoints"))  # so the round is trained once
             raise
         # the shared tensors are this device's own now, no global version: the next sync loads one, also the same
         # version again (after the admin closes a failed round, the next round starts from the last published one)
         self.global_version = None
-        self.state, result, train_loss = done.state, done.result, done.train_loss
-        v_loss = result.valid[-1]["loss"] if result.valid else valid_loss(self.model, self.data.valid, self.train_cfg)
-        metrics = {"train_loss": train_loss, "valid_loss": v_loss}
-        payload = encode_upload(done.upload.tensors, result.tokens, metrics)
-        pending = self.state_dir / f"{PENDING_UPLOAD}-{number:06d}.safetensors"
-        atomic_write_bytes(pending, payload)
+        self.state = done.state
         self.last_round = number
         self.completed_rounds += 1
         self.checkpoint()
-        accepted, reason = self._send(number, payload)
+        try:
+            accepted, reason = self._send(number, payload)
+        except ServerRejected:  # a definite answer (invalid, not found, retired): sending again changes nothing
+            pending.unlink(missing_ok=True)
+            raise
         pending.unlink(missing_ok=True)
         return RoundReport(number, accepted, result.tokens, train_loss, v_loss, None,
                            time.perf_counter() - start, reason)
@@ -489,6 +507,7 @@ class Device:
 
     def rounds(self, progress: bool = False, stop: threading.Event | None = None) -> Iterator[RoundReport]:
         """Like :meth:`run`, yielding each round's report as soon as the round is done."""
+        self.flush_pending_upload()  # a pending upload of the last round completes it: no extra round
         while self.completed_rounds < self.cfg.rounds:
             report = self.run_round(progress, stop)
             if self.cfg.eval_tokens != 0:

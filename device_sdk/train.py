@@ -251,26 +251,33 @@ def train_local(model: nn.Module, data: UserData, cfg: TrainConfig, state: Train
 
         steps = tqdm(steps, desc="train", unit="step")
     start = time.perf_counter()
-    for done in steps:
-        x, y = sample_batch(data.train, cfg.batch_size, cfg.context, state.generator)  # (B, T) each, CPU int64
-        x, y = x.to(cfg.device), y.to(cfg.device)
-        stats = expert_step(model, state, x, y, cfg, regularizer)
-        result.tokens += x.numel()
-        if state.step % cfg.log_every == 0:
-            result.train.append({"step": state.step, **stats})
-        alternating = cfg.router_mode in ("validation", "train")
-        if alternating and state.router_opt is not None and state.step % cfg.router_period == 0:
-            source = data.valid if cfg.router_mode == "validation" else data.train
-            for _ in range(cfg.router_steps):
-                vx, vy = sample_batch(source, cfg.batch_size, cfg.context, state.generator)
-                vx, vy = vx.to(cfg.device), vy.to(cfg.device)
-                result.router.append({"step": state.step, **router_step(model, state, vx, vy, cfg)})
-        if cfg.eval_every and state.step % cfg.eval_every == 0:
-            result.valid.append({"step": state.step, "loss": validate(model)})
+    try:
+        for done in steps:
+            x, y = sample_batch(data.train, cfg.batch_size, cfg.context, state.generator)  # (B, T) each, CPU int64
+            x, y = x.to(cfg.device), y.to(cfg.device)
+            stats = expert_step(model, state, x, y, cfg, regularizer)
+            result.tokens += x.numel()
+            if state.step % cfg.log_every == 0:
+                result.train.append({"step": state.step, **stats})
+            alternating = cfg.router_mode in ("validation", "train")
+            if alternating and state.router_opt is not None and state.step % cfg.router_period == 0:
+                source = data.valid if cfg.router_mode == "validation" else data.train
+                for _ in range(cfg.router_steps):
+                    vx, vy = sample_batch(source, cfg.batch_size, cfg.context, state.generator)
+                    vx, vy = vx.to(cfg.device), vy.to(cfg.device)
+                    result.router.append({"step": state.step, **router_step(model, state, vx, vy, cfg)})
+            if cfg.eval_every and state.step % cfg.eval_every == 0:
+                result.valid.append({"step": state.step, "loss": validate(model)})
+            if progress:
+                steps.set_postfix(loss=f"{stats['lm']:.3f}", lr=f"{stats['lr']:.1e}")
+            if on_step is not None:
+                on_step({"step": state.step, "done": done + 1, "of": cfg.steps, **stats})
+    except BaseException:  # a stop raised by on_step, or any failure: the model leaves trainable and in eval mode
+        _set_trainable(list(role_parameters(model, EXPERT_ROLES).values()) + router_parameters(model), True)
+        model.eval()
         if progress:
-            steps.set_postfix(loss=f"{stats['lm']:.3f}", lr=f"{stats['lr']:.1e}")
-        if on_step is not None:
-            on_step({"step": state.step, "done": done + 1, "of": cfg.steps, **stats})
+            steps.close()
+        raise
     result.seconds = time.perf_counter() - start
     _set_trainable(list(role_parameters(model, EXPERT_ROLES).values()) + router_parameters(model), True)
     if not result.valid or result.valid[-1]["step"] != state.step:

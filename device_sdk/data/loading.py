@@ -265,7 +265,7 @@ def eval_windows(tokens: np.ndarray, context: int, batch_size: int, max_tokens: 
     Yields:
         ``(x, y)``, (b, t) int64 each.
     """
-    if spread and max_tokens is not None:
+    if spread and max_tokens is not None and len(tokens) > context:  # shorter: the one short window below
         rows = spread_windows(tokens, context, max_tokens)
         for start in range(0, len(rows), batch_size):
             batch = torch.from_numpy(rows[start : start + batch_size])

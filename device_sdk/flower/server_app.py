@@ -52,8 +52,10 @@ from ..federated.wire import MAX_TOKENS
 from ..fileio import atomic_write_bytes
 from .wire import ARRAYS, CONFIG, HELLO_QUERY, INIT_QUERY, METRICS, NUM_EXAMPLES, FlowerRun, from_record, to_record
 
-#: How long the server waits for a node that joined mid-run to say who it is (it asks once per node).
-HELLO_TIMEOUT_S = 60.0
+#: How long the server waits for a node that joined mid-run to say who it is (a device loads its model to answer),
+#: and how many rounds it asks a node that does not answer at all.
+HELLO_TIMEOUT_S = 300.0
+HELLO_TRIES = 3
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class CoMiGSStrategy(FlowerStrategy):
         self.traffic: list[dict] = []  # per round: bytes down / up per user
         self.uploaded_names: set[str] = set()
         self.strangers: set[int] = set()  # nodes that joined mid-run and are no device of this run
+        self.asked: dict[int, int] = {}  # node -> hello queries it left unanswered
 
     # --- start: devices and version 0 -------------------------------------------------------------------------------
     def initialise(self, grid: Grid) -> ArrayRecord:
@@ -157,36 +160,49 @@ class CoMiGSStrategy(FlowerStrategy):
     def take_back(self, grid: Grid, server_round: int) -> None:
         """Ask each node that joined since the start who it is; a device of this run whose old node is gone (its
         SuperNode restarted) is taken back on its new node, and gets the next global whole (while the old node is
-        still listed, it is asked again next round). Any other node is left out, and not asked again."""
+        still listed, or the new one did not answer, it is asked again next round, :data:`HELLO_TRIES` times at
+        most). A node that answers as no device of this run is left out, and not asked again."""
         connected = set(grid.get_node_ids())
         new = sorted(connected - set(self.users) - self.strangers)
         if not new:
             return
         messages = [self._message(node, f"{MessageType.QUERY}.{HELLO_QUERY}", None, server_round) for node in new]
-        self.strangers.update(new)  # until one proves to be a device of this run
-        for reply in self._replies(grid.send_and_receive(messages, timeout=min(HELLO_TIMEOUT_S, self.run.timeout_s)),
-                                   f"round {server_round} hello"):
+        replies = list(grid.send_and_receive(messages, timeout=min(HELLO_TIMEOUT_S, self.run.timeout_s)))
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for node in new:
+            if node not in answered:
+                self.asked[node] = self.asked.get(node, 0) + 1
+                if self.asked[node] >= HELLO_TRIES:
+                    log.warning("node %d joined mid-run and did not answer %d times; it is left out", node,
+                                HELLO_TRIES)
+                    self.strangers.add(node)
+        for reply in replies:
             node = reply.metadata.src_node_id
+            if reply.has_error():  # the ClientApp could not answer: no state folder for this run
+                log.warning("node %d joined mid-run and is no device of this run (%s); it is left out", node,
+                            reply.error.reason)
+                self.strangers.add(node)
+                continue
             try:
                 user, facts = self._facts(reply)
-            except (KeyError, TypeError, ValueError) as err:
+            except (AttributeError, KeyError, TypeError, ValueError) as err:
                 log.warning("node %d joined mid-run and did not say who it is (%r); it is left out", node, err)
+                self.strangers.add(node)
                 continue
             if self.facts.get(user) != facts:
                 log.warning("node %d joined mid-run as user %d with other facts than that device had at the start "
                             "(%s, then %s); it is left out", node, user, facts, self.facts.get(user))
+                self.strangers.add(node)
                 continue
             old = [n for n, u in self.users.items() if u == user]
             if any(n in connected for n in old):
                 log.warning("node %d says it is user %d, which is still connected on node %s; asking again next "
                             "round", node, user, old)
-                self.strangers.discard(node)
                 continue
             for n in old:
                 del self.users[n]
                 self.holds.pop(n, None)
             self.users[node] = user
-            self.strangers.discard(node)
             log.info("device %d (%s) is back, on node %d", user, facts["name"], node)
 
     @staticmethod
@@ -270,7 +286,7 @@ class CoMiGSStrategy(FlowerStrategy):
             node = reply.metadata.src_node_id
             try:
                 upload, loss = self._upload(server_round, node, reply)
-            except (InvalidUpload, KeyError, TypeError, ValueError) as err:
+            except (InvalidUpload, AttributeError, KeyError, TypeError, ValueError) as err:
                 log.warning("round %d: dropped the reply of node %d: %s", server_round, node,
                             err.message if isinstance(err, InvalidUpload) else repr(err))
                 continue
@@ -344,7 +360,7 @@ class CoMiGSStrategy(FlowerStrategy):
                 value, step = float(metrics["test-ppl"]), int(metrics["step"])
                 reports = json.loads(str(reply.content[CONFIG]["reports"]))
                 scores = reports["scores"]
-            except (KeyError, TypeError, ValueError) as err:  # json's errors are ValueErrors
+            except (AttributeError, KeyError, TypeError, ValueError) as err:  # json's errors are ValueErrors
                 log.warning("round %d: dropped the evaluation of node %d: %r", server_round, node, err)
                 continue
             self.holds[node] = self.version

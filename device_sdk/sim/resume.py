@@ -48,7 +48,11 @@ def load_progress(folder: Path, models: list[nn.Module], states: list[TrainState
         round_done = int(progress["round"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    checkpoints = [latest_checkpoint(folder / f"user{i:03d}") for i in range(len(models))]
+    try:
+        checkpoints = [latest_checkpoint(folder / f"user{i:03d}") for i in range(len(models))]
+    except CheckpointError as err:
+        log.warning("ignoring the partial run in %s: %s", folder, err)
+        return None
     if any(c is None or not c.name.startswith(f"ckpt-{round_done:06d}-") for c in checkpoints):
         log.warning("ignoring the partial run in %s: its user checkpoints are not all at round %d", folder, round_done)
         return None

@@ -5,6 +5,7 @@ round is not trained again."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from contextlib import contextmanager
@@ -16,7 +17,9 @@ import torch
 from device_sdk.client import AggregatorClient, RetryPolicy, ServerUnreachable
 from device_sdk.config import TrainConfig
 from device_sdk.device import Device, DeviceConfig, initial_shared_tensors
+from device_sdk.checkpoint import latest_checkpoint
 from device_sdk.errors import Cancelled, ConfigError
+from device_sdk.train import router_parameters
 
 from .lossy_proxy import LossyProxy
 from .server import ADMIN_TOKEN, Server, admin_headers
@@ -122,6 +125,8 @@ def test_a_restarted_device_keeps_its_experts_whatever_its_budget_gives_now(tmp_
     with one_device_federation(tmp_path, min_devices=1) as (url, secret, user, cache):
         state = tmp_path / "state"
         assert _device(url, secret, user, state, cache).run_round().accepted  # 1 specialist
+        saved = latest_checkpoint(state / "checkpoints") / "state.json"  # as a checkpoint from before n_experts
+        saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "n_experts"}))
         # the app starts again and sizes the device from the memory free now: far more specialists would fit
         again = _device(url, secret, user, state, cache, n_specialists=None, budget_mb=1e6)
         assert again.n_experts == 2 and again.adapter.n_specialists == 1 and again.completed_rounds == 1
@@ -149,6 +154,8 @@ def test_an_app_stops_a_round_midway_and_the_device_is_back_at_its_checkpoint(tm
             device.run_round(stop=stop, on_step=app_goes_to_background)
         assert seen == [(1, 2)] and device.state.step == 0 and device.completed_rounds == 0
         assert all(torch.equal(v, device.model.state_dict()[k]) for k, v in before.items())
+        assert not device.state.expert_opt.state  # no moments of the stopped steps, as in the checkpoint
+        assert all(p.requires_grad for p in router_parameters(device.model)) and not device.model.training
         assert httpx.get(url + "/status").json()["current_round"]["reported"] == 0
 
         report = device.run_round(on_step=lambda stats: seen.append((stats["done"], stats["of"])))
@@ -159,3 +166,19 @@ def test_an_app_stops_a_round_midway_and_the_device_is_back_at_its_checkpoint(tm
         with pytest.raises(Cancelled, match="waiting"):
             device.final_sync(stop)  # round 1 waits for a second device
         assert time.monotonic() - started < 5
+
+
+def test_an_upload_the_server_refuses_is_dropped_not_sent_again_forever(tmp_path):
+    with one_device_federation(tmp_path) as (url, secret, user, cache):
+        state = tmp_path / "state"
+        with LossyProxy(url, ("/rounds/1/update",), lose=2, before=True) as proxy:
+            device = _device(proxy.url, secret, user, state, cache, RetryPolicy(attempts=2, base_s=0.01))
+            with pytest.raises(ServerUnreachable):
+                device.run_round()
+        (pending,) = state.glob("pending-upload-*.safetensors")
+        pending.write_bytes(b"damaged on disk")
+        again, stop = _device(url, secret, user, state, cache), threading.Event()
+        stop.set()
+        with pytest.raises(Cancelled):  # the flush meets 422 and drops the file; the wait for round 2 is stopped
+            again.run_round(stop=stop)
+        assert not list(state.glob("pending-upload-*")) and again.completed_rounds == 1

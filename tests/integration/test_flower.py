@@ -264,6 +264,19 @@ def test_a_device_whose_supernode_restarts_is_taken_back_on_its_new_node(users_d
     assert ARRAYS in to_201[1].content  # a restarted device gets the global whole
 
 
+def test_a_node_that_joins_mid_run_as_no_device_of_it_is_asked_once(users_dir, tmp_path):
+    def a_stranger_joins(grid, messages):
+        if 300 not in grid.contexts and any(m.metadata.message_type == "evaluate" for m in messages):
+            grid.contexts[300] = Context(run_id=7, node_id=300, node_config={"partition-id": 9}, state=RecordDict(),
+                                         run_config={})
+
+    grid = InlineGrid(3, fails=lambda message, user: user == 9, after=a_stranger_joins)  # it has no state here
+    record = serve(grid, FlowerRun(sim=_cfg(users_dir, rounds=3), strategy="fedavg", seed=1, devices=3,
+                                   state_root=str(tmp_path / "s")))
+    assert [m.metadata.message_type for m in grid.carried if m.metadata.dst_node_id == 300] == ["query.hello"]
+    assert [r["published"] for r in record["flower"]["rounds"]] == [True, True, True]
+
+
 def test_devices_that_disagree_at_the_start_stop_the_run_naming_the_device(users_dir, tmp_path):
     def extra_tensor(message, user, reply):
         if message.metadata.message_type.endswith("init") and user == 1:

@@ -130,3 +130,9 @@ def test_bad_data_fails_clearly(tmp_path, tiny_user):
         sample_batch(np.arange(10), 2, 64, torch.Generator())
     with pytest.raises(DataError, match="holds no user folders"):
         load_users(tmp_path / "empty", tok)
+
+
+def test_spread_evaluation_of_a_stream_shorter_than_one_window_takes_the_one_short_window():
+    stream = np.arange(10, dtype=np.int64)
+    (x, y), = list(eval_windows(stream, context=32, batch_size=2, max_tokens=64, spread=True))
+    assert x.tolist() == [list(range(9))] and y.tolist() == [list(range(1, 10))]
