@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from .backends import BACKENDS
@@ -31,6 +32,11 @@ REFERENCE_OPTIMIZER = {"betas": (0.9, 0.95), "weight_decay": 0.01, "schedule": "
 ROUTER_MODES = ("validation", "train", "joint", "fixed")
 #: Largest concatenated rank E*r that ``routing="auto"`` mixes densely.
 DENSE_MAX_RANK = 256
+
+
+def positive_number(value: object) -> bool:
+    """A positive finite real number (not a bool, not a string): the check of every size, budget and bound setting."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _raise_if(problems: list[str], what: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ import torch
 from .budget import MAX_SPECIALISTS, BudgetDecision, model_shape, specialists_for_budget
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .client import AggregatorClient, RetryPolicy, ServerRejected
-from .config import TrainConfig
+from .config import TrainConfig, positive_number
 from .data import UserData, load_user_data
 from .enrollment import CREDENTIALS, NotEnrolled, credentials
 from .errors import BudgetError, Cancelled, ConfigError
@@ -111,12 +110,12 @@ class DeviceConfig:
             problems.append(f"rounds must be >= 1, got {self.rounds}")
         if self.n_specialists is not None and self.n_specialists < 0:
             problems.append(f"n_specialists must be >= 0, got {self.n_specialists}")
-        if self.budget_mb is not None and not _positive(self.budget_mb):
+        if self.budget_mb is not None and not positive_number(self.budget_mb):
             problems.append(f"budget_mb must be a positive number of MiB, got {self.budget_mb!r}")
-        if self.budget_step_s is not None and not (self.budget_mb is not None and _positive(self.budget_step_s)):
+        if self.budget_step_s is not None and not (self.budget_mb is not None and positive_number(self.budget_step_s)):
             problems.append(f"budget_step_s must be a positive number of seconds and goes with budget_mb, got "
                             f"{self.budget_step_s!r}")
-        if not _positive(self.poll_s):
+        if not positive_number(self.poll_s):
             problems.append(f"poll_s must be a positive number of seconds, got {self.poll_s!r}")
         if self.peer_eval_tokens < 1:
             problems.append(f"peer_eval_tokens must be >= 1, got {self.peer_eval_tokens}")
@@ -142,11 +141,6 @@ class DeviceConfig:
             if resolved[name] is None:
                 resolved[name] = default
         return replace(self, **resolved)
-
-
-def _positive(value: object) -> bool:
-    """A positive finite real number (not a bool, not a string)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 #: Name prefix of an encoded upload kept in the state folder until the server has it (``-<round>.safetensors``).
@@ -182,6 +176,7 @@ class Device:
         """
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = self.state_dir / "checkpoints"
         hold_folder(self.state_dir, "state_dir")  # a second process on it would upload and checkpoint over this one
         with AggregatorClient(cfg.server, retry=cfg.retry) as probe:
             probe.health()
@@ -196,7 +191,7 @@ class Device:
         self.strategy = networked_strategy(cfg.strategy)
         self.strategy.rank = cfg.rank  # one expert's rank; rank-per-device strategies scale it
         self.base_name = cfg.model
-        checkpoint = latest_checkpoint(self.state_dir / "checkpoints")
+        checkpoint = latest_checkpoint(self.checkpoints)
         self.n_experts = self._expert_count(cache, checkpoint)
         self.adapter = replace(self.strategy.adapter_config(0, self.n_experts), alpha=cfg.alpha)
         self._creds = self._credentials()  # enrolls on the first start
@@ -357,7 +352,7 @@ class Device:
             delay = min(2.0, delay * 1.5)
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.state_dir / "checkpoints", self.model, self.state, self.base_name,
+        save_checkpoint(self.checkpoints, self.model, self.state, self.base_name,
                         {"round": self.last_round, "completed_rounds": self.completed_rounds,
                          "global_version": self.global_version, "adapter": self.adapter.to_dict(),
                          "n_experts": self.n_experts,
@@ -374,16 +369,20 @@ class Device:
                 continue
         return sorted(found)
 
-    def _send(self, number: int, payload: bytes) -> tuple[bool, str]:
-        """Upload round ``number``'s encoded update; ``(accepted, reason)``, not accepted when the round closed
-        first. Any other failure raises, and the pending file stays for the next try."""
+    def _send(self, number: int, pending: Path, payload: bytes | None = None) -> tuple[bool, str]:
+        """Upload round ``number``'s pending file (``payload``: its bytes, when at hand); ``(accepted, reason)``,
+        not accepted when the round closed first. Once the server has answered, the file is removed: accepted,
+        closed, or refused (``ServerRejected`` is raised: sending again would get the same answer). A connection
+        failure raises and leaves it for the next try."""
         try:
-            self.client.upload_payload(number, payload)
+            self.client.upload_payload(number, pending.read_bytes() if payload is None else payload)
         except ServerRejected as err:
+            pending.unlink(missing_ok=True)
             if err.code != "round_closed":
                 raise
             log.warning("round %d closed before this device reported: %s", number, err.detail)
             return False, err.detail
+        pending.unlink(missing_ok=True)
         return True, ""
 
     def flush_pending_upload(self) -> bool:
@@ -407,10 +406,9 @@ class Device:
                 self.checkpoint()
             log.info("round %d: sending the upload a failed try or a restart left", number)
             try:
-                self._send(number, path.read_bytes())
-            except ServerRejected as err:  # a definite answer: sending it again would get the same
+                self._send(number, path)
+            except ServerRejected as err:
                 log.error("round %d: the server refused this device's upload (%s); it is dropped", number, err)
-            path.unlink(missing_ok=True)
         return bool(pending)
 
     # one round of Algorithm 1 ---------------------------------------------------------------------------------------
@@ -436,7 +434,7 @@ class Device:
         self.flush_pending_upload()
         current = self._wait_for_new_round(stop)
         number = current["round"]
-        if latest_checkpoint(self.state_dir / "checkpoints") is None:
+        if latest_checkpoint(self.checkpoints) is None:
             self.checkpoint()  # something to go back to if the app stops this first round
         self.sync(current["base_version"])
         log.info("round %d: training on global version %d", number, current["base_version"])
@@ -459,7 +457,7 @@ class Device:
             payload = encode_upload(done.upload.tensors, result.tokens, metrics)
             atomic_write_bytes(pending, payload)
         except BaseException:  # Cancelled, or any failure before the upload is safe: back to the last checkpoint,
-            self._resume(latest_checkpoint(self.state_dir / "checkpoints"))  # so the round is trained once
+            self._resume(latest_checkpoint(self.checkpoints))  # so the round is trained once
             raise
         # the shared tensors are this device's own now, no global version: the next sync loads one, also the same
         # version again (after the admin closes a failed round, the next round starts from the last published one)
@@ -468,12 +466,7 @@ class Device:
         self.last_round = number
         self.completed_rounds += 1
         self.checkpoint()
-        try:
-            accepted, reason = self._send(number, payload)
-        except ServerRejected:  # a definite answer (invalid, not found, retired): sending again changes nothing
-            pending.unlink(missing_ok=True)
-            raise
-        pending.unlink(missing_ok=True)
+        accepted, reason = self._send(number, pending, payload)
         return RoundReport(number, accepted, result.tokens, train_loss, v_loss, None,
                            time.perf_counter() - start, reason)
 

@@ -44,6 +44,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
+from ..config import positive_number
 from ..errors import ConfigError, SDKError
 from ..federated import (RULES, InvalidUpload, TensorSpec, Upload, largest, networked_spec, nonfinite, spec_of,
                          validate)
@@ -121,7 +122,7 @@ class CoMiGSStrategy(FlowerStrategy):
             if user in self.facts:
                 raise FlowerRunError(f"two devices say they are user {user}; give each SuperNode its own "
                                      "--node-config user=INDEX")
-            if facts["rank"] < 1 or not math.isfinite(facts["alpha"]) or facts["alpha"] <= 0:
+            if facts["rank"] < 1 or not positive_number(facts["alpha"]):
                 raise FlowerRunError(f"device {user} declared rank {facts['rank']} and alpha {facts['alpha']}; "
                                      "both must be positive")
             self.users[node], self.facts[user] = user, facts
@@ -448,10 +449,16 @@ def serve(grid: Grid, run: FlowerRun, threads: int = 0) -> dict:
     initial = strategy.initialise(grid)
     strategy.start(grid, initial, num_rounds=run.sim.rounds, timeout=run.timeout_s)
     record = strategy.record(time.perf_counter() - start)
-    if run.sim.rounds and not any(strategy.published.values()):
+    if nothing_published(record):
         log.error("no round of %d published a global (see the warnings above): the record holds version 0 only",
                   run.sim.rounds)
     return record
+
+
+def nothing_published(record: dict) -> bool:
+    """Whether a run's record has rounds and none of them published a global."""
+    rounds = record["flower"]["rounds"]
+    return bool(rounds) and not any(r["published"] for r in rounds)
 
 
 def make_server_app(run: FlowerRun, results: list, threads: int = 0) -> ServerApp:
@@ -481,5 +488,5 @@ def main(grid: Grid, context) -> None:
     record = serve(grid, run)
     atomic_write_bytes(path, json.dumps(jsonable(record)).encode())  # the launcher reads it as soon as it exists
     log.info("wrote the run's record to %s", path)
-    if run.sim.rounds and not any(r["published"] for r in record["flower"]["rounds"]):
+    if nothing_published(record):
         raise FlowerRunError(f"no round published a global; the record in {path} holds version 0 only")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from ..config import positive_number
 from ..errors import ConfigError
 from ..federated.catalog import spec_for
 from ..federated.tensors import DEFAULT_MAX_ABS
@@ -113,7 +114,7 @@ class FlowerRun:
             problems.append(f"fraction must be in (0, 1], got {self.fraction}")
         if self.timeout_s <= 0:
             problems.append(f"timeout_s must be > 0, got {self.timeout_s}")
-        if not (isinstance(self.max_abs_value, int | float) and 0 < self.max_abs_value < float("inf")):
+        if not positive_number(self.max_abs_value):
             problems.append(f"max_abs_value must be a positive finite number, got {self.max_abs_value!r}")
         if problems:
             raise ConfigError("invalid Flower run: " + "; ".join(problems))
